@@ -1,0 +1,117 @@
+"""Collective bytes: counted from compiled HLO, and the closed-form theory.
+
+Counting convention (bytes *sent by one device*, bandwidth-optimal ring algorithms):
+  collective-permute  operand bytes × (pairs / devices)   -- a full shift: operand bytes
+  all-to-all          operand bytes × (P−1)/P              -- keeps its own 1/P slice
+  all-gather          result bytes × (P−1)/P
+  reduce-scatter      operand bytes × (P−1)/P
+  all-reduce          2 × operand bytes × (P−1)/P          -- reduce-scatter + all-gather
+P is the replica-group size of that op. Ops are counted once per appearance in the HLO
+text, so loops whose collectives should be counted must be unrolled (ours are).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Callable
+
+import jax
+
+KINDS = ("collective-permute", "all-to-all", "all-gather", "reduce-scatter", "all-reduce")
+
+_DTYPE_BITS = {
+    "pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u32": 32,
+    "s64": 64, "u64": 64, "f16": 16, "bf16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128,
+    "f4e2m1fn": 4, "f8e3m4": 8, "f8e4m3": 8, "f8e4m3fn": 8, "f8e4m3fnuz": 8, "f8e5m2": 8,
+    "f8e5m2fnuz": 8, "f8e4m3b11fnuz": 8, "f8e8m0fnu": 8,
+}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_OP = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\(.*?\)|\S+)\s+"
+    r"(?P<kind>" + "|".join(KINDS) + r")(?P<start>-start)?\((?P<args>.*)$"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+    name: str
+    kind: str
+    result_bytes: int
+    group_size: int
+    bytes_per_device: float
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string, e.g. 'f32[2,16]{1,0}' or a tuple of them."""
+    total_bits = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype not in _DTYPE_BITS:
+            continue  # token[] and friends
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total_bits += n * _DTYPE_BITS[dtype]
+    return total_bits // 8
+
+
+def _group_size(line: str, num_partitions: int) -> int:
+    m = re.search(r"replica_groups=\{(\{[0-9,]*\})", line)
+    if m:
+        return max(1, len(m.group(1).strip("{}").split(",")))
+    m = re.search(r"replica_groups=\[([0-9,]+)\]<=", line)  # iota form [groups,size]<=[...]
+    if m:
+        return int(m.group(1).split(",")[-1])
+    return num_partitions
+
+
+def collectives_from_hlo(hlo_text: str) -> list[CollectiveOp]:
+    """Every collective in a compiled HLO module, with the bytes one device sends."""
+    m = re.search(r"num_partitions=(\d+)", hlo_text)
+    num_partitions = int(m.group(1)) if m else 1
+    ops = []
+    for line in hlo_text.splitlines():
+        m = _OP.match(line)
+        if not m:
+            continue
+        kind = m.group("kind")
+        shape = m.group("shape")
+        if m.group("start"):  # async start ops return (operands..., results..., ctx): take half
+            result = shape_bytes(shape) // 2
+        else:
+            result = shape_bytes(shape)
+        if kind == "collective-permute":
+            pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", line)
+            n_pairs = pairs.group(1).count("{") if pairs else num_partitions
+            ops.append(CollectiveOp(m.group("name"), kind, result, 2,
+                                    result * n_pairs / max(num_partitions, 1)))
+            continue
+        p = _group_size(line, num_partitions)
+        frac = (p - 1) / p
+        if kind == "all-gather":
+            sent = result * frac
+        elif kind == "reduce-scatter":
+            sent = result * p * frac  # operand is P× the result
+        elif kind == "all-reduce":
+            sent = 2 * result * frac
+        else:  # all-to-all
+            sent = result * frac
+        ops.append(CollectiveOp(m.group("name"), kind, result, p, sent))
+    return ops
+
+
+def compiled_hlo(fn: Callable, *args, **kwargs) -> str:
+    return jax.jit(fn).lower(*args, **kwargs).compile().as_text()
+
+
+def bytes_by_kind(fn_or_hlo, *args, **kwargs) -> dict[str, float]:
+    """{collective kind: bytes sent per device} for a function (compiled with args) or HLO text."""
+    hlo = fn_or_hlo if isinstance(fn_or_hlo, str) else compiled_hlo(fn_or_hlo, *args, **kwargs)
+    out: dict[str, float] = collections.defaultdict(float)
+    for op in collectives_from_hlo(hlo):
+        out[op.kind] += op.bytes_per_device
+    return dict(out)
+
+
+def total_bytes(fn_or_hlo, *args, **kwargs) -> float:
+    return sum(bytes_by_kind(fn_or_hlo, *args, **kwargs).values())
