@@ -1,0 +1,131 @@
+"""Sequence-parallel attention.
+
+Per-device functions (call inside your own `shard_map`, sequence sharded on `axis`):
+    attention(q, k, v, *, impl, axis, causal=False, segment_ids=None)
+    ulysses_attention / ring_attention / tokenring_attention / hybrid_attention
+
+Global-array entry point (builds the shard_map, zigzag reorder and its inverse for you):
+    sequence_parallel_attention(q, k, v, *, mesh, impl, axis="seq", causal=False,
+                                segment_ids=None)
+
+Shapes: q[B,N,H,D], k,v[B,N,K,D] (K divides H: GQA/MQA), segment_ids[B,N] int (packed
+documents: tokens attend only within their segment). Causal inputs to the per-device
+functions must be in the zigzag layout (`layout.to_zigzag`), which the data path applies
+once to token ids/positions/segment ids.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpar.attention import layout
+from jaxpar.attention.blockwise import attend, flash_attention, merge
+from jaxpar.attention.dense import dense_attention
+from jaxpar.attention.hybrid import hybrid_attention
+from jaxpar.attention.ring import ring_attention
+from jaxpar.attention.tokenring import tokenring_attention
+from jaxpar.attention.ulysses import check_ulysses_heads, ulysses_attention
+
+PER_DEVICE = {
+    "ulysses": ulysses_attention,
+    "ring": ring_attention,
+    "tokenring": tokenring_attention,
+    "hybrid": hybrid_attention,
+}
+IMPLS = ("dense", *PER_DEVICE)
+
+__all__ = [
+    "IMPLS", "attention", "sequence_parallel_attention", "ulysses_attention", "ring_attention",
+    "tokenring_attention", "hybrid_attention", "dense_attention", "flash_attention", "attend",
+    "merge", "layout",
+]
+
+
+def _check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl={impl!r}; valid choices are {list(IMPLS)}")
+
+
+def attention(q_BLHD, k_BLKD, v_BLKD, *, impl: str, axis="seq", causal: bool = False,
+              segment_ids=None, **kwargs):
+    """Per-device dispatch: `impl` in ulysses, ring, tokenring, hybrid (axis=(ring, ulysses))."""
+    _check_impl(impl)
+    if impl == "dense":
+        raise ValueError("impl='dense' is the global-array reference, not a per-device "
+                         "function; use sequence_parallel_attention or dense_attention")
+    return PER_DEVICE[impl](q_BLHD, k_BLKD, v_BLKD, axis_name=axis, causal=causal,
+                            segment_ids_BL=segment_ids, **kwargs)
+
+
+def _axes(impl, axis, mesh):
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if impl == "hybrid" and len(axes) != 2:
+        raise ValueError(f"impl='hybrid' needs axis=(ring_axis, ulysses_axis), e.g. "
+                         f"('seq', 'seq_inner'); got axis={axis!r}")
+    if impl != "hybrid" and len(axes) != 1:
+        raise ValueError(f"impl={impl!r} takes one mesh axis name; got axis={axis!r} "
+                         f"(two axes are for impl='hybrid')")
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"axis {a!r} is not in the mesh; mesh axes are {list(mesh.shape)}")
+    return axes
+
+
+def _check_global(q, k, v, segment_ids):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be rank 4 [B, N, heads, D]; got ranks "
+                         f"{q.ndim}, {k.ndim}, {v.ndim}")
+    if k.shape != v.shape or (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1],
+                                                                       q.shape[3]):
+        raise ValueError(f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} must "
+                         f"be q[B,N,H,D] and k, v[B,N,K,D]")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads={q.shape[2]} must be a multiple of kv heads="
+                         f"{k.shape[2]} (GQA)")
+    if segment_ids is not None and tuple(segment_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must be [B, N] = "
+                         f"{tuple(q.shape[:2])}")
+
+
+def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis="seq",
+                                causal: bool = False, segment_ids=None, ring_impl="ring"):
+    """Attention on global arrays in natural token order; returns out[B,N,H,D] likewise.
+
+    impl: "dense" (single-device reference), "ulysses", "ring", "tokenring", or "hybrid"
+    with axis=(ring_axis, ulysses_axis), e.g. ("seq", "seq_inner"), and ring_impl "ring" or
+    "tokenring" for the outer axis.
+    """
+    _check_impl(impl)
+    _check_global(q_BNHD, k_BNKD, v_BNKD, segment_ids)
+    if impl == "dense":
+        return dense_attention(q_BNHD, k_BNKD, v_BNKD, causal=causal, segment_ids_BN=segment_ids)
+    axes = _axes(impl, axis, mesh)
+    sizes = [mesh.shape[a] for a in axes]
+    total, ring_size = sizes[0] * (sizes[1] if len(sizes) > 1 else 1), sizes[0]
+    b, n, h, _ = q_BNHD.shape
+    kh = k_BNKD.shape[2]
+    if n % total:
+        raise ValueError(f"sequence length N={n} not divisible by the {axes} axis size {total}")
+    if impl == "ulysses":
+        check_ulysses_heads(h, kh, total, axes[0])
+    if impl == "hybrid":
+        check_ulysses_heads(h, kh, sizes[1], axes[1])
+    zig = ring_size if impl == "hybrid" else total
+    if causal:
+        layout.check_zigzag(n, zig)
+    kwargs = {"ring_impl": ring_impl} if impl == "hybrid" else {}
+    fn = functools.partial(attention, impl=impl, axis=axes if impl == "hybrid" else axes[0],
+                           causal=causal, **kwargs)
+    spec = P(None, axes if len(axes) > 1 else axes[0])
+    args = [q_BNHD, k_BNKD, v_BNKD] + ([segment_ids] if segment_ids is not None else [])
+    if causal:
+        args = [layout.to_zigzag(x, zig) for x in args]
+    args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in args]
+
+    def local(q, k, v, *seg):
+        return fn(q, k, v, segment_ids=seg[0] if seg else None)
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
+    return layout.from_zigzag(out, zig) if causal else out

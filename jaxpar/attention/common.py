@@ -1,0 +1,35 @@
+"""Small helpers shared by the sequence-parallel schedules."""
+from __future__ import annotations
+
+import jax
+
+
+def axis_size(axis_name) -> int:
+    return jax.lax.axis_size(axis_name)
+
+
+def shift(tree, axis_name, offset: int):
+    """Send every leaf from device r to device (r + offset) mod P along `axis_name`."""
+    p = axis_size(axis_name)
+    perm = [(i, (i + offset) % p) for i in range(p)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
+
+
+def check_local_shapes(q, k, v, seg, axis_name, causal):
+    """Shape checks for per-device shards; raise ValueError with what to change."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be rank 4 [B, L, heads, D]; got ranks "
+                         f"{q.ndim}, {k.ndim}, {v.ndim}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
+    b, l, h, d = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, l, d):
+        raise ValueError(f"k/v shape {k.shape} does not match q shape {q.shape} in batch, "
+                         f"length or head dim")
+    if h % k.shape[2]:
+        raise ValueError(f"query heads={h} must be a multiple of kv heads={k.shape[2]} (GQA)")
+    if seg is not None and seg.shape != (b, l):
+        raise ValueError(f"segment_ids shape {seg.shape} must be [B, L] = {(b, l)}")
+    if causal and l % 2:
+        raise ValueError(f"causal (zigzag) shards need an even local length; got L={l} on "
+                         f"axis {axis_name!r}")
