@@ -1,0 +1,17 @@
+"""Streaming DiLoCo: M replicas train alone, syncing P staggered fragments of low-bit outer gradients."""
+from jaxpar.diloco.fragments import Fragments, split_fragments, sync_phase
+from jaxpar.diloco.outer import (
+    DiLoCoState,
+    StreamingDiLoCo,
+    data_parallel_bytes,
+    default_outer_optimizer,
+    replica_grads,
+    streaming_diloco,
+)
+from jaxpar.diloco.quantize import FORMATS, dequantize, quantize, roundtrip, wire_bytes
+
+__all__ = [
+    "DiLoCoState", "FORMATS", "Fragments", "StreamingDiLoCo", "data_parallel_bytes",
+    "default_outer_optimizer", "dequantize", "quantize", "replica_grads", "roundtrip",
+    "split_fragments", "streaming_diloco", "sync_phase", "wire_bytes",
+]

@@ -1,0 +1,268 @@
+"""Streaming DiLoCo as an outer loop around any optax inner optimizer.
+
+    sd = streaming_diloco(optax.adamw(1e-3), num_replicas=4, sync_every=100, num_fragments=4,
+                          overlap_steps=1, alpha=0.5, quantize="fp4_e3m0", mesh=mesh)
+    state = sd.init(params)
+    for t, batch_M in enumerate(batches):          # batch_M: one batch per replica
+        loss_M, grads_M = replica_grads(loss_fn)(state.params, batch_M)
+        state = jax.jit(sd.update)(grads_M, state)
+
+One `update` = one inner step on every replica (vmapped, no cross-replica traffic), then the
+outer events that fall on this step t (counted from 1):
+  * sync of fragment p when t mod H == (p+1)·H/P mod H: each replica sends its outer gradient
+    Δ_m = θ_global[p] − θ_m[p] in the wire format; the mean over replicas is accumulated in
+    fp32 and kept as the *pending* delta. This is the only cross-replica collective.
+  * merge of the pending fragment τ steps after its sync: the outer optimizer updates fragment
+    p's global params and momentum with the mean Δ, and every replica mixes back
+    θ_m[p] ← α·θ_m[p] + (1−α)·θ_global[p].
+Delaying the merge by τ steps is what lets a real system run the transfer beside τ inner
+steps: nothing between the sync and the merge reads its result. Inside one XLA program the
+collective itself still finishes in the step that issues it; the numerics are the paper's.
+τ < H/P keeps at most one fragment in flight, so one pending slot suffices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxpar.diloco import quantize as qz
+from jaxpar.diloco.fragments import Fragments, split_fragments, sync_phase
+
+REPLICA = "replica"
+
+
+class DiLoCoState(NamedTuple):
+    step: jax.Array              # int32 scalar: inner steps done so far
+    params: Any                  # replica params, leading axis M (sharded on `replica`)
+    inner_state: Any             # inner optimizer state, leading axis M
+    global_params: Any           # θ_global, identical on every replica
+    outer_state: tuple           # one outer optimizer state per fragment (its leaves only)
+    pending_delta: tuple         # per fragment: list of fp32 mean outer-gradient leaves
+    pending_fragment: jax.Array  # int32: fragment whose merge is still due, −1 if none
+
+
+def default_outer_optimizer() -> optax.GradientTransformation:
+    return optax.sgd(0.7, momentum=0.9, nesterov=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingDiLoCo:
+    inner: optax.GradientTransformation
+    num_replicas: int
+    sync_every: int
+    num_fragments: int = 1
+    overlap_steps: int = 0
+    alpha: float = 0.0
+    outer_optimizer: optax.GradientTransformation = dataclasses.field(default_factory=default_outer_optimizer)
+    quantize: str = "none"
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        qz.check_format(self.quantize)
+        M, H, Pf, tau = self.num_replicas, self.sync_every, self.num_fragments, self.overlap_steps
+        if M < 1 or H < 1 or Pf < 1:
+            raise ValueError(f"num_replicas={M}, sync_every={H}, num_fragments={Pf} must all be ≥ 1")
+        if H % Pf:
+            divs = [d for d in range(1, H + 1) if H % d == 0]
+            raise ValueError(f"sync_every={H} must be divisible by num_fragments={Pf}; valid num_fragments: {divs}")
+        if not 0 <= tau < H // Pf:
+            raise ValueError(
+                f"overlap_steps={tau} must be in [0, sync_every/num_fragments={H // Pf}) so that one "
+                f"fragment's merge lands before the next fragment syncs")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
+        if self.mesh is not None:
+            r = self.mesh.shape.get(REPLICA, 1)
+            if M != r:
+                raise ValueError(f"num_replicas={M} must equal the mesh's replica axis size {r}")
+
+    # ------------------------------------------------------------------ layout helpers
+    def fragments(self, params) -> Fragments:
+        """Fragments of a per-replica (or global) param tree; raises ValueError if impossible."""
+        return split_fragments(params, self.num_fragments, self.sync_every)
+
+    def _inner_axes(self) -> tuple[str, ...]:
+        if self.mesh is None:
+            return ()
+        return tuple(a for a in self.mesh.axis_names if a != REPLICA and self.mesh.shape[a] > 1)
+
+    def _inner_devices(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self._inner_axes()) if self.mesh else 1
+
+    def _constrain(self, x, *spec):
+        if self.mesh is None:
+            return x
+        return lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
+
+    def _padded(self, n: int) -> int:
+        # whole quantization blocks, and an equal share of blocks for each device of a replica
+        unit = qz.BLOCK * self._inner_devices()
+        return -(-n // unit) * unit
+
+    # ------------------------------------------------------------------ init
+    def init(self, params) -> DiLoCoState:
+        frags = self.fragments(params)  # validate before tracing
+        fn = lambda x: self._init(x, frags)
+        return jax.jit(fn)(params) if self.mesh is not None else fn(params)
+
+    def _init(self, params, frags: Fragments) -> DiLoCoState:
+        M = self.num_replicas
+        params_M = jax.tree.map(lambda x: jnp.broadcast_to(x, (M,) + x.shape), params)
+        params_M = jax.tree.map(lambda x: self._constrain(x, REPLICA), params_M)
+        inner_M = jax.vmap(self.inner.init)(params_M)
+        inner_M = jax.tree.map(lambda x: self._constrain(x, REPLICA), inner_M)
+        leaves = jax.tree.leaves(params)
+        outer, pending = [], []
+        for p in range(self.num_fragments):
+            frag_leaves = [leaves[i] for i in frags.leaves(p)]
+            outer.append(self.outer_optimizer.init(frag_leaves))
+            pending.append([jnp.zeros(x.shape, jnp.float32) for x in frag_leaves])
+        return DiLoCoState(jnp.zeros((), jnp.int32), params_M, inner_M, params, tuple(outer),
+                           tuple(pending), jnp.full((), -1, jnp.int32))
+
+    # ------------------------------------------------------------------ steps
+    def inner_update(self, grads_M, state: DiLoCoState) -> DiLoCoState:
+        """One inner step on every replica; no communication across replicas."""
+        def one(g, s, p):
+            u, s = self.inner.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        spmd = REPLICA if self.mesh is not None else None
+        params_M, inner_M = jax.vmap(one, spmd_axis_name=spmd)(grads_M, state.inner_state, state.params)
+        return state._replace(step=state.step + 1, params=params_M, inner_state=inner_M)
+
+    def outer_update(self, state: DiLoCoState) -> DiLoCoState:
+        """The sync and/or merge that fall on step `state.step` (see module doc)."""
+        frags = self.fragments(state.global_params)
+        H, Pf, tau = self.sync_every, self.num_fragments, self.overlap_steps
+        sync_table, merge_table = np.full(H, Pf, np.int32), np.full(H, Pf, np.int32)
+        for p in range(Pf):
+            sync_table[sync_phase(p, Pf, H)] = p
+            merge_table[(sync_phase(p, Pf, H) + tau) % H] = p
+        phase = state.step % H
+
+        sync_p = jnp.asarray(sync_table)[phase]
+        state = lax.switch(sync_p, [lambda s, p=p: self._sync(s, frags, p) for p in range(Pf)] + [lambda s: s],
+                           state)
+        merge_p = jnp.asarray(merge_table)[phase]
+        merge_p = jnp.where(state.pending_fragment == merge_p, merge_p, Pf)
+        return lax.switch(merge_p, [lambda s, p=p: self._merge(s, frags, p) for p in range(Pf)] + [lambda s: s],
+                          state)
+
+    def update(self, grads_M, state: DiLoCoState) -> DiLoCoState:
+        return self.outer_update(self.inner_update(grads_M, state))
+
+    def _sync(self, state: DiLoCoState, frags: Fragments, p: int) -> DiLoCoState:
+        idx = frags.leaves(p)
+        rep = jax.tree.leaves(state.params)
+        glob = jax.tree.leaves(state.global_params)
+        M = self.num_replicas
+        # the outer gradient points from the replica back to the global params, like a gradient
+        delta_MN = jnp.concatenate(
+            [(glob[i].astype(jnp.float32)[None] - rep[i].astype(jnp.float32)).reshape(M, -1) for i in idx], axis=1)
+        mean_N = self.replica_mean(delta_MN)
+        out, off = [], 0
+        for i in idx:
+            n = glob[i].size
+            out.append(mean_N[off:off + n].reshape(glob[i].shape))
+            off += n
+        pending = state.pending_delta[:p] + (out,) + state.pending_delta[p + 1:]
+        return state._replace(pending_delta=pending, pending_fragment=jnp.asarray(p, jnp.int32))
+
+    def replica_mean(self, x_MN: jax.Array) -> jax.Array:
+        """fp32 mean over replicas of [M, N] values sent in the wire format: the one collective."""
+        M, n = x_MN.shape
+        npad = self._padded(n)
+        inner = self._inner_axes() or None
+        x_MKB = jnp.pad(x_MN, ((0, 0), (0, npad - n))).reshape(M, npad // qz.BLOCK, qz.BLOCK)
+        # each device of a replica owns an equal share of the blocks, so the cross-replica
+        # transfer is spread over all of them instead of repeated on each
+        x_MKB = self._constrain(x_MKB, REPLICA, inner)
+        if self.quantize == "none":
+            mean_KB = jnp.mean(x_MKB, axis=0)  # an fp32 all-reduce over `replica`
+        else:
+            wire = jax.vmap(lambda b: qz.quantize(b, self.quantize))(x_MKB)
+            wire = jax.tree.map(lambda w: self._constrain(w, REPLICA, inner), wire)
+            # the all-gather of the low-bit payload: every replica receives every replica's codes
+            wire = jax.tree.map(lambda w: self._constrain(w, None, inner), wire)
+            # and accumulates their dequantized values in fp32 locally
+            mean_KB = jnp.mean(jax.vmap(lambda w: qz.dequantize(w, self.quantize))(wire), axis=0)
+        mean_KB = self._constrain(mean_KB, inner)
+        return mean_KB.reshape(-1)[:n]
+
+    def _merge(self, state: DiLoCoState, frags: Fragments, p: int) -> DiLoCoState:
+        idx = frags.leaves(p)
+        glob_leaves, treedef = jax.tree.flatten(state.global_params)
+        rep_leaves, rep_def = jax.tree.flatten(state.params)
+        glob = [glob_leaves[i] for i in idx]
+        upd, outer_p = self.outer_optimizer.update(state.pending_delta[p], state.outer_state[p], glob)
+        glob = optax.apply_updates(glob, upd)
+        a = self.alpha
+        for j, i in enumerate(idx):
+            glob_leaves[i] = glob[j]
+            mixed = a * rep_leaves[i].astype(jnp.float32) + (1.0 - a) * glob[j].astype(jnp.float32)[None]
+            rep_leaves[i] = self._constrain(mixed.astype(rep_leaves[i].dtype), REPLICA)
+        outer = state.outer_state[:p] + (outer_p,) + state.outer_state[p + 1:]
+        return state._replace(
+            params=jax.tree.unflatten(rep_def, rep_leaves),
+            global_params=jax.tree.unflatten(treedef, glob_leaves),
+            outer_state=outer,
+            pending_fragment=jnp.asarray(-1, jnp.int32),
+        )
+
+    # ------------------------------------------------------------------ bytes on the wire
+    def sync_bytes(self, params) -> list[int]:
+        """Bytes one replica sends to the others when fragment p syncs, for each p.
+
+        fp32 ('none') goes through a ring all-reduce: 2(M−1)/M · 4 bytes per value. The
+        low-bit formats go through an all-gather of the payload (codes + scales), so that
+        the mean is accumulated in fp32 by the receiver: (M−1) · payload bytes.
+        """
+        frags = self.fragments(params)
+        M = self.num_replicas
+        out = []
+        for p in range(self.num_fragments):
+            npad = self._padded(frags.size(p))
+            if self.quantize == "none":
+                out.append(int(round(2 * (M - 1) / M * 4 * npad)))
+            else:
+                out.append((M - 1) * qz.wire_bytes(npad, self.quantize))
+        return out
+
+    def bytes_report(self, params, num_steps: int) -> dict:
+        """Per-sync, peak-per-sync and total bytes one replica sends over `num_steps` steps."""
+        per = self.sync_bytes(params)
+        H, Pf = self.sync_every, self.num_fragments
+        counts = [sum(1 for t in range(1, num_steps + 1) if t % H == sync_phase(p, Pf, H)) for p in range(Pf)]
+        return {"per_sync": per, "peak_per_sync": max(per), "syncs": counts,
+                "total": sum(c * b for c, b in zip(counts, per))}
+
+
+def streaming_diloco(inner: optax.GradientTransformation, *, num_replicas: int, sync_every: int,
+                     num_fragments: int = 1, overlap_steps: int = 0, alpha: float = 0.0,
+                     outer_optimizer: optax.GradientTransformation | None = None,
+                     quantize: str = "none", mesh: Mesh | None = None) -> StreamingDiLoCo:
+    """Streaming DiLoCo around `inner` (see module doc). Defaults give plain DiLoCo."""
+    return StreamingDiLoCo(inner, num_replicas, sync_every, num_fragments, overlap_steps, alpha,
+                           outer_optimizer or default_outer_optimizer(), quantize, mesh)
+
+
+def replica_grads(loss_fn: Callable, *, mesh: Mesh | None = None, has_aux: bool = False):
+    """vmap of `jax.value_and_grad(loss_fn)` over the leading replica axis of params and batch."""
+    spmd = REPLICA if mesh is not None else None
+    return jax.vmap(jax.value_and_grad(loss_fn, has_aux=has_aux), spmd_axis_name=spmd)
+
+
+def data_parallel_bytes(num_params: int, num_replicas: int, bytes_per_value: int = 4) -> int:
+    """Bytes one replica sends per data-parallel step: a ring all-reduce of the gradients."""
+    M = num_replicas
+    return int(round(2 * (M - 1) / M * bytes_per_value * num_params))
