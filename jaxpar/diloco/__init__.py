@@ -8,10 +8,11 @@ from jaxpar.diloco.outer import (
     replica_grads,
     streaming_diloco,
 )
-from jaxpar.diloco.quantize import FORMATS, dequantize, quantize, roundtrip, wire_bytes
+# the submodule `quantize` keeps its name (quantize.quantize / quantize.dequantize live there)
+from jaxpar.diloco.quantize import FORMATS, roundtrip, wire_bytes
 
 __all__ = [
     "DiLoCoState", "FORMATS", "Fragments", "StreamingDiLoCo", "data_parallel_bytes",
-    "default_outer_optimizer", "dequantize", "quantize", "replica_grads", "roundtrip",
+    "default_outer_optimizer", "replica_grads", "roundtrip",
     "split_fragments", "streaming_diloco", "sync_phase", "wire_bytes",
 ]

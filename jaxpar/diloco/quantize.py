@@ -97,7 +97,9 @@ def quantize(x_NB: jax.Array, fmt: str) -> Wire:
     if fmt == "none":
         return Wire(x_NB, None)
     if fmt == "bf16":
-        return Wire(x_NB.astype(jnp.bfloat16), None)
+        # sent as raw uint16 bits: otherwise XLA hoists the bf16→fp32 convert of the receiver
+        # above the all-gather and moves fp32 over the wire
+        return Wire(lax.bitcast_convert_type(x_NB.astype(jnp.bfloat16), jnp.uint16), None)
     if fmt == "int8":
         s_N = _absmax_scale(x_NB, 127.0)
         q = jnp.clip(jnp.round(x_NB / s_N[:, None]), -127, 127).astype(jnp.int8)
@@ -115,8 +117,10 @@ def quantize(x_NB: jax.Array, fmt: str) -> Wire:
 def dequantize(wire: Wire, fmt: str) -> jax.Array:
     """The wire representation -> fp32 [num_blocks, BLOCK]."""
     check_format(fmt)
-    if fmt in ("none", "bf16"):
-        return wire.payload.astype(jnp.float32)
+    if fmt == "none":
+        return wire.payload
+    if fmt == "bf16":
+        return lax.bitcast_convert_type(wire.payload, jnp.bfloat16).astype(jnp.float32)
     if fmt == "int8":
         return wire.payload.astype(jnp.float32) * wire.scale_N[:, None]
     code = _unpack4(wire.payload)
