@@ -76,10 +76,28 @@ def merge(out1_BLHD, lse1_BLH, out2_BLHD, lse2_BLH):
     return w1 * out1_BLHD + w2 * out2_BLHD, lse_BLH
 
 
-def empty_partial(q_BLHD):
+def _varying_axes(x):
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return mat.varying if mat is not None else frozenset()
+
+
+def varying_like(x, *refs):
+    """Mark a fresh constant as device-varying over the axes `refs` vary on (inside
+    shard_map, loop carries and cond branches must agree on this)."""
+    want = frozenset().union(*(_varying_axes(r) for r in refs)) - _varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(want)), to="varying") if want else x
+
+
+def empty_partial(q_BLHD, *more_refs):
     """The merge identity for a query block: out 0, lse −inf."""
     b, l, h, d = q_BLHD.shape
-    return jnp.zeros((b, l, h, d), jnp.float32), jnp.full((b, l, h), NEG_INF, jnp.float32)
+    out = jnp.zeros((b, l, h, d), jnp.float32)
+    lse = jnp.full((b, l, h), NEG_INF, jnp.float32)
+    return varying_like(out, q_BLHD, *more_refs), varying_like(lse, q_BLHD, *more_refs)
+
+
+def zeros_like_f32(x, *refs):
+    return varying_like(jnp.zeros(x.shape, jnp.float32), x, *refs)
 
 
 def attend_bwd(q_BLHD, k_BMKD, v_BMKD, mask_BLM, lse_BLH, dout_BLHD, delta_BLH):
@@ -149,7 +167,7 @@ def _flash_fwd_impl(q, k, v, pos_N, seg_BN, causal, block):
             return jax.lax.cond(_pair_has_work(qpos_b, kpos_b, causal), new, lambda c: c,
                                 carry), None
 
-        (o, lse), _ = jax.lax.scan(step, empty_partial(q_b),
+        (o, lse), _ = jax.lax.scan(step, empty_partial(q_b, k_blocks, v_blocks),
                                    (k_blocks, v_blocks, kpos_blocks, kseg_blocks))
         return o, lse
 
@@ -180,13 +198,13 @@ def _flash_bwd_impl(q, k, v, pos_N, seg_BN, causal, block, out, lse, dout):
                 return c[0] + dk_b, c[1] + dv_b, dq_b
 
             def skip(c):
-                return c[0], c[1], jnp.zeros(q_b.shape, jnp.float32)
+                return c[0], c[1], zeros_like_f32(q_b, k_b, v_b)
 
             dk_acc, dv_acc, dq_b = jax.lax.cond(_pair_has_work(qpos_b, kpos_b, causal),
                                                 work, skip, carry)
             return (dk_acc, dv_acc), dq_b
 
-        zeros = jnp.zeros(k_b.shape, jnp.float32)
+        zeros = zeros_like_f32(k_b, qs[0], qs[4])
         (dk_b, dv_b), dq_parts = jax.lax.scan(step, (zeros, zeros), qs)
         return dk_b, dv_b, dq_parts
 
@@ -270,7 +288,7 @@ def pair_fwd(q, k, v, q_seg, k_seg, q_idx, kv_idx, *, num_shards, causal, diagon
     def q_second_half(_):  # kv_idx > q_idx: second query chunk × all keys
         q1, qp1 = _halves(q)[1], _halves(q_pos, 0)[1]
         o1, l1 = attend(q1, k, v, make_mask(qp1, k_pos, _seg_half(q_seg, 1), k_seg, causal=False))
-        o0, l0 = empty_partial(_halves(q)[0])
+        o0, l0 = empty_partial(_halves(q)[0], o1)
         return jnp.concatenate([o0, o1], 1), jnp.concatenate([l0, l1], 1)
 
     return jax.lax.cond(kv_idx < q_idx, kv_first_half, q_second_half, None)
@@ -288,13 +306,13 @@ def pair_bwd(q, k, v, q_seg, k_seg, q_idx, kv_idx, lse, dout, dlt, *, num_shards
         (k0, _k1), (v0, _v1) = _halves(k), _halves(v)
         mask = make_mask(q_pos, _halves(k_pos, 0)[0], q_seg, _seg_half(k_seg, 0), causal=False)
         dq, dk0, dv0 = attend_bwd(q, k0, v0, mask, lse, dout, dlt)
-        zeros = jnp.zeros(k0.shape, jnp.float32)
+        zeros = zeros_like_f32(dk0)
         return dq, jnp.concatenate([dk0, zeros], 1), jnp.concatenate([dv0, zeros], 1)
 
     def q_second_half(_):
         q1, lse1, do1, dl1 = (_halves(x)[1] for x in (q, lse, dout, dlt))
         mask = make_mask(_halves(q_pos, 0)[1], k_pos, _seg_half(q_seg, 1), k_seg, causal=False)
         dq1, dk, dv = attend_bwd(q1, k, v, mask, lse1, do1, dl1)
-        return jnp.concatenate([jnp.zeros(dq1.shape, jnp.float32), dq1], 1), dk, dv
+        return jnp.concatenate([zeros_like_f32(dq1), dq1], 1), dk, dv
 
     return jax.lax.cond(kv_idx < q_idx, kv_first_half, q_second_half, None)
