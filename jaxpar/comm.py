@@ -115,3 +115,64 @@ def bytes_by_kind(fn_or_hlo, *args, **kwargs) -> dict[str, float]:
 
 def total_bytes(fn_or_hlo, *args, **kwargs) -> float:
     return sum(bytes_by_kind(fn_or_hlo, *args, **kwargs).values())
+
+
+# ---------------------------------------------------------------------------------------
+# Closed-form bytes sent per device by the sequence-parallel attention schedules.
+
+
+def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads: int,
+                    head_dim: int, shards, itemsize: int = 4, backward: bool = False,
+                    segment_ids: bool = False) -> dict[str, float]:
+    """{collective kind: bytes one device sends} for a forward (+ backward) pass.
+
+    `shards` is P, or (ring, ulysses) sizes for impl="hybrid". The backward ring turns the
+    other way; for a ring of 2 both ways are one permutation and XLA reuses the forward's
+    K/V transfer, so measured backward bytes are lower there than this formula. Partials, lse, delta and
+    gradient accumulators of the ring schedules are fp32 (4 bytes); q/k/v/out/dout use
+    `itemsize`; segment ids are int32.
+    """
+    b, n, h, kh, d = batch, seq_len, heads, kv_heads, head_dim
+    out: dict[str, float] = collections.defaultdict(float)
+    if impl == "hybrid":
+        pr, pu = shards
+        kv_u = kh if kh % pu == 0 else pu
+        for kind, v in attention_bytes("ulysses", batch=b, seq_len=n // pr, heads=h,
+                                       kv_heads=kh, head_dim=d, shards=pu, itemsize=itemsize,
+                                       backward=backward, segment_ids=segment_ids).items():
+            if kind == "all-to-all":  # the ring runs where Ulysses ran its local attention
+                out[kind] += v
+        if segment_ids:  # gathered once over the Ulysses axis, forward only
+            out["all-gather"] += (pu - 1) / pu * b * (n // pr) * 4
+        for kind, v in attention_bytes("ring", batch=b, seq_len=n, heads=h // pu,
+                                       kv_heads=kv_u // pu, head_dim=d, shards=pr,
+                                       itemsize=itemsize, backward=backward,
+                                       segment_ids=segment_ids).items():
+            out[kind] += v
+        return dict(out)
+    p = shards
+    tok = b * (n // p)  # tokens per device
+    if impl == "ulysses":
+        kv_u = kh if kh % p == 0 else p  # replicated K/V heads when K < P
+        per_pass = (p - 1) / p * tok * d * (2 * h + 2 * kv_u) * itemsize
+        out["all-to-all"] += per_pass * (2 if backward else 1)
+        if segment_ids:
+            out["all-gather"] += (p - 1) / p * b * n * 4
+    elif impl == "ring":
+        kv = (p - 1) * 2 * tok * kh * d * itemsize
+        seg = (p - 1) * tok * 4 if segment_ids else 0
+        out["collective-permute"] += kv + seg
+        if backward:  # K/V (+ids) again, and dK/dV in fp32 for P hops
+            out["collective-permute"] += kv + seg + p * 2 * tok * kh * d * 4
+    elif impl == "tokenring":
+        qbytes = (p - 1) * tok * h * d * itemsize
+        seg = (p - 1) * tok * 4 if segment_ids else 0
+        partials = (p - 1) * tok * h * (d + 1) * 4
+        out["collective-permute"] += qbytes + seg + partials
+        if backward:  # q, dout, lse, delta (+ids) forward; dQ partials (fp32) back
+            out["collective-permute"] += (2 * qbytes + seg + (p - 1) * tok * h * 8
+                                          + (p - 1) * tok * h * d * 4)
+    else:
+        raise ValueError(f"no closed form for impl={impl!r}; valid: ulysses, ring, tokenring, "
+                         f"hybrid")
+    return dict(out)

@@ -8,7 +8,7 @@ the owner merges all P partials. Queries use one link direction, partials the ot
 Bytes per device: q (P−1)·B·L·H·D, partials (P−1)·B·L·H·(D+1) in fp32. Against ring's
 (P−1)·2·B·L·K·D this pays off when K ≈ H (MHA); with GQA (K ≪ H) ring moves less.
 
-Backward (custom_vjp) is the same pattern: (q, dout, lse, delta) travel r → r − 1; every
+Backward (custom_vjp) is the mirror image: (q, dout, lse, delta) travel r → r + 1; every
 device accumulates dK/dV for its own K/V in place (they never move) and sends each partial
 dQ straight back to the query's owner.
 """
@@ -63,14 +63,17 @@ def _tokenring_bwd(axis_name, causal, res, dout):
     dlt = blockwise.delta(out, dout)
     dq, dk, dv = blockwise.pair_bwd(q, k, v, seg, seg, r, r, lse, dout, dlt, num_shards=p,
                                     causal=causal, diagonal=True)
+    # Mirror image of the forward (queries go to r + 1, dQ comes back by −s): the other link
+    # directions, and transfers XLA cannot CSE with the forward's identical query hops
+    # (which would keep every visiting query block alive until the backward).
     visiting = (q, seg, lse, dout, dlt)
     for s in range(1, p):
-        visiting = shift(visiting, axis_name, -1)
+        visiting = shift(visiting, axis_name, +1)  # the queries of owner (r − s) mod P
         vq, vseg, vlse, vdout, vdlt = visiting
-        dq_s, dk_s, dv_s = blockwise.pair_bwd(vq, k, v, vseg, seg, (r + s) % p, r, vlse, vdout,
+        dq_s, dk_s, dv_s = blockwise.pair_bwd(vq, k, v, vseg, seg, (r - s) % p, r, vlse, vdout,
                                               vdlt, num_shards=p, causal=causal, diagonal=False)
         dk, dv = dk + dk_s, dv + dv_s
-        dq = dq + shift(dq_s, axis_name, +s)
+        dq = dq + shift(dq_s, axis_name, -s)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

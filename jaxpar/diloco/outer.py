@@ -161,6 +161,14 @@ class StreamingDiLoCo:
     def update(self, grads_M, state: DiLoCoState) -> DiLoCoState:
         return self.outer_update(self.inner_update(grads_M, state))
 
+    def finalize(self, state: DiLoCoState) -> DiLoCoState:
+        """Apply a merge still pending (its transfer already happened) without another inner
+        step: what to evaluate or export at the end of training when τ > 0."""
+        frags = self.fragments(state.global_params)
+        Pf = self.num_fragments
+        idx = jnp.where(state.pending_fragment >= 0, state.pending_fragment, Pf)
+        return lax.switch(idx, [lambda s, p=p: self._merge(s, frags, p) for p in range(Pf)] + [lambda s: s], state)
+
     def _sync(self, state: DiLoCoState, frags: Fragments, p: int) -> DiLoCoState:
         idx = frags.leaves(p)
         rep = jax.tree.leaves(state.params)
