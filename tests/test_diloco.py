@@ -114,3 +114,20 @@ def test_fragments_strided_and_errors():
     assert split_fragments({"blocks": [{"w": jnp.zeros(1)}] * 4}, 4).layers(3) == ("blocks/3",)
     with pytest.raises(ValueError, match="overlap_steps=2"):
         streaming_diloco(optax.sgd(1.0), num_replicas=2, sync_every=4, num_fragments=2, overlap_steps=2)
+
+
+def test_finalize_applies_the_pending_merge():
+    params = {f"layers_{i}": {"w": jnp.zeros(())} for i in range(4)}
+    sd = streaming_diloco(optax.sgd(1.0), num_replicas=2, sync_every=4, num_fragments=2,
+                          overlap_steps=1, alpha=0.5, outer_optimizer=optax.sgd(0.5))
+    grads = {f"layers_{i}": {"w": jnp.array([1.0, 3.0])} for i in range(4)}
+    state = sd.init(params)
+    for _ in range(2):  # fragment 0 synced at t=2 with mean Δ = 4; merge due at t=3
+        state = sd.update(grads, state)
+    done = sd.finalize(state)
+    np.testing.assert_allclose(done.global_params["layers_0"]["w"], -2.0)  # 0 − 0.5·4
+    np.testing.assert_allclose(done.params["layers_0"]["w"], [-2.0, -4.0])  # .5·(−2,−6) + .5·(−2)
+    np.testing.assert_allclose(done.global_params["layers_1"]["w"], 0.0)
+    assert int(done.pending_fragment) == -1
+    again = sd.finalize(done)  # nothing pending: a no-op
+    jax.tree.map(np.testing.assert_array_equal, again, done)

@@ -1,0 +1,237 @@
+"""Streaming DiLoCo experiment: data parallel vs DiLoCo vs Streaming DiLoCo (+τ=1, +FP4).
+
+A byte-level Llama-style LM on the bundled stdlib-docstring corpus, M replicas simulated as
+XLA host devices. Every method sees the same tokens: replica m at step t gets
+ByteData.batch(t, B, m); data parallel averages the M gradients every step.
+
+Prints (1) final eval loss, total bytes one replica sends, peak bytes of one sync; and (2) a
+simulated compute utilization vs bandwidth table from the measured step time: a blocking
+transfer of b bytes at bandwidth W costs b/W of idle compute; with overlap τ a fragment's
+transfer hides behind τ inner steps, so it costs max(0, b_p/W − τ·t_step).
+
+    python scripts/bench_diloco.py --quick --json out.json --plot docs/diloco_loss.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxpar.diloco import data_parallel_bytes, replica_grads, streaming_diloco  # noqa: E402
+from jaxpar.mesh import make_mesh  # noqa: E402
+from jaxpar.models.transformer import Transformer, TransformerConfig, lm_loss  # noqa: E402
+from jaxpar.train.data import ByteData  # noqa: E402
+
+METHODS = {  # name: streaming_diloco kwargs (None = data parallel)
+    "data parallel": None,
+    "DiLoCo": dict(num_fragments=1, overlap_steps=0, alpha=0.0, quantize="none"),
+    "Streaming DiLoCo": dict(num_fragments="P", overlap_steps=0, alpha=0.0, quantize="none"),
+    "+ overlap τ=1": dict(num_fragments="P", overlap_steps=1, alpha=0.5, quantize="none"),
+    "+ FP4 (E3M0)": dict(num_fragments="P", overlap_steps=1, alpha=0.5, quantize="fp4_e3m0"),
+}
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(layers=4, embed=128, heads=4, kv_heads=2, head_dim=32, mlp=384, seq=64, batch=8,
+                    steps=256, H=32, P=4, eval_batches=8, lr=3e-3)
+    return dict(layers=4, embed=128, heads=4, kv_heads=2, head_dim=32, mlp=384, seq=128, batch=16,
+                steps=1024, H=32, P=4, eval_batches=16, lr=3e-3)
+
+
+def inner_optimizer(s):
+    sched = optax.warmup_cosine_decay_schedule(0.0, s["lr"], s["steps"] // 16, s["steps"], s["lr"] / 10)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.95, weight_decay=0.1))
+
+
+def build(s):
+    cfg = TransformerConfig(layers=s["layers"], embed=s["embed"], heads=s["heads"], kv_heads=s["kv_heads"],
+                            head_dim=s["head_dim"], mlp=s["mlp"])
+    model = Transformer(cfg)
+    data = ByteData.load(seq_len=s["seq"])
+    params = model.init(jax.random.key(0), jnp.zeros((1, s["seq"]), jnp.int32))["params"]
+    return model, data, params
+
+
+def run_method(name, kw, M, s, model, data, params, eval_every):
+    mesh = make_mesh(replica=M, devices=jax.devices()[:M])
+    loss = lambda p, b: lm_loss(model, p, b)
+    batch_sharding = NamedSharding(mesh, P("replica"))
+    evals = jnp.asarray(data.eval_batches(s["batch"], s["eval_batches"]))
+    eval_fn = jax.jit(lambda p: jnp.mean(jax.lax.map(lambda b: loss(p, b), evals)))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    curve = []
+
+    if kw is None:  # data parallel: one optimizer, the gradient averaged over replicas every step
+        opt = inner_optimizer(s)
+        rep = NamedSharding(mesh, P())
+        state = jax.device_put((params, opt.init(params)), rep)
+
+        @jax.jit
+        def step(st, b_M):
+            p, o = st
+            g = jax.grad(lambda p: jnp.mean(jax.vmap(lambda b: loss(p, b))(b_M)))(p)
+            u, o = opt.update(g, o, p)
+            return optax.apply_updates(p, u), o
+
+        glob = lambda st: st[0]
+        bytes_info = {"total": data_parallel_bytes(n_params, M) * s["steps"],
+                      "peak_per_sync": data_parallel_bytes(n_params, M), "per_sync": None, "overlap": 0,
+                      "syncs_per_H": s["H"]}
+    else:
+        kw = dict(kw, num_fragments=s["P"] if kw["num_fragments"] == "P" else kw["num_fragments"])
+        sd = streaming_diloco(inner_optimizer(s), num_replicas=M, sync_every=s["H"], mesh=mesh, **kw)
+        grad = replica_grads(loss, mesh=mesh)
+        state = sd.init(params)
+        step = jax.jit(lambda st, b_M: sd.update(grad(st.params, b_M)[1], st))
+        finalize = jax.jit(sd.finalize)
+        glob = lambda st: finalize(st).global_params
+        rep = sd.bytes_report(params, s["steps"])
+        bytes_info = {"total": rep["total"], "peak_per_sync": rep["peak_per_sync"], "per_sync": rep["per_sync"],
+                      "overlap": kw["overlap_steps"], "syncs_per_H": kw["num_fragments"]}
+
+    t0 = time.perf_counter()
+    for t in range(1, s["steps"] + 1):
+        state = step(state, jax.device_put(data.replica_batches(t, s["batch"], M), batch_sharding))
+        if t % eval_every == 0 or t == s["steps"]:
+            curve.append((t, float(eval_fn(glob(state)))))
+    wall = time.perf_counter() - t0
+    print(f"  M={M} {name:18s} eval {curve[-1][1]:.4f}  ({wall:.0f}s)", flush=True)
+    return {"method": name, "M": M, "final_eval_loss": curve[-1][1], "curve": curve, "wall_s": wall, **bytes_info}
+
+
+def replica_step_time(s, model, data, params, reps=10):
+    """Wall time of one replica's inner step (forward, backward, AdamW) on one host device."""
+    opt = inner_optimizer(s)
+    st = (params, opt.init(params))
+
+    @jax.jit
+    def step(st, b):
+        p, o = st
+        g = jax.grad(lambda p: lm_loss(model, p, b))(p)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    b = jnp.asarray(data.batch(0, s["batch"]))
+    st = jax.block_until_ready(step(st, b))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        st = jax.block_until_ready(step(st, b))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def utilization(r, t_step, H, gbit):
+    """Fraction of time computing at `gbit` Gbit/s between replicas (see module doc)."""
+    W = gbit * 1e9 / 8  # bytes/s
+    if r["per_sync"] is None:  # data parallel: a blocking all-reduce every step
+        return t_step / (t_step + r["peak_per_sync"] / W)
+    idle = sum(max(0.0, b / W - r["overlap"] * t_step) for b in r["per_sync"])
+    return H * t_step / (H * t_step + idle)
+
+
+def gbit_for(r, t_step, H, target=0.95):
+    lo, hi = 1e-9, 1e9
+    for _ in range(200):  # bisection in log space; utilization grows with bandwidth
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if utilization(r, t_step, H, mid) < target else (lo, mid)
+    return hi
+
+
+def fmt_bytes(b):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1000:
+            return f"{b:.1f} {unit}"
+        b /= 1000
+    return f"{b:.1f} PB"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller batches/sequence, fewer steps (< 10 min on 2 cores)")
+    ap.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--steps", type=int, help="override the number of inner steps")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--plot", help="write the eval-loss curves (PNG) here")
+    args = ap.parse_args(argv)
+    s = settings(args.quick)
+    if args.steps:
+        s["steps"] = args.steps
+    if jax.device_count() < max(args.replicas):
+        sys.exit(f"need {max(args.replicas)} devices, have {jax.device_count()}; set XLA_FLAGS")
+    model, data, params = build(s)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"model {n_params / 1e6:.2f}M params, {s['layers']} layers; batch {s['batch']}×{s['seq']} bytes per replica; "
+          f"{s['steps']} steps; H={s['H']} P={s['P']}; {jax.device_count()} {jax.devices()[0].platform} devices, "
+          f"{os.cpu_count()} cores", flush=True)
+    t_step = replica_step_time(s, model, data, params)
+    print(f"one replica inner step: {t_step * 1e3:.1f} ms", flush=True)
+
+    t_start = time.perf_counter()
+    results = []
+    for M in args.replicas:
+        for name, kw in METHODS.items():
+            results.append(run_method(name, kw, M, s, model, data, params, eval_every=s["H"]))
+    total_wall = time.perf_counter() - t_start
+
+    print("\n| M | method | final eval loss | vs DP | total bytes / replica | vs DP | peak bytes / sync |")
+    print("|---|---|---|---|---|---|---|")
+    for M in args.replicas:
+        dp = next(r for r in results if r["M"] == M and r["per_sync"] is None)
+        for r in (r for r in results if r["M"] == M):
+            print(f"| {M} | {r['method']} | {r['final_eval_loss']:.4f} | "
+                  f"{100 * (r['final_eval_loss'] / dp['final_eval_loss'] - 1):+.2f}% | {fmt_bytes(r['total'])} | "
+                  f"{dp['total'] / r['total']:.0f}× fewer | {fmt_bytes(r['peak_per_sync'])} |")
+
+    gbits = [0.001, 0.01, 0.1, 1.0]
+    print(f"\nSimulated compute utilization (t_step = {t_step * 1e3:.1f} ms measured on this CPU); "
+          f"Gbit/s needed for 95%:")
+    print("| M | method | " + " | ".join(f"util @ {g} Gbit/s" for g in gbits) + " | Gbit/s for 95% |")
+    print("|---|---|" + "---|" * (len(gbits) + 1))
+    for r in results:
+        r["gbit_for_95"] = gbit_for(r, t_step, s["H"])
+        r["utilization"] = {g: utilization(r, t_step, s["H"], g) for g in gbits}
+        print(f"| {r['M']} | {r['method']} | " + " | ".join(f"{100 * r['utilization'][g]:.1f}%" for g in gbits)
+              + f" | {r['gbit_for_95']:.4g} |")
+    print(f"\ntotal experiment wall time: {total_wall:.0f} s", flush=True)
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"settings": s, "n_params": n_params, "t_step_s": t_step, "wall_s": total_wall,
+                       "devices": f"{jax.device_count()} {jax.devices()[0].platform}", "cores": os.cpu_count(),
+                       "results": results}, fh, indent=1)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(args.replicas), figsize=(6 * len(args.replicas), 4), squeeze=False)
+        for ax, M in zip(axes[0], args.replicas):
+            for r in (r for r in results if r["M"] == M):
+                t, l = zip(*r["curve"])
+                ax.plot(t, l, label=r["method"], marker="." if r["per_sync"] is None else None)
+            ax.set(title=f"M={M} replicas", xlabel="inner step", ylabel="eval loss (nats/byte)")
+            ax.set_ylim(top=min(ax.get_ylim()[1], 3.5))
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
