@@ -1,0 +1,168 @@
+"""Benchmark sequence-parallel attention on the host's devices (default: 8 simulated CPU).
+
+For each N, impl and masking: forward and forward+backward wall time (median of --repeats
+after a compile/warm-up call), per-device memory of forward+backward from
+`compiled.memory_analysis()`, and bytes sent per device counted from the compiled HLO.
+Baseline in the same process: the single-device blockwise (flash) kernel doing the same
+total work. Prints a markdown table; `--json PATH` writes the rows.
+
+    python scripts/bench_attention.py --quick
+    python scripts/bench_attention.py --seq-lens 2048 4096 8192 16384 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from jaxpar import comm, make_mesh  # noqa: E402
+from jaxpar.attention import attention, dense_attention, flash_attention  # noqa: E402
+
+IMPLS = ("dense", "ulysses", "ring", "tokenring", "hybrid")
+
+
+def timed(fn, args, repeats):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def per_device_mib(compiled):
+    m = compiled.memory_analysis()
+    return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20
+
+
+def loss_of(attn):
+    return lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32))
+
+
+def build(impl, n_dev, causal, b, n, h, kh, d, dtype):
+    """(fwd, fwd+bwd, args) for one impl; inputs already laid out and sharded."""
+    key = jax.random.key(0)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, n, h, d), dtype)
+    k = jax.random.normal(kk, (b, n, kh, d), dtype)
+    v = jax.random.normal(kv, (b, n, kh, d), dtype)
+    if impl in ("dense", "flash (1 device)"):
+        dev = jax.devices()[0]
+        args = [jax.device_put(x, dev) for x in (q, k, v)]
+        if impl == "dense":
+            attn = lambda q, k, v: dense_attention(q, k, v, causal=causal)  # noqa: E731
+        else:
+            attn = lambda q, k, v: flash_attention(q, k, v, causal=causal)[0]  # noqa: E731
+    else:
+        devices = jax.devices()[:n_dev]
+        if impl == "hybrid":
+            mesh = make_mesh(seq=n_dev // 2, seq_inner=2, devices=devices)
+            axis = ("seq", "seq_inner")
+        else:
+            mesh = make_mesh(seq=n_dev, devices=devices)
+            axis = "seq"
+        spec = P(None, axis)
+        # Random inputs are taken to be in zigzag order already (the layout is the data
+        # path's job, done once); correctness of the layout is what the tests check.
+        args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+        attn = jax.shard_map(
+            lambda q, k, v: attention(q, k, v, impl=impl, axis=axis, causal=causal),
+            mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    fwd = jax.jit(attn)
+    fwd_bwd = jax.jit(jax.value_and_grad(loss_of(attn), argnums=(0, 1, 2)))
+    return fwd, fwd_bwd, args
+
+
+def bench_one(impl, n_dev, causal, cfg, repeats):
+    b, n, h, kh, d, dtype = cfg
+    fwd, fwd_bwd, args = build(impl, n_dev, causal, b, n, h, kh, d, dtype)
+    compiled = fwd_bwd.lower(*args).compile()
+    row = {
+        "impl": impl, "N": n, "causal": causal, "devices": 1 if impl in ("dense", "flash (1 device)") else n_dev,
+        "fwd_ms": 1e3 * timed(fwd, args, repeats),
+        "fwd_bwd_ms": 1e3 * timed(fwd_bwd, args, repeats),
+        "mem_mib_per_device": per_device_mib(compiled),
+        "sent_mib_per_device": comm.total_bytes(compiled.as_text()) / 2**20,
+    }
+    return row
+
+
+def dense_fits(n, h, limit_gib):
+    return 4 * n * n * h * 4 / 2**30 <= limit_gib  # ~4 live N×N×H fp32 buffers
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N ∈ {1024, 2048}, one repeat")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dense-limit-gib", type=float, default=4.0,
+                    help="skip the dense reference when its N×N scores would exceed this")
+    ap.add_argument("--json", help="write the rows (and the machine) to this file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seq_lens, args.repeats = [1024, 2048], 1
+    if jax.device_count() < args.devices:
+        sys.exit(f"--devices={args.devices} but only {jax.device_count()} devices; set "
+                 f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices}")
+    dtype = jnp.dtype(args.dtype)
+    jobs = []
+    for n in args.seq_lens:
+        for causal in (False, True):
+            jobs.append(("flash (1 device)", n, causal))
+            for impl in args.impls:
+                if impl == "dense" and not dense_fits(n, args.heads, args.dense_limit_gib):
+                    continue
+                jobs.append((impl, n, causal))
+    rows = []
+    for impl, n, causal in tqdm(jobs, desc="attention bench", disable=not sys.stderr.isatty()):
+        cfg = (args.batch, n, args.heads, args.kv_heads, args.head_dim, dtype)
+        rows.append(bench_one(impl, args.devices, causal, cfg, args.repeats))
+    # Ratios against baselines measured in this same process.
+    base = {(r["N"], r["causal"]): r for r in rows if r["impl"] == "flash (1 device)"}
+    nc = {(r["impl"], r["N"]): r for r in rows if not r["causal"]}
+    for r in rows:
+        r["vs_single_device"] = r["fwd_bwd_ms"] / base[(r["N"], r["causal"])]["fwd_bwd_ms"]
+        if r["causal"]:
+            r["causal_vs_full"] = r["fwd_bwd_ms"] / nc[(r["impl"], r["N"])]["fwd_bwd_ms"]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"{jax.device_count()} {jax.default_backend()} devices, jax {jax.__version__}")
+    print(f"\nmachine: {machine}; B={args.batch} H={args.heads} K={args.kv_heads} "
+          f"D={args.head_dim} {args.dtype}\n")
+    print("| N | causal | impl | devices | fwd ms | fwd+bwd ms | ×single-device | causal/full "
+          "| MiB/device | MiB sent/device |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cf = f"{r['causal_vs_full']:.2f}" if "causal_vs_full" in r else ""
+        print(f"| {r['N']} | {r['causal']} | {r['impl']} | {r['devices']} | {r['fwd_ms']:.0f} | "
+              f"{r['fwd_bwd_ms']:.0f} | {r['vs_single_device']:.2f} | {cf} | "
+              f"{r['mem_mib_per_device']:.0f} | {r['sent_mib_per_device']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "args": vars(args) | {"dtype": args.dtype},
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
