@@ -1,0 +1,183 @@
+"""Tensor-parallel Flax (Linen) layers on the collective matmuls, Megatron-SP layout.
+
+Between blocks, activations x[..., N, E] are sequence-sharded over the tensor axis (each
+device holds N/P tokens). A block is
+
+  ColumnParallelDense   all_gather(x over N) @ W[E, F/P]   -> h[..., N, F] sharded on F
+  RowParallelDense      reduce_scatter(h @ W[F/P, E], N)   -> y[..., N, E] sharded on N
+
+so the all-gather and reduce-scatter sit right next to matmuls: the collective matmuls can
+hide them. The layers take and return GLOBAL arrays and call `shard_map` themselves, with
+params annotated by `nn.with_partitioning` (kernel (None, tensor) / (tensor, None)).
+
+overlap:
+  "none"               plain all_gather / psum_scatter + one matmul (first-class path: the
+                       right choice for small matmuls, few devices, or backends that cannot
+                       overlap, e.g. CPU);
+  "collective_matmul"  the decomposed ring (`direction` 'uni' or 'bidi');
+  "auto"               asks cost_model.choose with the local shapes at trace time.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxpar.overlap import collective_matmul as cm
+from jaxpar.overlap import cost_model
+
+OVERLAPS = ("none", "collective_matmul", "auto")
+
+
+def resolve_overlap(overlap: str, direction: str, op: str, m: int, k: int, n: int, p: int,
+                    dtype, hardware: cost_model.Hardware | None = None) -> tuple[str, str]:
+    """The (overlap, direction) a layer will use for one matmul of per-device size m·k·n."""
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap={overlap!r}; valid choices are {OVERLAPS}")
+    if direction not in cm.DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; valid choices are {cm.DIRECTIONS}")
+    if overlap != "auto":
+        return overlap, direction
+    return cost_model.choose(op, m, k, n, p, hardware,
+                             dtype_bytes=jnp.dtype(dtype).itemsize)
+
+
+def _impl(op: str, overlap: str) -> Callable:
+    return getattr(cm, op if overlap == "collective_matmul" else "plain_" + op)
+
+
+def _leading_spec(ndim: int, batch_axes) -> tuple:
+    """Spec entries for the dims before [N, features]: batch on `batch_axes`, rest None."""
+    return (batch_axes,) + (None,) * (ndim - 3) if ndim >= 3 else ()
+
+
+class _TPDense(nn.Module):
+    features: int
+    mesh: Mesh
+    axis: str = "tensor"
+    overlap: str = "none"
+    direction: str = "uni"
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    batch_axes: str | Sequence[str] | None = None
+    hardware: cost_model.Hardware | None = None
+
+    def _size(self) -> int:
+        return self.mesh.shape[self.axis]
+
+    def _check(self, x, what: str):
+        p = self._size()
+        if x.ndim < 2:
+            raise ValueError(f"{type(self).__name__}: x needs [..., N, {what}], got {x.shape}")
+        if x.shape[-2] % p:
+            raise ValueError(f"{type(self).__name__}: sequence length N={x.shape[-2]} of "
+                             f"x{list(x.shape)} not divisible by size {p} of axis "
+                             f"{self.axis!r}; pad N to a multiple of {p}")
+
+
+class ColumnParallelDense(_TPDense):
+    """x[..., N, E] (N sharded on `axis`) -> all_gather over N, @ kernel[E, F] (F sharded)."""
+
+    @nn.compact
+    def __call__(self, x):
+        self._check(x, "E")
+        p, e = self._size(), x.shape[-1]
+        if self.features % p:
+            raise ValueError(f"ColumnParallelDense: features={self.features} not divisible by "
+                             f"size {p} of axis {self.axis!r}")
+        kernel = self.param("kernel", nn.with_partitioning(self.kernel_init, (None, self.axis)),
+                            (e, self.features), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        lead = _leading_spec(x.ndim, self.batch_axes)
+        x_spec, k_spec = P(*lead, self.axis, None), P(None, self.axis)
+
+        def local(x, w):
+            m = x.size // x.shape[-1] * p  # gathered rows on this device
+            overlap, direction = resolve_overlap(self.overlap, self.direction,
+                                                 "all_gather_matmul", m, e, w.shape[1], p,
+                                                 dtype, self.hardware)
+            return _impl("all_gather_matmul", overlap)(x, w, axis_name=self.axis,
+                                                       direction=direction)
+
+        y = jax.shard_map(local, mesh=self.mesh, in_specs=(x_spec, k_spec),
+                          out_specs=P(*lead, None, self.axis))(x.astype(dtype),
+                                                               kernel.astype(dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_partitioning(nn.initializers.zeros, (self.axis,)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
+class RowParallelDense(_TPDense):
+    """h[..., N, F] (F sharded on `axis`) -> @ kernel[F, E] (F sharded), reduce-scatter over N."""
+
+    @nn.compact
+    def __call__(self, h):
+        self._check(h, "F")
+        p, f = self._size(), h.shape[-1]
+        if f % p:
+            raise ValueError(f"RowParallelDense: input features F={f} not divisible by size "
+                             f"{p} of axis {self.axis!r}")
+        kernel = self.param("kernel", nn.with_partitioning(self.kernel_init, (self.axis, None)),
+                            (f, self.features), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(h.dtype, self.param_dtype)
+        lead = _leading_spec(h.ndim, self.batch_axes)
+
+        def local(h, w):
+            m = h.size // h.shape[-1]
+            overlap, direction = resolve_overlap(self.overlap, self.direction,
+                                                 "matmul_reduce_scatter", m, w.shape[0],
+                                                 self.features, p, dtype, self.hardware)
+            return _impl("matmul_reduce_scatter", overlap)(h, w, axis_name=self.axis,
+                                                           direction=direction)
+
+        y = jax.shard_map(local, mesh=self.mesh,
+                          in_specs=(P(*lead, None, self.axis), P(self.axis, None)),
+                          out_specs=P(*lead, self.axis, None))(h.astype(dtype),
+                                                               kernel.astype(dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
+class ParallelMLP(nn.Module):
+    """Megatron-SP MLP: x[..., N, E] seq-sharded -> column(F) -> gelu -> row(E) seq-sharded."""
+
+    mlp: int
+    mesh: Mesh
+    axis: str = "tensor"
+    overlap: str = "none"
+    direction: str = "uni"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    batch_axes: str | Sequence[str] | None = None
+    hardware: cost_model.Hardware | None = None
+    activation: Callable = nn.gelu
+
+    @nn.compact
+    def __call__(self, x):
+        common = dict(mesh=self.mesh, axis=self.axis, overlap=self.overlap,
+                      direction=self.direction, dtype=self.dtype, param_dtype=self.param_dtype,
+                      batch_axes=self.batch_axes, hardware=self.hardware)
+        h = ColumnParallelDense(self.mlp, name="up", **common)(x)
+        return RowParallelDense(x.shape[-1], name="down", **common)(self.activation(h))
+
+
+__all__ = ["OVERLAPS", "ColumnParallelDense", "RowParallelDense", "ParallelMLP",
+           "resolve_overlap", "init_sharded"]
+
+
+def init_sharded(module: nn.Module, rng, *args):
+    """module.init with every param placed by its `nn.with_partitioning` spec on module.mesh."""
+    abstract = jax.eval_shape(module.init, rng, *args)
+    shardings = jax.tree.map(lambda spec: NamedSharding(module.mesh, spec),
+                             nn.get_partition_spec(abstract))
+    return jax.jit(module.init, out_shardings=shardings)(rng, *args)
