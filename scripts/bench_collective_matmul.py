@@ -1,0 +1,175 @@
+"""Benchmark collective matmuls vs the plain collective + matmul, and print the cost model.
+
+Part 1 (measured, on this host's devices; default 8 simulated CPU devices): for each op
+and P, forward and forward+backward wall time (median of --repeats after a compile/warm-up
+call), bytes sent per device (from compiled HLO), and the HLO overlap fraction (share of
+bytes whose transfer has an independent matmul). On CPU, collective-permute is synchronous:
+the wall times show only what decomposition COSTS, never what overlap saves.
+
+Part 2 (model, not measured): predicted sublayer speedups for T-NLG-like and PaLM-like
+shapes at TP 4/8/16 on two link bandwidths, with assumed hardware numbers, and the token
+counts below which overlap stops paying.
+
+    python scripts/bench_collective_matmul.py --quick
+    python scripts/bench_collective_matmul.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxpar import comm  # noqa: E402
+from jaxpar.mesh import make_mesh  # noqa: E402
+from jaxpar.overlap import collective_matmul as cm  # noqa: E402
+from jaxpar.overlap import cost_model  # noqa: E402
+from jaxpar.overlap.hlo_report import hlo_report  # noqa: E402
+
+T = "tensor"
+OPS = cost_model.OPS
+VARIANTS = (("plain", "uni"), ("decomposed", "uni"), ("decomposed", "bidi"))
+
+
+def timed(fn, args, repeats):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build(op, variant, direction, p, tokens, embed, mlp, dtype):
+    """(fwd, fwd+bwd, args): the op as it sits in a Megatron-SP MLP on a P-way tensor mesh."""
+    mesh = make_mesh(tensor=p, devices=jax.devices()[:p])
+    if op == "all_gather_matmul":  # FC-1: x[tokens, E] seq-sharded, w[E, F] column-sharded
+        shapes, specs, out_spec = ((tokens, embed), (embed, mlp)), (P(T, None), P(None, T)), \
+            P(None, T)
+    else:  # FC-2: h[tokens, F] F-sharded, w[F, E] row-sharded
+        shapes, specs = ((tokens, mlp), (mlp, embed)), (P(None, T), P(T, None))
+        out_spec = P(T, None) if op == "matmul_reduce_scatter" else P(T)
+    keys = jax.random.split(jax.random.key(0), 2)
+    args = [jax.device_put(jax.random.normal(k, s, dtype), NamedSharding(mesh, sp))
+            for k, s, sp in zip(keys, shapes, specs)]
+    impl = getattr(cm, op if variant == "decomposed" else "plain_" + op)
+    local = lambda x, w: impl(x, w, axis_name=T, direction=direction)  # noqa: E731
+
+    def local_grad(x, w):
+        y, vjp = jax.vjp(local, x, w)
+        return vjp(jnp.ones_like(y))
+
+    fwd = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_spec))
+    bwd = jax.jit(jax.shard_map(local_grad, mesh=mesh, in_specs=specs, out_specs=specs))
+    return fwd, bwd, args
+
+
+def measure(ps, tokens, embed, mlp, dtype, repeats):
+    rows = []
+    for op in OPS:
+        for p in ps:
+            for variant, direction in VARIANTS:
+                fwd, bwd, args = build(op, variant, direction, p, tokens, embed, mlp, dtype)
+                hlo = fwd.lower(*args).compile().as_text()
+                rep = hlo_report(hlo)
+                rows.append(dict(
+                    op=op, p=p, variant=variant, direction=direction if variant != "plain"
+                    else "-", tokens=tokens, embed=embed, mlp=mlp, dtype=jnp.dtype(dtype).name,
+                    fwd_ms=timed(fwd, args, repeats) * 1e3,
+                    fwd_bwd_ms=timed(bwd, args, repeats) * 1e3,
+                    fwd_bytes=rep.total_bytes,
+                    fwd_bwd_bytes=comm.total_bytes(bwd.lower(*args).compile().as_text()),
+                    collectives=len(rep.collectives), overlap_fraction=rep.overlap_fraction))
+                r = rows[-1]
+                print(f"| {op} | {p} | {r['variant']} | {r['direction']} | {r['fwd_ms']:.2f} | "
+                      f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bytes'] / 2**20:.2f} | "
+                      f"{r['fwd_bwd_bytes'] / 2**20:.2f} | {r['collectives']} | "
+                      f"{r['overlap_fraction']:.0%} |", flush=True)
+    return rows
+
+
+def model_tables():
+    rows = cost_model.sublayer_table()
+    print("\nModel (ASSUMED hardware, bidi decomposition; times per device, µs):")
+    print("| link | model | TP | sublayer | matmul | plain collective | plain total | "
+          "decomposed | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['hardware'].split(',')[1].strip().split(' (')[0]} | "
+              f"{r['model'].split(' (')[0]} | {r['tp']} | {r['sublayer']} | "
+              f"{r['compute_us']:.0f} | {r['comm_us']:.0f} | {r['plain_us']:.0f} | "
+              f"{r['decomposed_us']:.0f} | {r['speedup']:.2f} |")
+    breaks = []
+    print("\nBreak-even tokens per TP group (smallest power of two with predicted speedup > 1):")
+    print("| link | model | sublayer | TP 4 | TP 8 | TP 16 |")
+    print("|---|---|---|---|---|---|")
+    for hw in (cost_model.GPU_NVLINK, cost_model.GPU_PCIE):
+        for shape in (cost_model.TNLG, cost_model.PALM):
+            e, f = shape.embed, shape.mlp
+            for name, op, k_of_p, n_of_p in [
+                    ("FC-1 (all-gather)", "all_gather_matmul", lambda p: e, lambda p: f // p),
+                    ("FC-2 (reduce-scatter)", "matmul_reduce_scatter", lambda p: f // p,
+                     lambda p: e),
+                    ("FC-2 (all-reduce)", "matmul_all_reduce", lambda p: f // p, lambda p: e)]:
+                ts = {p: cost_model.break_even_tokens(op, k_of_p, n_of_p, p, hw)
+                      for p in (4, 8, 16)}
+                breaks.append(dict(hardware=hw.name, model=shape.name, sublayer=name,
+                                   **{f"tp{p}": t for p, t in ts.items()}))
+                print(f"| {hw.name.split(',')[1].strip().split(' (')[0]} | "
+                      f"{shape.name.split(' (')[0]} | {name} | "
+                      + " | ".join(str(ts[p]) if ts[p] else "never" for p in (4, 8, 16)) + " |")
+    return rows, breaks
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--embed", type=int, default=512)
+    ap.add_argument("--mlp", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="small shapes, P=8 only, 3 repeats")
+    ap.add_argument("--json", help="write all rows to this path")
+    args = ap.parse_args()
+    if args.quick:
+        args.ps, args.tokens, args.embed, args.mlp, args.repeats = [8], 512, 128, 512, 3
+    devices = jax.devices()
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"{len(devices)} {devices[0].platform} devices")
+    print(f"Measured on {machine}; jax {jax.__version__}.")
+    if devices[0].platform == "cpu":
+        print("CPU collective-permute is synchronous: wall time shows decomposition overhead "
+              "only, never overlap.")
+    print(f"Shapes: tokens={args.tokens} E={args.embed} F={args.mlp} {args.dtype}; FC-1 is "
+          "all_gather_matmul, FC-2 the reduce ops. Bytes: MiB sent per device.\n")
+    print("| op | P | variant | direction | fwd ms | fwd+bwd ms | fwd MiB | fwd+bwd MiB | "
+          "collectives (fwd) | overlappable bytes (fwd) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    measured = measure(args.ps, args.tokens, args.embed, args.mlp, jnp.dtype(args.dtype),
+                       args.repeats)
+    model_rows, breaks = model_tables()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, jax=jax.__version__, measured=measured,
+                           model=model_rows, break_even=breaks,
+                           hardware={hw.name: hw.__dict__ for hw in
+                                     (cost_model.GPU_NVLINK, cost_model.GPU_PCIE)}),
+                      f, indent=1, default=str)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
