@@ -6,8 +6,9 @@ Counting convention (bytes *sent by one device*, bandwidth-optimal ring algorith
   all-gather          result bytes × (P−1)/P
   reduce-scatter      operand bytes × (P−1)/P
   all-reduce          2 × operand bytes × (P−1)/P          -- reduce-scatter + all-gather
-P is the replica-group size of that op. Ops are counted once per appearance in the HLO
-text, so loops whose collectives should be counted must be unrolled (ours are).
+P is the replica-group size of that op. An op inside a while loop counts once per trip
+(XLA's `known_trip_count`; a loop without one raises), an op inside a conditional counts
+1/branches (exact when, as in our schedules, every branch sends the same bytes).
 """
 from __future__ import annotations
 
@@ -62,20 +63,73 @@ def _group_size(line: str, num_partitions: int) -> int:
     m = re.search(r"replica_groups=\[([0-9,]+)\]<=", line)  # iota form [groups,size]<=[...]
     if m:
         return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)  # mesh['a'=2,'b'=4] {'a'}
+    if m:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        size = 1
+        for axis in re.findall(r"'([^']+)'", m.group(2)):
+            size *= int(sizes[axis])
+        return size
     return num_partitions
 
 
+_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+
+
+def _computation_weights(hlo_text: str) -> tuple[dict[int, str], dict[str, float]]:
+    """(line index -> enclosing computation, computation -> executions per module run)."""
+    owner: dict[int, str] = {}
+    edges: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+    entry, current = None, None
+    for i, line in enumerate(hlo_text.splitlines()):
+        m = _COMP.match(line)
+        if m:
+            current = m.group(2)
+            entry = current if m.group(1) else entry
+            continue
+        if current is None:
+            continue
+        owner[i] = current
+        if " while(" in line:
+            body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            if trips is None:
+                raise ValueError(f"while loop {body} has no known trip count; its collectives "
+                                 f"cannot be counted")
+            edges[current].append((body, float(trips.group(1))))
+        for callee in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%?"
+                                 r"([\w.\-]+)", line):
+            edges[current].append((callee, 1.0))
+        branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+        if branches:
+            names = [b.strip().lstrip("%") for b in branches.group(1).split(",")]
+            edges[current] += [(b, 1.0 / len(names)) for b in names]
+    weights: dict[str, float] = collections.defaultdict(float)
+
+    def visit(comp, w):
+        weights[comp] += w
+        for callee, f in edges.get(comp, ()):
+            visit(callee, w * f)
+
+    if entry is not None:
+        visit(entry, 1.0)
+    return owner, weights
+
+
 def collectives_from_hlo(hlo_text: str) -> list[CollectiveOp]:
-    """Every collective in a compiled HLO module, with the bytes one device sends."""
+    """Every collective in a compiled HLO module, with the bytes one device sends per run
+    of the module (ops in loops weighted by their trip count)."""
     m = re.search(r"num_partitions=(\d+)", hlo_text)
     num_partitions = int(m.group(1)) if m else 1
+    owner, weights = _computation_weights(hlo_text)
     ops = []
-    for line in hlo_text.splitlines():
+    for i, line in enumerate(hlo_text.splitlines()):
         m = _OP.match(line)
         if not m:
             continue
         kind = m.group("kind")
         shape = m.group("shape")
+        w = weights.get(owner.get(i, ""), 1.0)
         if m.group("start"):  # async start ops return (operands..., results..., ctx): take half
             result = shape_bytes(shape) // 2
         else:
@@ -84,7 +138,7 @@ def collectives_from_hlo(hlo_text: str) -> list[CollectiveOp]:
             pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", line)
             n_pairs = pairs.group(1).count("{") if pairs else num_partitions
             ops.append(CollectiveOp(m.group("name"), kind, result, 2,
-                                    result * n_pairs / max(num_partitions, 1)))
+                                    result * n_pairs / max(num_partitions, 1) * w))
             continue
         p = _group_size(line, num_partitions)
         frac = (p - 1) / p
@@ -96,7 +150,7 @@ def collectives_from_hlo(hlo_text: str) -> list[CollectiveOp]:
             sent = 2 * result * frac
         else:  # all-to-all
             sent = result * frac
-        ops.append(CollectiveOp(m.group("name"), kind, result, p, sent))
+        ops.append(CollectiveOp(m.group("name"), kind, result, p, sent * w))
     return ops
 
 

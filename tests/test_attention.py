@@ -77,6 +77,14 @@ def test_other_axis_sizes(impl, p):
     check_against_dense(impl, p, True, 2, True)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tiled_kernels_inside_the_schedules(impl, monkeypatch):
+    # Tiles of 4 tokens: every shard pair runs the looped, tile-skipping kernel path.
+    from jaxpar.attention import blockwise
+    monkeypatch.setattr(blockwise, "DEFAULT_TILE", 4)
+    check_against_dense(impl, 4, True, 2, True)
+
+
 def test_hybrid_with_tokenring_outer():
     check_against_dense("hybrid", 8, True, 4, True, ring_impl="tokenring")
 

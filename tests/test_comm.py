@@ -83,3 +83,38 @@ def test_ulysses_constant_when_n_and_p_grow_together_ring_does_not_shrink():
     assert fixed["ulysses"][8] < 0.5 * fixed["ulysses"][2]
     assert fixed["ring"][8] >= fixed["ring"][2]
     assert fixed["tokenring"][8] >= fixed["tokenring"][2]
+
+
+HLO = """HloModule m, num_partitions=8
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %x = f32[4,8]{1,0} parameter(0)
+  %cp = f32[4,8]{1,0} collective-permute(%x), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,4},{4,5},{5,6},{6,7},{7,0}}
+}
+
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[4,8]) -> f32[8,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %w = (s32[], f32[4,8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %ag = f32[8,8]{1,0} all-gather(%a), channel_id=2, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}
+  %ar = bf16[4,8]{1,0} all-reduce(%a), channel_id=3, replica_groups=[2,4]<=[8], to_apply=%sum
+  ROOT %r = f32[8,8]{1,0} copy(%ag)
+}
+"""
+
+
+def test_hlo_parser_weights_loops_and_reads_group_formats():
+    ops = {op.kind: op for op in comm.collectives_from_hlo(HLO)}
+    assert ops["collective-permute"].bytes_per_device == 3 * 4 * 8 * 4  # 3 trips, full shift
+    assert ops["all-gather"].group_size == 2
+    assert ops["all-gather"].bytes_per_device == 8 * 8 * 4 / 2
+    assert ops["all-reduce"].group_size == 4
+    assert ops["all-reduce"].bytes_per_device == 2 * 4 * 8 * 2 * 3 / 4
+
+
+def test_hlo_parser_refuses_loops_of_unknown_length():
+    with pytest.raises(ValueError, match="no known trip count"):
+        comm.collectives_from_hlo(HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', ""))

@@ -17,6 +17,7 @@ out[B,Lq,H,D] fp32, lse[B,Lq,H] fp32.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -131,102 +132,120 @@ def delta(out_BLHD, dout_BLHD):
 
 
 # ---------------------------------------------------------------------------------------
-# Single-device flash attention: the same blocks, looped over key blocks, with causally
-# empty blocks skipped. Ulysses runs it on its gathered sequence; the benchmark uses it as
-# the single-device baseline doing the same total work as the parallel schedules.
+# Tiled attention: the same tile primitives looped over [block × block] tiles, so no more
+# than one score tile per head is live, and causally empty tiles are skipped with
+# `lax.cond`. The ring schedules run it on each shard pair; Ulysses and the single-device
+# baseline (`flash_attention`) run it on the whole sequence.
 
 
-def _blocks(x, n):
-    """[B, N, ...] -> [n, B, N/n, ...]"""
+DEFAULT_TILE = 512  # tile length of the tiled kernels; read at trace time
+
+
+def _tile_counts(lq, lk, block):
+    block = block or DEFAULT_TILE
+    return lq // math.gcd(lq, block), lk // math.gcd(lk, block)
+
+
+def _tiles(x, n):
+    """[B, N, ...] -> [n, B, N/n, ...] (None stays None)."""
+    if x is None:
+        return None
     b, length = x.shape[:2]
     return jnp.moveaxis(x.reshape(b, n, length // n, *x.shape[2:]), 1, 0)
 
 
-def _unblocks(x):
+def _untiles(x):
     n, b, l = x.shape[:3]
     return jnp.moveaxis(x, 0, 1).reshape(b, n * l, *x.shape[3:])
 
 
-def _pair_has_work(q_pos_L, k_pos_M, causal):
-    # Skip a pair only when causality masks all of it; segments never skip (data-dependent).
-    return jnp.max(q_pos_L) >= jnp.min(k_pos_M) if causal else jnp.bool_(True)
+def _tile_has_work(q_pos_L, k_pos_M):
+    # Only causality can empty a whole tile for sure; segments are data, never skipped.
+    return jnp.max(q_pos_L) >= jnp.min(k_pos_M)
 
 
-def _flash_fwd_impl(q, k, v, pos_N, seg_BN, causal, block):
-    n = q.shape[1] // block
-    k_blocks, v_blocks, kpos_blocks = _blocks(k, n), _blocks(v, n), pos_N.reshape(n, block)
-    kseg_blocks = _blocks(seg_BN, n) if seg_BN is not None else None
+def _maybe_skip(causal, q_pos, k_pos, work, skip, operand):
+    if not causal:
+        return work(operand)
+    return jax.lax.cond(_tile_has_work(q_pos, k_pos), work, skip, operand)
 
-    def one_query_block(args):
-        q_b, qpos_b, qseg_b = args
+
+def tiled_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, block=None):
+    """(out, lse) of queries q[B,Lq,H,D] at positions q_pos over keys k, v[B,Lk,K,D]."""
+    nq, nk = _tile_counts(q.shape[1], k.shape[1], block)
+    if nq == nk == 1:
+        return attend(q, k, v, make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal))
+    kv_tiles = (_tiles(k, nk), _tiles(v, nk), k_pos.reshape(nk, -1), _tiles(k_seg, nk))
+
+    def one_query_tile(qa):
+        q_t, qpos_t, qseg_t = qa
 
         def step(carry, kv):
-            k_b, v_b, kpos_b, kseg_b = kv
-            mask = make_mask(qpos_b, kpos_b, qseg_b, kseg_b, causal=causal)
-            new = lambda c: merge(*c, *attend(q_b, k_b, v_b, mask))  # noqa: E731
-            return jax.lax.cond(_pair_has_work(qpos_b, kpos_b, causal), new, lambda c: c,
-                                carry), None
+            k_t, v_t, kpos_t, kseg_t = kv
+            mask = make_mask(qpos_t, kpos_t, qseg_t, kseg_t, causal=causal)
+            work = lambda c: merge(*c, *attend(q_t, k_t, v_t, mask))  # noqa: E731
+            return _maybe_skip(causal, qpos_t, kpos_t, work, lambda c: c, carry), None
 
-        (o, lse), _ = jax.lax.scan(step, empty_partial(q_b, k_blocks, v_blocks),
-                                   (k_blocks, v_blocks, kpos_blocks, kseg_blocks))
-        return o, lse
+        partial, _ = jax.lax.scan(step, empty_partial(q_t, k, v), kv_tiles)
+        return partial
 
-    qseg_blocks = _blocks(seg_BN, n) if seg_BN is not None else None
-    o_blocks, lse_blocks = jax.lax.map(one_query_block,
-                                       (_blocks(q, n), pos_N.reshape(n, block), qseg_blocks))
-    return _unblocks(o_blocks), _unblocks(lse_blocks)
+    out, lse = jax.lax.map(one_query_tile, (_tiles(q, nq), q_pos.reshape(nq, -1), _tiles(q_seg, nq)))
+    return _untiles(out), _untiles(lse)
 
 
-def _flash_bwd_impl(q, k, v, pos_N, seg_BN, causal, block, out, lse, dout):
-    n = q.shape[1] // block
-    dlt = delta(out, dout)
-    qs = (_blocks(q, n), pos_N.reshape(n, block),
-          _blocks(seg_BN, n) if seg_BN is not None else None,
-          _blocks(lse, n), _blocks(dout, n), _blocks(dlt, n))
-    ks = (_blocks(k, n), _blocks(v, n), pos_N.reshape(n, block),
-          _blocks(seg_BN, n) if seg_BN is not None else None)
+def tiled_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, dout, dlt, *, causal, block=None):
+    """(dq, dk, dv) in fp32 given the final lse and delta = Σ dout·out of these queries."""
+    nq, nk = _tile_counts(q.shape[1], k.shape[1], block)
+    if nq == nk == 1:
+        mask = make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
+        return attend_bwd(q, k, v, mask, lse, dout, dlt)
+    bq = q.shape[1] // nq
+    q_tiles = (jnp.arange(nq), _tiles(q, nq), q_pos.reshape(nq, -1), _tiles(q_seg, nq),
+               _tiles(lse, nq), _tiles(dout, nq), _tiles(dlt, nq))
 
-    def one_key_block(args):  # dk, dv of a key block accumulate over query blocks; dq summed
-        k_b, v_b, kpos_b, kseg_b = args
+    def one_key_tile(dq, ka):
+        # dK/dV of this key tile accumulate over query tiles; dQ accumulates in place in the
+        # carried full-size buffer (FlashAttention-2 order), so no per-tile dQ copies live.
+        k_t, v_t, kpos_t, kseg_t = ka
 
         def step(carry, qa):
-            q_b, qpos_b, qseg_b, lse_b, do_b, dl_b = qa
-            mask = make_mask(qpos_b, kpos_b, qseg_b, kseg_b, causal=causal)
+            i, q_t, qpos_t, qseg_t, lse_t, do_t, dl_t = qa
+            mask = make_mask(qpos_t, kpos_t, qseg_t, kseg_t, causal=causal)
 
             def work(c):
-                dq_b, dk_b, dv_b = attend_bwd(q_b, k_b, v_b, mask, lse_b, do_b, dl_b)
-                return c[0] + dk_b, c[1] + dv_b, dq_b
+                dq, dk_acc, dv_acc = c
+                dq_t, dk_t, dv_t = attend_bwd(q_t, k_t, v_t, mask, lse_t, do_t, dl_t)
+                dq = jax.lax.dynamic_update_slice_in_dim(
+                    dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dq_t, i * bq, axis=1)
+                return dq, dk_acc + dk_t, dv_acc + dv_t
 
-            def skip(c):
-                return c[0], c[1], zeros_like_f32(q_b, k_b, v_b)
+            return _maybe_skip(causal, qpos_t, kpos_t, work, lambda c: c, carry), None
 
-            dk_acc, dv_acc, dq_b = jax.lax.cond(_pair_has_work(qpos_b, kpos_b, causal),
-                                                work, skip, carry)
-            return (dk_acc, dv_acc), dq_b
+        zeros = zeros_like_f32(k_t, q, dout)
+        (dq, dk_t, dv_t), _ = jax.lax.scan(step, (dq, zeros, zeros), q_tiles)
+        return dq, (dk_t, dv_t)
 
-        zeros = zeros_like_f32(k_b, qs[0], qs[4])
-        (dk_b, dv_b), dq_parts = jax.lax.scan(step, (zeros, zeros), qs)
-        return dk_b, dv_b, dq_parts
-
-    dk_blocks, dv_blocks, dq_parts = jax.lax.map(one_key_block, ks)
-    dq = _unblocks(jnp.sum(dq_parts, axis=0))
-    return dq, _unblocks(dk_blocks), _unblocks(dv_blocks)
+    dq, (dk, dv) = jax.lax.scan(
+        one_key_tile, zeros_like_f32(q, k, v, dout),
+        (_tiles(k, nk), _tiles(v, nk), k_pos.reshape(nk, -1), _tiles(k_seg, nk)))
+    return dq, _untiles(dk), _untiles(dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _flash(q, k, v, pos_N, seg_BN, causal, block):
-    return _flash_fwd_impl(q, k, v, pos_N, seg_BN, causal, block)
+    return tiled_fwd(q, k, v, pos_N, pos_N, seg_BN, seg_BN, causal=causal, block=block)
 
 
 def _flash_fwd(q, k, v, pos_N, seg_BN, causal, block):
-    out, lse = _flash_fwd_impl(q, k, v, pos_N, seg_BN, causal, block)
+    out, lse = _flash(q, k, v, pos_N, seg_BN, causal, block)
     return (out, lse), (q, k, v, pos_N, seg_BN, out, lse)
 
 
 def _flash_bwd(causal, block, res, cts):
     q, k, v, pos_N, seg_BN, out, lse = res
     dout, _ = cts  # the lse output is a by-product; callers only differentiate `out`
-    dq, dk, dv = _flash_bwd_impl(q, k, v, pos_N, seg_BN, causal, block, out, lse, dout)
+    dq, dk, dv = tiled_bwd(q, k, v, pos_N, pos_N, seg_BN, seg_BN, lse, dout, delta(out, dout),
+                           causal=causal, block=block)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -234,16 +253,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q_BNHD, k_BNKD, v_BNKD, *, positions_N=None, segment_ids_BN=None,
-                    causal: bool = False, block: int = 512):
-    """Memory-bounded attention on one device: loops over (query, key) blocks, never
-    holding more than one [block × block] score tile per head; causally empty tiles are
-    skipped with `lax.cond`. `positions_N` (default arange) gives each token's position, so
-    any token order works (Ulysses passes the zigzag order). Returns (out fp32, lse fp32).
+                    causal: bool = False, block: int | None = None):
+    """Memory-bounded attention on one device, with its own flash backward. Tiles are
+    gcd(N, block) long; `positions_N` (default arange) gives each token's position, so any
+    token order works (Ulysses passes the zigzag order). Returns (out fp32, lse fp32).
     """
     n = q_BNHD.shape[1]
-    block = min(block, n)
-    if n % block:
-        raise ValueError(f"sequence length {n} must be a multiple of block={block}")
     if positions_N is None:
         positions_N = jnp.arange(n, dtype=jnp.int32)
     return _flash(q_BNHD, k_BNKD, v_BNKD, positions_N, segment_ids_BN, causal, block)
@@ -279,15 +294,15 @@ def pair_fwd(q, k, v, q_seg, k_seg, q_idx, kv_idx, *, num_shards, causal, diagon
     """Partial (out, lse) of query shard q_idx over key shard kv_idx. `diagonal` is static."""
     q_pos, k_pos = _pair_inputs(q_idx, kv_idx, q.shape[1], num_shards, causal)
     if not causal or diagonal:
-        return attend(q, k, v, make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal))
+        return tiled_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal)
 
     def kv_first_half(_):  # kv_idx < q_idx: all queries × first kv chunk, nothing masked
         k0, v0, kp0 = _halves(k)[0], _halves(v)[0], _halves(k_pos, 0)[0]
-        return attend(q, k0, v0, make_mask(q_pos, kp0, q_seg, _seg_half(k_seg, 0), causal=False))
+        return tiled_fwd(q, k0, v0, q_pos, kp0, q_seg, _seg_half(k_seg, 0), causal=False)
 
     def q_second_half(_):  # kv_idx > q_idx: second query chunk × all keys
         q1, qp1 = _halves(q)[1], _halves(q_pos, 0)[1]
-        o1, l1 = attend(q1, k, v, make_mask(qp1, k_pos, _seg_half(q_seg, 1), k_seg, causal=False))
+        o1, l1 = tiled_fwd(q1, k, v, qp1, k_pos, _seg_half(q_seg, 1), k_seg, causal=False)
         o0, l0 = empty_partial(_halves(q)[0], o1)
         return jnp.concatenate([o0, o1], 1), jnp.concatenate([l0, l1], 1)
 
@@ -299,20 +314,19 @@ def pair_bwd(q, k, v, q_seg, k_seg, q_idx, kv_idx, lse, dout, dlt, *, num_shards
     """(dq, dk, dv) in fp32 of one shard pair — the same halves as `pair_fwd`."""
     q_pos, k_pos = _pair_inputs(q_idx, kv_idx, q.shape[1], num_shards, causal)
     if not causal or diagonal:
-        mask = make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
-        return attend_bwd(q, k, v, mask, lse, dout, dlt)
+        return tiled_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, dout, dlt, causal=causal)
 
     def kv_first_half(_):
-        (k0, _k1), (v0, _v1) = _halves(k), _halves(v)
-        mask = make_mask(q_pos, _halves(k_pos, 0)[0], q_seg, _seg_half(k_seg, 0), causal=False)
-        dq, dk0, dv0 = attend_bwd(q, k0, v0, mask, lse, dout, dlt)
+        k0, v0 = _halves(k)[0], _halves(v)[0]
+        dq, dk0, dv0 = tiled_bwd(q, k0, v0, q_pos, _halves(k_pos, 0)[0], q_seg,
+                                 _seg_half(k_seg, 0), lse, dout, dlt, causal=False)
         zeros = zeros_like_f32(dk0)
         return dq, jnp.concatenate([dk0, zeros], 1), jnp.concatenate([dv0, zeros], 1)
 
     def q_second_half(_):
         q1, lse1, do1, dl1 = (_halves(x)[1] for x in (q, lse, dout, dlt))
-        mask = make_mask(_halves(q_pos, 0)[1], k_pos, _seg_half(q_seg, 1), k_seg, causal=False)
-        dq1, dk, dv = attend_bwd(q1, k, v, mask, lse1, do1, dl1)
+        dq1, dk, dv = tiled_bwd(q1, k, v, _halves(q_pos, 0)[1], k_pos, _seg_half(q_seg, 1),
+                                k_seg, lse1, do1, dl1, causal=False)
         return jnp.concatenate([zeros_like_f32(dq1), dq1], 1), dk, dv
 
     return jax.lax.cond(kv_idx < q_idx, kv_first_half, q_second_half, None)

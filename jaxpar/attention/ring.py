@@ -29,19 +29,38 @@ def ring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
     return _ring(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal)
 
 
+def _middle_steps(body, carry, p):
+    """Run body(carry, s) for s = 1 .. P−2 as a `lax.scan`: buffers of one step are reused
+    by the next, so only the current and the incoming block are ever live."""
+    if p <= 2:
+        return carry
+    return jax.lax.scan(lambda c, s: (body(c, s), None), carry, jnp.arange(1, p - 1))[0]
+
+
 def _ring_forward(q, k, v, seg, axis_name, causal):
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
-    out, lse = blockwise.empty_partial(q)
+
+    def attend_block(kv, s, diagonal=False):
+        return blockwise.pair_fwd(q, kv[0], kv[1], seg, kv[2], r, (r - s) % p, num_shards=p,
+                                  causal=causal, diagonal=diagonal)
+
+    # Step 0 (own block) and every middle step send the block on *before* attending to it:
+    # the transfer and the compute have no data dependence, so they can overlap.
     kv = (k, v, seg)
-    for s in range(p):
-        # Launch the next hop before computing on this block: no data dependence between them.
-        nxt = shift(kv, axis_name, +1) if s < p - 1 else None
-        part = blockwise.pair_fwd(q, kv[0], kv[1], seg, kv[2], r, (r - s) % p,
-                                  num_shards=p, causal=causal, diagonal=(s == 0))
-        out, lse = blockwise.merge(out, lse, *part)
-        kv = nxt
-    return out, lse
+    out, lse = attend_block(kv, 0, diagonal=True)
+    if p == 1:
+        return out, lse
+    kv = shift(kv, axis_name, +1)
+
+    def step(carry, s):
+        out, lse, kv = carry
+        kv_next = shift(kv, axis_name, +1)
+        out, lse = blockwise.merge(out, lse, *attend_block(kv, s))
+        return out, lse, kv_next
+
+    out, lse, kv = _middle_steps(step, (out, lse, kv), p)
+    return blockwise.merge(out, lse, *attend_block(kv, p - 1))  # last block: nothing to send
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -59,24 +78,36 @@ def _ring_bwd(axis_name, causal, res, dout):
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
     dlt = blockwise.delta(out, dout)
-    dq = jnp.zeros(q.shape, jnp.float32)
+
+    # The backward ring turns the other way (K/V go to r − 1, so step s holds block r + s).
+    # Besides using the other link direction, this keeps XLA from CSE-ing these transfers
+    # with the forward's identical ones, which would keep every received K/V block alive
+    # until the backward (= gathered K/V); an optimization_barrier does not survive
+    # XLA:CPU's pipeline, a distinct permutation does. dK/dV ride with their block and are
+    # home after the P-th hop.
+    def grads_of_block(kv, s, diagonal=False):
+        return blockwise.pair_bwd(q, kv[0], kv[1], seg, kv[2], r, (r + s) % p, lse, dout, dlt,
+                                  num_shards=p, causal=causal, diagonal=diagonal)
+
+    def accumulate(dq, dkv, grads):
+        dq_s, dk_s, dv_s = grads
+        return dq + dq_s, shift((dkv[0] + dk_s, dkv[1] + dv_s), axis_name, -1)
+
     kv = (k, v, seg)
-    dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    # The backward ring turns the other way (K/V go to r − 1). Besides using the other link
-    # direction, this keeps XLA from CSE-ing these transfers with the forward's identical
-    # ones, which would keep every received K/V block alive until the backward (= gathered
-    # K/V); an optimization_barrier does not survive XLA:CPU's pipeline, a distinct
-    # permutation does.
-    for s in range(p):
-        nxt = shift(kv, axis_name, -1) if s < p - 1 else None
-        dq_s, dk_s, dv_s = blockwise.pair_bwd(q, kv[0], kv[1], seg, kv[2], r, (r + s) % p, lse,
-                                              dout, dlt, num_shards=p, causal=causal,
-                                              diagonal=(s == 0))
-        dq = dq + dq_s
-        # dK/dV ride with their K/V block; after P hops they are back at the block's owner.
-        dkv = shift((dkv[0] + dk_s, dkv[1] + dv_s), axis_name, -1)
-        kv = nxt
-    return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
+    dq, dk, dv = grads_of_block(kv, 0, diagonal=True)
+    if p > 1:
+        dkv = shift((dk, dv), axis_name, -1)
+        kv = shift(kv, axis_name, -1)
+
+        def step(carry, s):
+            dq, kv, dkv = carry
+            kv_next = shift(kv, axis_name, -1)
+            dq, dkv = accumulate(dq, dkv, grads_of_block(kv, s))
+            return dq, kv_next, dkv
+
+        dq, kv, dkv = _middle_steps(step, (dq, kv, dkv), p)
+        dq, (dk, dv) = accumulate(dq, dkv, grads_of_block(kv, p - 1))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

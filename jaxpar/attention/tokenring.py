@@ -31,19 +31,49 @@ def tokenring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = Fal
     return _tokenring(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal)
 
 
+def send_home(part, s, axis_name, direction=+1):
+    """Send a partial computed at step s (s may be traced) to its owner, s devices away.
+
+    The shift differs per step, so inside the step loop it is a `lax.switch` over the static
+    shifts 1 .. P−1; every device takes the same branch, so the collective stays matched."""
+    p = axis_size(axis_name)
+    if isinstance(s, int):
+        return shift(part, axis_name, direction * s)
+    branches = [lambda x, j=j: shift(x, axis_name, direction * j) for j in range(1, p)]
+    return jax.lax.switch(s - 1, branches, part)
+
+
 def _tokenring_forward(q, k, v, seg, axis_name, causal):
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
+
+    def partial_for(visiting, s):  # queries of owner (r + s) mod P against the local K/V
+        return blockwise.pair_fwd(visiting[0], k, v, visiting[1], seg, (r + s) % p, r,
+                                  num_shards=p, causal=causal, diagonal=False)
+
+    visiting = (q, seg)
     out, lse = blockwise.pair_fwd(q, k, v, seg, seg, r, r, num_shards=p, causal=causal,
                                   diagonal=True)
-    visiting = (q, seg)
-    for s in range(1, p):
-        visiting = shift(visiting, axis_name, -1)  # now the queries of owner (r + s) mod P
-        part = blockwise.pair_fwd(visiting[0], k, v, visiting[1], seg, (r + s) % p, r,
-                                  num_shards=p, causal=causal, diagonal=False)
-        # Straight home; the owner merges while the next step computes.
-        out, lse = blockwise.merge(out, lse, *shift(part, axis_name, +s))
-    return out, lse
+    if p == 1:
+        return out, lse
+    visiting = shift(visiting, axis_name, -1)
+    part = partial_for(visiting, 1)
+
+    # Software-pipelined: step s sends step s−1's partial home while it receives the next
+    # queries and computes its own partial — three independent things at once.
+    def step(carry, s):
+        out, lse, visiting, part = carry
+        home = send_home(part, s - 1, axis_name)
+        visiting = shift(visiting, axis_name, -1)
+        part_next = partial_for(visiting, s)
+        out, lse = blockwise.merge(out, lse, *home)
+        return out, lse, visiting, part_next
+
+    if p > 2:
+        carry = (out, lse, visiting, part)
+        out, lse, visiting, part = jax.lax.scan(lambda c, s: (step(c, s), None), carry,
+                                                jnp.arange(2, p))[0]
+    return blockwise.merge(out, lse, *send_home(part, p - 1, axis_name))  # flush the last
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -61,19 +91,34 @@ def _tokenring_bwd(axis_name, causal, res, dout):
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
     dlt = blockwise.delta(out, dout)
-    dq, dk, dv = blockwise.pair_bwd(q, k, v, seg, seg, r, r, lse, dout, dlt, num_shards=p,
-                                    causal=causal, diagonal=True)
+
     # Mirror image of the forward (queries go to r + 1, dQ comes back by −s): the other link
     # directions, and transfers XLA cannot CSE with the forward's identical query hops
     # (which would keep every visiting query block alive until the backward).
-    visiting = (q, seg, lse, dout, dlt)
-    for s in range(1, p):
-        visiting = shift(visiting, axis_name, +1)  # the queries of owner (r − s) mod P
+    def grads_for(visiting, s):  # queries of owner (r − s) mod P against the local K/V
         vq, vseg, vlse, vdout, vdlt = visiting
-        dq_s, dk_s, dv_s = blockwise.pair_bwd(vq, k, v, vseg, seg, (r - s) % p, r, vlse, vdout,
-                                              vdlt, num_shards=p, causal=causal, diagonal=False)
+        return blockwise.pair_bwd(vq, k, v, vseg, seg, (r - s) % p, r, vlse, vdout, vdlt,
+                                  num_shards=p, causal=causal, diagonal=False)
+
+    dq, dk, dv = blockwise.pair_bwd(q, k, v, seg, seg, r, r, lse, dout, dlt, num_shards=p,
+                                    causal=causal, diagonal=True)
+    if p > 1:
+        visiting = shift((q, seg, lse, dout, dlt), axis_name, +1)
+        dq_s, dk_s, dv_s = grads_for(visiting, 1)
         dk, dv = dk + dk_s, dv + dv_s
-        dq = dq + shift(dq_s, axis_name, -s)
+
+        def step(carry, s):
+            dq, dk, dv, visiting, dq_prev = carry
+            home = send_home(dq_prev, s - 1, axis_name, direction=-1)
+            visiting = shift(visiting, axis_name, +1)
+            dq_s, dk_s, dv_s = grads_for(visiting, s)
+            return dq + home, dk + dk_s, dv + dv_s, visiting, dq_s
+
+        if p > 2:
+            carry = (dq, dk, dv, visiting, dq_s)
+            dq, dk, dv, visiting, dq_s = jax.lax.scan(lambda c, s: (step(c, s), None), carry,
+                                                      jnp.arange(2, p))[0]
+        dq = dq + send_home(dq_s, p - 1, axis_name, direction=-1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -39,7 +39,7 @@ def check_ulysses_heads(num_heads, num_kv_heads, p, axis_name):
 def _flash_block(n, p, causal):
     # Tiles must not straddle zigzag chunks (size N/2P) or causal skipping finds nothing.
     unit = n // (2 * p) if causal else n
-    return math.gcd(unit, 512)
+    return math.gcd(unit, blockwise.DEFAULT_TILE)
 
 
 def seq_to_heads(x_BLHD, axis_name):
