@@ -1,0 +1,1 @@
+"""Data files shipped with jaxpar (the default byte-level corpus)."""

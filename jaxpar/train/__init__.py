@@ -1,0 +1,1 @@
+"""Training utilities: byte-level language-model data (the config-driven trainer is to come)."""
