@@ -37,7 +37,7 @@ def batches_M(step, m=M):
     return jnp.stack(xs), jnp.stack(ys)
 
 
-def run_streaming(sd, params, steps, mesh=None):
+def run_streaming(sd, params, steps, mesh=None, m=M):
     grad = replica_grads(loss_fn, mesh=mesh)
 
     @jax.jit
@@ -47,5 +47,5 @@ def run_streaming(sd, params, steps, mesh=None):
 
     state = sd.init(params)
     for t in range(1, steps + 1):
-        state = step(state, batches_M(t))
+        state = step(state, batches_M(t, m))
     return state

@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -65,34 +66,75 @@ def test_e2m1_uses_ml_dtypes_grid():
     np.testing.assert_array_equal(y, [6.0, 6.0, 4.0, 2.0, 0.5, -0.0, -1.0])
 
 
-def _cross_replica_bytes(hlo, num_replicas, inner_devices):
-    """Bytes one replica sends to the others: collectives whose group is the replica axis
-    (axis_0 of the mesh), summed over the replica's devices."""
+def _groups(line, num_devices):
+    """Device groups of a collective line (mesh form: the axes named; explicit {{..},{..}})."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:
+        sizes = [int(v) for v in re.findall(r"'[^']+'=(\d+)", m.group(1))]
+        names = re.findall(r"'([^']+)'=", m.group(1))
+        ids = np.arange(num_devices).reshape(sizes)
+        axes = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(2))]
+        rest = [d for d in range(len(sizes)) if d not in axes]
+        return ids.transpose(rest + axes).reshape(-1, int(np.prod([sizes[a] for a in axes]))).tolist()
+    m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)+)\}", line)
+    if m:
+        return [[int(v) for v in g.split(",")] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    m = re.search(r"source_target_pairs=\{((?:\{[\d,]*\},?)+)\}", line)
+    if m:
+        return [[int(v) for v in g.split(",")] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+    raise AssertionError(f"no groups in {line[:200]}")
+
+
+def _cross_replica(hlo, num_replicas, num_devices):
+    """[(op, payload dtype)] of the collectives whose groups join devices of different replicas
+    (the replica axis is the mesh's first: device i is in replica i // (devices / M)); they
+    must not also mix devices inside a replica."""
+    per = num_devices // num_replicas
     ops = {op.name: op for op in comm.collectives_from_hlo(hlo)}
-    total = 0.0
+    out = []
     for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = .*replica_groups=mesh\[[^\]]*\] \{'axis_0'\}", line)
-        if m and m.group(1) in ops:
-            op = ops[m.group(1)]
-            frac = (num_replicas - 1) / num_replicas
-            total += op.result_bytes * frac * (2 if op.kind == "all-reduce" else 1)
-    return total * inner_devices
+        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = \(?(\w+)\[", line)
+        if not (m and m.group(1) in ops):
+            continue
+        reps = [{i // per for i in g} for g in _groups(line, num_devices)]
+        inner = [{i % per for i in g} for g in _groups(line, num_devices)]
+        if any(len(r) > 1 for r in reps):
+            assert all(len(r) == len(g) and len(i) == 1 for r, i, g in
+                       zip(reps, inner, _groups(line, num_devices))), line[:200]
+            out.append((ops[m.group(1)], m.group(2)))
+    return out
 
 
-@pytest.mark.parametrize("fmt", ["none", "bf16", "int8", "fp4_e2m1", "fp4_e3m0"])
-def test_wire_bytes_match_compiled_hlo(fmt):
-    mesh = make_mesh(replica=2, data=4)
-    sd = streaming_diloco(optax.sgd(1.0), num_replicas=2, sync_every=4, quantize=fmt, mesh=mesh)
+@pytest.mark.parametrize("fmt, M, how", [
+    ("none", 2, "auto"), ("bf16", 2, "auto"), ("int8", 2, "auto"), ("fp4_e2m1", 2, "auto"),
+    ("fp4_e3m0", 2, "auto"), ("fp4_e3m0", 2, "reduce_scatter"), ("int8", 4, "auto"),
+    ("bf16", 4, "auto"), ("fp4_e3m0", 4, "auto"), ("fp4_e2m1", 4, "all_gather"), ("fp4_e3m0", 8, "auto"),
+])
+def test_wire_bytes_match_compiled_hlo(fmt, M, how):
+    mesh = make_mesh(replica=M, data=8 // M)
+    sd = streaming_diloco(optax.sgd(1.0), num_replicas=M, sync_every=4, quantize=fmt, mesh=mesh,
+                          low_bit_collective=how)
     n = 5000
-    x = jax.device_put(jnp.ones((2, n)), NamedSharding(mesh, P("replica")))
+    x = jax.device_put(jnp.ones((M, n)), NamedSharding(mesh, P("replica")))
     hlo = comm.compiled_hlo(sd.replica_mean, x)
-    got = _cross_replica_bytes(hlo, 2, 4)
+    ops = _cross_replica(hlo, M, 8)
+    got = sum(op.bytes_per_device for op, _ in ops) * (8 // M)  # summed over the replica's devices
     npad = sd._padded(n)
-    want = 2 * 0.5 * 4 * npad if fmt == "none" else qz.wire_bytes(npad, fmt)
-    assert got == pytest.approx(want), (fmt, got, want)
-    # the payload crosses in its low-bit type, never as fp32
+    wire = 4 * npad if fmt == "none" else qz.wire_bytes(npad, fmt)
+    # closed form, independent of sd.sync_bytes: ring all-reduce / reduce-scatter + all-gather
+    # both 2(M−1)/M payloads; the plain all-gather (M−1) payloads
+    want = wire * ((M - 1) if sd.collective() == "all_gather" else 2 * (M - 1) / M)
+    assert got == pytest.approx(want), (fmt, M, got, want)
+    assert sd.sync_bytes({"layers_0": jnp.zeros(n), "layers_1": jnp.zeros(0)}) == [pytest.approx(want)]
+    expect_kinds = {"all_reduce": {"all-reduce"}, "all_gather": {"all-gather"},
+                    "reduce_scatter": {"all-to-all", "all-gather"}}[sd.collective()]
+    assert {op.kind for op, _ in ops} == expect_kinds, [op.kind for op, _ in ops]
+    # the payload crosses in its low-bit type, never as fp32; only the per-block scales are fp32
     dtype = {"none": "f32", "bf16": "u16", "int8": "s8", "fp4_e2m1": "u8", "fp4_e3m0": "u8"}[fmt]
-    assert re.search(rf"= {dtype}\[2,5,\d+\]\{{[\d,]+\}} all-gather|= {dtype}\[5,256\].* all-reduce", hlo)
+    payload = sum(op.bytes_per_device for op, d in ops if d == dtype) * (8 // M)
+    scales = sum(op.bytes_per_device for op, d in ops if d == "f32" and dtype != "f32") * (8 // M)
+    assert payload == pytest.approx(want * (npad * qz.VALUE_BITS[fmt] // 8) / wire)
+    assert payload + scales == pytest.approx(want)
 
 
 def test_sync_bytes_per_fragment_and_peak():
@@ -107,13 +149,15 @@ def test_sync_bytes_per_fragment_and_peak():
     assert r_q["total"] < r_s["total"] / 7  # 4.125 bits vs 32
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp4_e2m1", "fp4_e3m0"])
-def test_low_bit_outer_gradients_still_train(fmt):
+@pytest.mark.parametrize("fmt, how", [("int8", "auto"), ("fp4_e2m1", "auto"), ("fp4_e3m0", "auto"),
+                                      ("fp4_e3m0", "reduce_scatter")])
+def test_low_bit_outer_gradients_still_train(fmt, how):
     params = tiny_params(3)
     steps = 40
     kw = dict(num_replicas=2, sync_every=4, num_fragments=2, overlap_steps=1, alpha=0.0)
     ref = run_streaming(streaming_diloco(optax.adam(3e-3), **kw), params, steps)
-    low = run_streaming(streaming_diloco(optax.adam(3e-3), quantize=fmt, **kw), params, steps)
+    low = run_streaming(streaming_diloco(optax.adam(3e-3), quantize=fmt, low_bit_collective=how, **kw),
+                        params, steps)
 
     def eval_loss(p):
         return float(np.mean([loss_fn(p, (b[0][r], b[1][r])) for r in range(2) for b in [batches_M(10_000)]]))
@@ -123,3 +167,80 @@ def test_low_bit_outer_gradients_still_train(fmt):
     assert llow < lref * 1.1 + 1e-3, (fmt, lref, llow)
     # the quantized run really took a different path
     assert not np.allclose(low.global_params["head"], ref.global_params["head"])
+
+
+# ---------------------------------------------------------------------------------------
+# the low-bit mean over replicas against numpy: quantize -> fp32 mean -> (re-quantize)
+
+_GRID = {  # (magnitudes on a unit scale, absmax maps to `top`)
+    "int8": (np.arange(128, dtype=np.float64), 127.0),
+    "fp4_e2m1": (np.array([0, .5, 1, 1.5, 2, 3, 4, 6]), 6.0),
+    "fp4_e3m0": (np.array([0] + [2.0**-k for k in range(6, -1, -1)]), 1.0),
+}
+
+
+def np_roundtrip(x_KB, fmt):
+    """Blockwise absmax quantization to the nearest grid value, written from the format
+    definitions (no jaxpar code)."""
+    x = np.asarray(x_KB, np.float64)
+    if fmt == "bf16":
+        return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    grid, top = _GRID[fmt]
+    a = np.abs(x).max(axis=1, keepdims=True)
+    s = np.where(a > 0, a / top, 1.0)
+    r = np.abs(x) / s
+    q = grid[np.argmin(np.abs(r[..., None] - grid), axis=-1)]
+    return np.sign(x) * q * s
+
+
+@pytest.mark.parametrize("fmt, M, how", [
+    ("fp4_e3m0", 4, "auto"), ("fp4_e2m1", 4, "auto"), ("int8", 4, "auto"), ("bf16", 4, "auto"),
+    ("fp4_e3m0", 2, "reduce_scatter"), ("fp4_e3m0", 2, "auto"), ("fp4_e2m1", 4, "all_gather"),
+])
+@pytest.mark.parametrize("with_mesh", [True, False])
+def test_low_bit_mean_equals_numpy(fmt, M, how, with_mesh):
+    rng = np.random.default_rng(M)
+    n = 3000
+    x_MN = (rng.standard_t(3, size=(M, n)) * 1e-3).astype(np.float32)
+    x_MN[:, 500:700] = 0.0  # a whole zero block stays exactly zero
+    mesh = make_mesh(replica=M, data=8 // M) if with_mesh else None
+    sd = streaming_diloco(optax.sgd(1.0), num_replicas=M, sync_every=4, quantize=fmt, mesh=mesh,
+                          low_bit_collective=how)
+    x = jnp.asarray(x_MN)
+    if mesh is not None:
+        x = jax.device_put(x, NamedSharding(mesh, P("replica")))
+    got = np.asarray(jax.jit(sd.replica_mean)(x), np.float64)
+
+    npad = sd._padded(n)
+    blocks = np.pad(x_MN, ((0, 0), (0, npad - n))).reshape(M, -1, qz.BLOCK)
+    mean = np.mean([np_roundtrip(b, fmt) for b in blocks], axis=0)  # fp32 accumulation of codes
+    if sd.collective() == "reduce_scatter":
+        want = np_roundtrip(mean, fmt).reshape(-1)[:n]  # the reduced chunk re-quantized
+        # rounding ties after a different summation order may differ by one grid step: rare
+        close = np.isclose(got, want, rtol=1e-5, atol=1e-12)
+        assert close.mean() > 0.999, close.mean()
+        a = np.repeat(np.abs(mean).max(axis=1), qz.BLOCK)[:n]
+        step = {"int8": a / 127, "fp4_e2m1": a / 6 * 2, "fp4_e3m0": np.maximum(a / 64, np.abs(want) / 2),
+                "bf16": np.abs(want) * 2.0**-7}[fmt]
+        assert np.all(np.abs(got - want) <= step * (1 + 1e-6) + 1e-12)
+    else:
+        want = mean.reshape(-1)[:n]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+    assert np.all(got[500:700] == 0.0)
+    # and it is a mean of the inputs up to the format's error
+    assert np.abs(got - x_MN.mean(0)).max() <= 0.5 * np.abs(x_MN).max()
+
+
+def test_reduce_scatter_training_on_mesh_equals_no_mesh():
+    """M=4 replicas, each sharded over 2 devices: the shard_map all_to_all/all-gather sync
+    gives the same training run as the dense formula without a mesh."""
+    params = tiny_params(5)
+    kw = dict(num_replicas=4, sync_every=4, num_fragments=2, overlap_steps=1, alpha=0.5, quantize="fp4_e3m0")
+    mesh = make_mesh(replica=4, data=2)
+    on = streaming_diloco(optax.adam(3e-3), mesh=mesh, **kw)
+    assert on.collective() == "reduce_scatter"
+    a = run_streaming(on, params, 12, mesh, m=4)
+    b = run_streaming(streaming_diloco(optax.adam(3e-3), **kw), params, 12, m=4)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.global_params, b.global_params)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.params, b.params)
+    assert not np.allclose(a.global_params["head"], params["head"])

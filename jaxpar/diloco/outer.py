@@ -38,6 +38,8 @@ from jaxpar.diloco import quantize as qz
 from jaxpar.diloco.fragments import Fragments, split_fragments, sync_phase
 
 REPLICA = "replica"
+# how a low-bit mean crosses the replicas (see `replica_mean`)
+LOW_BIT_COLLECTIVES = ("auto", "all_gather", "reduce_scatter")
 
 
 class DiLoCoState(NamedTuple):
@@ -65,9 +67,12 @@ class StreamingDiLoCo:
     outer_optimizer: optax.GradientTransformation = dataclasses.field(default_factory=default_outer_optimizer)
     quantize: str = "none"
     mesh: Mesh | None = None
+    low_bit_collective: str = "auto"
 
     def __post_init__(self):
         qz.check_format(self.quantize)
+        if self.low_bit_collective not in LOW_BIT_COLLECTIVES:
+            raise ValueError(f"low_bit_collective={self.low_bit_collective!r}; use one of {LOW_BIT_COLLECTIVES}")
         M, H, Pf, tau = self.num_replicas, self.sync_every, self.num_fragments, self.overlap_steps
         if M < 1 or H < 1 or Pf < 1:
             raise ValueError(f"num_replicas={M}, sync_every={H}, num_fragments={Pf} must all be ≥ 1")
@@ -103,9 +108,24 @@ class StreamingDiLoCo:
             return x
         return lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
 
+    def collective(self) -> str:
+        """The cross-replica collective of one sync: 'all_reduce' (fp32), or for a low-bit
+        format 'reduce_scatter' (all_to_all of codes + all-gather of re-quantized codes,
+        2(M−1)/M payloads) or 'all_gather' (of every replica's codes, (M−1) payloads).
+        'auto' picks the all-gather for M ≤ 2, where both send one payload and the all-gather
+        is one phase and rounds once (no re-quantization); the reduce-scatter for M > 2."""
+        if self.quantize == "none":
+            return "all_reduce"
+        if self.low_bit_collective == "auto":
+            return "all_gather" if self.num_replicas <= 2 else "reduce_scatter"
+        return self.low_bit_collective
+
     def _padded(self, n: int) -> int:
-        # whole quantization blocks, and an equal share of blocks for each device of a replica
+        # whole quantization blocks, an equal share of blocks for each device of a replica,
+        # and (reduce-scatter) an equal number of blocks in each of the M chunks of a device
         unit = qz.BLOCK * self._inner_devices()
+        if self.collective() == "reduce_scatter":
+            unit *= self.num_replicas
         return -(-n // unit) * unit
 
     # ------------------------------------------------------------------ init
@@ -195,15 +215,22 @@ class StreamingDiLoCo:
         # each device of a replica owns an equal share of the blocks, so the cross-replica
         # transfer is spread over all of them instead of repeated on each
         x_MKB = self._constrain(x_MKB, REPLICA, inner)
-        if self.quantize == "none":
+        fmt, how = self.quantize, self.collective()
+        if how == "all_reduce":
             mean_KB = jnp.mean(x_MKB, axis=0)  # an fp32 all-reduce over `replica`
-        else:
-            wire = jax.vmap(lambda b: qz.quantize(b, self.quantize))(x_MKB)
+        elif how == "all_gather":
+            wire = jax.vmap(lambda b: qz.quantize(b, fmt))(x_MKB)
             wire = jax.tree.map(lambda w: self._constrain(w, REPLICA, inner), wire)
             # the all-gather of the low-bit payload: every replica receives every replica's codes
             wire = jax.tree.map(lambda w: self._constrain(w, None, inner), wire)
             # and accumulates their dequantized values in fp32 locally
-            mean_KB = jnp.mean(jax.vmap(lambda w: qz.dequantize(w, self.quantize))(wire), axis=0)
+            mean_KB = qz.dequantized_mean(wire, fmt)
+        elif self.mesh is None:
+            mean_KB = qz.reduce_scatter_all_gather_mean_dense(x_MKB, fmt)
+        else:  # reduce-scatter of codes (all_to_all), fp32 accumulation, all-gather of new codes
+            body = lambda x_1KB: qz.reduce_scatter_all_gather_mean(x_1KB[0], fmt, REPLICA, M)
+            mean_KB = jax.shard_map(body, mesh=self.mesh, in_specs=P(REPLICA, inner), out_specs=P(inner),
+                                    check_vma=False)(x_MKB)
         mean_KB = self._constrain(mean_KB, inner)
         return mean_KB.reshape(-1)[:n]
 
@@ -231,19 +258,23 @@ class StreamingDiLoCo:
     def sync_bytes(self, params) -> list[int]:
         """Bytes one replica sends to the others when fragment p syncs, for each p.
 
-        fp32 ('none') goes through a ring all-reduce: 2(M−1)/M · 4 bytes per value. The
-        low-bit formats go through an all-gather of the payload (codes + scales), so that
-        the mean is accumulated in fp32 by the receiver: (M−1) · payload bytes.
+        fp32 ('none') goes through a ring all-reduce: 2(M−1)/M · 4 bytes per value. A
+        low-bit payload (codes + scales) goes through a reduce-scatter of codes and an
+        all-gather of the re-quantized reduced chunk, 2(M−1)/M · payload bytes, or (M ≤ 2 by
+        default, see `collective`) an all-gather of every replica's codes, (M−1) · payload.
         """
         frags = self.fragments(params)
         M = self.num_replicas
         out = []
         for p in range(self.num_fragments):
             npad = self._padded(frags.size(p))
-            if self.quantize == "none":
+            how = self.collective()
+            if how == "all_reduce":
                 out.append(int(round(2 * (M - 1) / M * 4 * npad)))
-            else:
+            elif how == "all_gather":
                 out.append((M - 1) * qz.wire_bytes(npad, self.quantize))
+            else:  # npad/BLOCK is a multiple of M, so this is exact
+                out.append(2 * (M - 1) * qz.wire_bytes(npad, self.quantize) // M)
         return out
 
     def bytes_report(self, params, num_steps: int) -> dict:
@@ -258,10 +289,11 @@ class StreamingDiLoCo:
 def streaming_diloco(inner: optax.GradientTransformation, *, num_replicas: int, sync_every: int,
                      num_fragments: int = 1, overlap_steps: int = 0, alpha: float = 0.0,
                      outer_optimizer: optax.GradientTransformation | None = None,
-                     quantize: str = "none", mesh: Mesh | None = None) -> StreamingDiLoCo:
+                     quantize: str = "none", mesh: Mesh | None = None,
+                     low_bit_collective: str = "auto") -> StreamingDiLoCo:
     """Streaming DiLoCo around `inner` (see module doc). Defaults give plain DiLoCo."""
     return StreamingDiLoCo(inner, num_replicas, sync_every, num_fragments, overlap_steps, alpha,
-                           outer_optimizer or default_outer_optimizer(), quantize, mesh)
+                           outer_optimizer or default_outer_optimizer(), quantize, mesh, low_bit_collective)
 
 
 def replica_grads(loss_fn: Callable, *, mesh: Mesh | None = None, has_aux: bool = False):

@@ -120,7 +120,9 @@ def dequantize(wire: Wire, fmt: str) -> jax.Array:
     if fmt == "none":
         return wire.payload
     if fmt == "bf16":
-        return lax.bitcast_convert_type(wire.payload, jnp.bfloat16).astype(jnp.float32)
+        # bf16 bits are the top half of the fp32 bits: exact, and no bf16 value exists that
+        # XLA:CPU could fuse into a bf16-accumulating reduction of the mean
+        return lax.bitcast_convert_type(wire.payload.astype(jnp.uint32) << 16, jnp.float32)
     if fmt == "int8":
         return wire.payload.astype(jnp.float32) * wire.scale_N[:, None]
     code = _unpack4(wire.payload)
@@ -138,3 +140,42 @@ def roundtrip(x: jax.Array, fmt: str) -> jax.Array:
     nb = -(-n // BLOCK)
     x_NB = jnp.pad(flat, (0, nb * BLOCK - n)).reshape(nb, BLOCK)
     return dequantize(quantize(x_NB, fmt), fmt).reshape(-1)[:n].reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# The mean over replicas of low-bit values: two collectives built from the formats above.
+
+def dequantized_mean(wire_M: Wire, fmt: str) -> jax.Array:
+    """fp32 mean over the leading (sender) axis of M wires: dequantize, accumulate in fp32."""
+    return jnp.mean(jax.vmap(lambda w: dequantize(w, fmt))(wire_M), axis=0)
+
+
+def reduce_scatter_all_gather_mean(x_KB: jax.Array, fmt: str, axis_name: str, num_replicas: int) -> jax.Array:
+    """Per-device body (inside `shard_map` over `axis_name`) of the bandwidth-optimal low-bit
+    mean: fp32 x [K, BLOCK] (this replica's values, K divisible by M) -> fp32 mean [K, BLOCK].
+
+    1. reduce-scatter: quantize, split the codes into M chunks of K/M blocks, and `all_to_all`
+       them, so replica r receives every replica's codes of chunk r; dequantize and
+       accumulate their mean in fp32.
+    2. all-gather: re-quantize the reduced chunk and all-gather its codes; every replica
+       (the chunk's owner too) dequantizes the same codes, so the result is identical
+       everywhere.
+    Each phase sends (M−1)/M of one payload: 2(M−1)/M · wire_bytes in all.
+    """
+    M = num_replicas
+    K = x_KB.shape[0]
+    if K % M:
+        raise ValueError(f"{K} blocks cannot be cut into {M} equal chunks")
+    wire = quantize(x_KB, fmt)
+    wire = jax.tree.map(lambda a: a.reshape((M, K // M) + a.shape[1:]), wire)
+    wire = jax.tree.map(lambda a: lax.all_to_all(a, axis_name, 0, 0, tiled=False), wire)  # [sender, K/M, ..]
+    chunk = quantize(dequantized_mean(wire, fmt), fmt)
+    chunk = jax.tree.map(lambda a: lax.all_gather(a, axis_name, axis=0, tiled=True), chunk)
+    return dequantize(chunk, fmt)
+
+
+def reduce_scatter_all_gather_mean_dense(x_MKB: jax.Array, fmt: str) -> jax.Array:
+    """The same numbers as `reduce_scatter_all_gather_mean` for [M, K, BLOCK] held in one
+    place (no mesh): blocks are quantized independently, so chunking changes nothing."""
+    mean = dequantized_mean(jax.vmap(lambda b: quantize(b, fmt))(x_MKB), fmt)
+    return dequantize(quantize(mean, fmt), fmt)
