@@ -120,12 +120,19 @@ def main(argv=None):
     ap.add_argument("--dense-limit-gib", type=float, default=4.0,
                     help="skip the dense reference when its N×N scores would exceed this")
     ap.add_argument("--json", help="write the rows (and the machine) to this file")
+    ap.add_argument("--plot", help="write a PNG of fwd+bwd time and bytes vs N")
+    ap.add_argument("--from-json", help="skip measuring: print/plot the rows of this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_lens, args.repeats = [1024, 2048], 1
     if jax.device_count() < args.devices:
         sys.exit(f"--devices={args.devices} but only {jax.device_count()} devices; set "
                  f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices}")
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        report(saved["rows"], saved["machine"], saved["args"], args.plot)
+        return
     dtype = jnp.dtype(args.dtype)
     jobs = []
     for n in args.seq_lens:
@@ -148,8 +155,16 @@ def main(argv=None):
             r["causal_vs_full"] = r["fwd_bwd_ms"] / nc[(r["impl"], r["N"])]["fwd_bwd_ms"]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{jax.device_count()} {jax.default_backend()} devices, jax {jax.__version__}")
-    print(f"\nmachine: {machine}; B={args.batch} H={args.heads} K={args.kv_heads} "
-          f"D={args.head_dim} {args.dtype}\n")
+    settings = vars(args) | {"dtype": args.dtype}
+    report(rows, machine, settings, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "args": settings, "rows": rows}, f, indent=1)
+
+
+def report(rows, machine, a, plot_path=None):
+    print(f"\nmachine: {machine}; B={a['batch']} H={a['heads']} K={a['kv_heads']} "
+          f"D={a['head_dim']} {a['dtype']}\n")
     print("| N | causal | impl | devices | fwd ms | fwd+bwd ms | ×single-device | causal/full "
           "| MiB/device | MiB sent/device |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -158,10 +173,41 @@ def main(argv=None):
         print(f"| {r['N']} | {r['causal']} | {r['impl']} | {r['devices']} | {r['fwd_ms']:.0f} | "
               f"{r['fwd_bwd_ms']:.0f} | {r['vs_single_device']:.2f} | {cf} | "
               f"{r['mem_mib_per_device']:.0f} | {r['sent_mib_per_device']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args) | {"dtype": args.dtype},
-                       "rows": rows}, f, indent=1)
+    if plot_path:
+        plot(rows, machine, plot_path)
+
+
+def plot(rows, machine, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    for impl in impls:
+        for causal, style in ((False, "-"), (True, "--")):
+            pts = [r for r in rows if r["impl"] == impl and r["causal"] == causal]
+            if not pts:
+                continue
+            label = f"{impl}{' causal' if causal else ''}"
+            n = [r["N"] for r in pts]
+            axes[0].plot(n, [r["fwd_bwd_ms"] / 1e3 for r in pts], style, marker="o", label=label)
+            if not causal:
+                axes[1].plot(n, [r["mem_mib_per_device"] for r in pts], marker="o", label=impl)
+                axes[2].plot(n, [r["sent_mib_per_device"] for r in pts], marker="o", label=impl)
+    for ax, title in zip(axes, ("forward+backward time (s)", "memory per device (MiB)",
+                                "bytes sent per device, fwd+bwd (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(machine, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

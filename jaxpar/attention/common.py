@@ -1,6 +1,8 @@
 """Small helpers shared by the sequence-parallel schedules."""
 from __future__ import annotations
 
+import functools
+
 import jax
 
 
@@ -33,3 +35,23 @@ def check_local_shapes(q, k, v, seg, axis_name, causal):
     if causal and l % 2:
         raise ValueError(f"causal (zigzag) shards need an even local length; got L={l} on "
                          f"axis {axis_name!r}")
+
+
+def ring_custom_vjp(forward, backward):
+    """The custom_vjp shared by ring and TokenRing: f(q, k, v, seg, axis_name, causal).
+
+    `forward(q, k, v, seg, axis_name, causal) -> (out fp32, lse)`; the residuals are only the
+    local q, k, v, seg, out and lse, and `backward(axis_name, causal, residuals, dout)` is the
+    schedule's own second ring pass.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+    def fn(q, k, v, seg, axis_name, causal):
+        return forward(q, k, v, seg, axis_name, causal)[0].astype(q.dtype)
+
+    def fn_fwd(q, k, v, seg, axis_name, causal):
+        out, lse = forward(q, k, v, seg, axis_name, causal)
+        return out.astype(q.dtype), (q, k, v, seg, out, lse)
+
+    fn.defvjp(fn_fwd, backward)
+    return fn

@@ -10,13 +10,11 @@ local q, k, v, out, lse — never gathered K/V, never an N×N score matrix.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from jaxpar.attention import blockwise
-from jaxpar.attention.common import axis_size, check_local_shapes, shift
+from jaxpar.attention.common import axis_size, check_local_shapes, ring_custom_vjp, shift
 
 
 def ring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
@@ -63,16 +61,6 @@ def _ring_forward(q, k, v, seg, axis_name, causal):
     return blockwise.merge(out, lse, *attend_block(kv, p - 1))  # last block: nothing to send
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ring(q, k, v, seg, axis_name, causal):
-    return _ring_forward(q, k, v, seg, axis_name, causal)[0].astype(q.dtype)
-
-
-def _ring_fwd(q, k, v, seg, axis_name, causal):
-    out, lse = _ring_forward(q, k, v, seg, axis_name, causal)
-    return out.astype(q.dtype), (q, k, v, seg, out, lse)
-
-
 def _ring_bwd(axis_name, causal, res, dout):
     q, k, v, seg, out, lse = res
     p = axis_size(axis_name)
@@ -110,4 +98,4 @@ def _ring_bwd(axis_name, causal, res, dout):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_ring.defvjp(_ring_fwd, _ring_bwd)
+_ring = ring_custom_vjp(_ring_forward, _ring_bwd)

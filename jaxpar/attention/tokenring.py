@@ -14,13 +14,11 @@ dQ straight back to the query's owner.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from jaxpar.attention import blockwise
-from jaxpar.attention.common import axis_size, check_local_shapes, shift
+from jaxpar.attention.common import axis_size, check_local_shapes, ring_custom_vjp, shift
 
 
 def tokenring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
@@ -76,16 +74,6 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal):
     return blockwise.merge(out, lse, *send_home(part, p - 1, axis_name))  # flush the last
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _tokenring(q, k, v, seg, axis_name, causal):
-    return _tokenring_forward(q, k, v, seg, axis_name, causal)[0].astype(q.dtype)
-
-
-def _tokenring_fwd(q, k, v, seg, axis_name, causal):
-    out, lse = _tokenring_forward(q, k, v, seg, axis_name, causal)
-    return out.astype(q.dtype), (q, k, v, seg, out, lse)
-
-
 def _tokenring_bwd(axis_name, causal, res, dout):
     q, k, v, seg, out, lse = res
     p = axis_size(axis_name)
@@ -122,4 +110,4 @@ def _tokenring_bwd(axis_name, causal, res, dout):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_tokenring.defvjp(_tokenring_fwd, _tokenring_bwd)
+_tokenring = ring_custom_vjp(_tokenring_forward, _tokenring_bwd)
