@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -28,20 +25,12 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from jaxpar import comm, make_mesh  # noqa: E402
+from jaxpar import bench, comm, make_mesh  # noqa: E402
+from jaxpar.bench import timed  # noqa: E402
 from jaxpar.attention import attention, dense_attention, flash_attention  # noqa: E402
 
 IMPLS = ("dense", "ulysses", "ring", "tokenring", "hybrid")
 
-
-def timed(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def per_device_mib(compiled):
@@ -153,8 +142,7 @@ def main(argv=None):
         r["vs_single_device"] = r["fwd_bwd_ms"] / base[(r["N"], r["causal"])]["fwd_bwd_ms"]
         if r["causal"]:
             r["causal_vs_full"] = r["fwd_bwd_ms"] / nc[(r["impl"], r["N"])]["fwd_bwd_ms"]
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-               f"{jax.device_count()} {jax.default_backend()} devices, jax {jax.__version__}")
+    machine = bench.machine()
     settings = vars(args) | {"dtype": args.dtype}
     report(rows, machine, settings, args.plot)
     if args.json:

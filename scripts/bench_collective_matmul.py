@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import time
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -31,7 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jaxpar import comm  # noqa: E402
+from jaxpar import bench, comm  # noqa: E402
+from jaxpar.bench import timed  # noqa: E402
 from jaxpar.mesh import make_mesh  # noqa: E402
 from jaxpar.overlap import collective_matmul as cm  # noqa: E402
 from jaxpar.overlap import cost_model  # noqa: E402
@@ -41,15 +39,6 @@ T = "tensor"
 OPS = cost_model.OPS
 VARIANTS = (("plain", "uni"), ("decomposed", "uni"), ("decomposed", "bidi"))
 
-
-def timed(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def build(op, variant, direction, p, tokens, embed, mlp, dtype):
@@ -149,9 +138,8 @@ def main():
     if args.quick:
         args.ps, args.tokens, args.embed, args.mlp, args.repeats = [8], 512, 128, 512, 3
     devices = jax.devices()
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-               f"{len(devices)} {devices[0].platform} devices")
-    print(f"Measured on {machine}; jax {jax.__version__}.")
+    machine = bench.machine()
+    print(f"Measured on {machine}.")
     if devices[0].platform == "cpu":
         print("CPU collective-permute is synchronous: wall time shows decomposition overhead "
               "only, never overlap.")

@@ -9,7 +9,6 @@ Python version will differ slightly.
 """
 import argparse
 import ast
-import inspect
 import os
 import sysconfig
 

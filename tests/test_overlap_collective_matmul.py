@@ -10,7 +10,6 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpar import comm
 from jaxpar.mesh import make_mesh
 from jaxpar.overlap import collective_matmul as cm
 
