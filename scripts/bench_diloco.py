@@ -10,6 +10,14 @@ transfer of b bytes at bandwidth W costs b/W of idle compute; with overlap τ a 
 transfer hides behind τ inner steps, so it costs max(0, b_p/W − τ·t_step).
 
     python scripts/bench_diloco.py --quick --json out.json --plot docs/diloco_loss.png
+    python scripts/bench_diloco.py --steps 1024 --methods dp fp4 --json long.json   # the long run
+    python scripts/bench_diloco.py --quick --methods fp4 --H 32 --reuse-dp out.json  # a variant
+    python scripts/bench_diloco.py --render out.json long.json --plot loss.png      # tables only
+
+Bytes: data parallel all-reduces 4-byte gradients every step (2(M−1)/M·4 bytes per value per
+step); FP4 sends 4.125 bits per value once per H steps through a reduce-scatter + all-gather
+(2(M−1)/M payloads; at M=2 one all-gather, the same bytes), so the ratio is ≈ 7.76·H for
+every M.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import os
 import sys
 import time
 
+T0 = time.perf_counter()
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -34,21 +43,24 @@ from jaxpar.mesh import make_mesh  # noqa: E402
 from jaxpar.models.transformer import Transformer, TransformerConfig, lm_loss  # noqa: E402
 from jaxpar.train.data import ByteData  # noqa: E402
 
-METHODS = {  # name: streaming_diloco kwargs (None = data parallel)
+METHODS = {  # name: streaming_diloco kwargs (None = data parallel); "P"/"alpha" come from settings
     "data parallel": None,
     "DiLoCo": dict(num_fragments=1, overlap_steps=0, alpha=0.0, quantize="none"),
     "Streaming DiLoCo": dict(num_fragments="P", overlap_steps=0, alpha=0.0, quantize="none"),
-    "+ overlap τ=1": dict(num_fragments="P", overlap_steps=1, alpha=0.5, quantize="none"),
-    "+ FP4 (E3M0)": dict(num_fragments="P", overlap_steps=1, alpha=0.5, quantize="fp4_e3m0"),
+    "+ overlap τ=1": dict(num_fragments="P", overlap_steps=1, alpha="alpha", quantize="none"),
+    "+ FP4 (E3M0)": dict(num_fragments="P", overlap_steps=1, alpha="alpha", quantize="fp4_e3m0"),
 }
+SHORT = {"dp": "data parallel", "diloco": "DiLoCo", "streaming": "Streaming DiLoCo",
+         "overlap": "+ overlap τ=1", "fp4": "+ FP4 (E3M0)"}
 
 
 def settings(quick: bool) -> dict:
+    """One model and per-step batch for both modes; --quick only runs fewer steps."""
+    s = dict(layers=4, embed=128, heads=4, kv_heads=2, head_dim=32, mlp=384, seq=64, batch=8,
+             steps=1024, H=16, P=4, eval_batches=8, lr=3e-3, outer_lr=0.7, outer_momentum=0.9, alpha=0.5)
     if quick:
-        return dict(layers=4, embed=128, heads=4, kv_heads=2, head_dim=32, mlp=384, seq=64, batch=8,
-                    steps=256, H=32, P=4, eval_batches=8, lr=3e-3)
-    return dict(layers=4, embed=128, heads=4, kv_heads=2, head_dim=32, mlp=384, seq=128, batch=16,
-                steps=1024, H=32, P=4, eval_batches=16, lr=3e-3)
+        s["steps"] = 160
+    return s
 
 
 def inner_optimizer(s):
@@ -91,8 +103,11 @@ def run_method(name, kw, M, s, model, data, params, eval_every):
                       "peak_per_sync": data_parallel_bytes(n_params, M), "per_sync": None, "overlap": 0,
                       "syncs_per_H": s["H"]}
     else:
-        kw = dict(kw, num_fragments=s["P"] if kw["num_fragments"] == "P" else kw["num_fragments"])
-        sd = streaming_diloco(inner_optimizer(s), num_replicas=M, sync_every=s["H"], mesh=mesh, **kw)
+        kw = dict(kw, num_fragments=s["P"] if kw["num_fragments"] == "P" else kw["num_fragments"],
+                  alpha=s["alpha"] if kw["alpha"] == "alpha" else kw["alpha"])
+        outer = optax.sgd(s["outer_lr"], momentum=s["outer_momentum"] or None, nesterov=s["outer_momentum"] > 0)
+        sd = streaming_diloco(inner_optimizer(s), num_replicas=M, sync_every=s["H"], mesh=mesh,
+                              outer_optimizer=outer, **kw)
         grad = replica_grads(loss, mesh=mesh)
         state = sd.init(params)
         step = jax.jit(lambda st, b_M: sd.update(grad(st.params, b_M)[1], st))
@@ -109,7 +124,8 @@ def run_method(name, kw, M, s, model, data, params, eval_every):
             curve.append((t, float(eval_fn(glob(state)))))
     wall = time.perf_counter() - t0
     print(f"  M={M} {name:18s} eval {curve[-1][1]:.4f}  ({wall:.0f}s)", flush=True)
-    return {"method": name, "M": M, "final_eval_loss": curve[-1][1], "curve": curve, "wall_s": wall, **bytes_info}
+    return {"method": name, "M": M, "final_eval_loss": curve[-1][1], "curve": curve, "wall_s": wall,
+            "H": s["H"], **bytes_info}
 
 
 def replica_step_time(s, model, data, params, reps=10):
@@ -159,42 +175,17 @@ def fmt_bytes(b):
     return f"{b:.1f} PB"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller batches/sequence, fewer steps (< 10 min on 2 cores)")
-    ap.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--steps", type=int, help="override the number of inner steps")
-    ap.add_argument("--json", help="write all results here")
-    ap.add_argument("--plot", help="write the eval-loss curves (PNG) here")
-    args = ap.parse_args(argv)
-    s = settings(args.quick)
-    if args.steps:
-        s["steps"] = args.steps
-    if jax.device_count() < max(args.replicas):
-        sys.exit(f"need {max(args.replicas)} devices, have {jax.device_count()}; set XLA_FLAGS")
-    model, data, params = build(s)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model {n_params / 1e6:.2f}M params, {s['layers']} layers; batch {s['batch']}×{s['seq']} bytes per replica; "
-          f"{s['steps']} steps; H={s['H']} P={s['P']}; {jax.device_count()} {jax.devices()[0].platform} devices, "
-          f"{os.cpu_count()} cores", flush=True)
-    t_step = replica_step_time(s, model, data, params)
-    print(f"one replica inner step: {t_step * 1e3:.1f} ms", flush=True)
-
-    t_start = time.perf_counter()
-    results = []
-    for M in args.replicas:
-        for name, kw in METHODS.items():
-            results.append(run_method(name, kw, M, s, model, data, params, eval_every=s["H"]))
-    total_wall = time.perf_counter() - t_start
-
-    print("\n| M | method | final eval loss | vs DP | total bytes / replica | vs DP | peak bytes / sync |")
-    print("|---|---|---|---|---|---|---|")
-    for M in args.replicas:
-        dp = next(r for r in results if r["M"] == M and r["per_sync"] is None)
+def print_tables(results, t_step):
+    Ms = sorted({r["M"] for r in results})
+    print("\n| M | method | final eval loss | vs DP | total bytes / replica | vs DP | peak bytes / sync | wall |")
+    print("|---|---|---|---|---|---|---|---|")
+    for M in Ms:
+        dp = next((r for r in results if r["M"] == M and r["per_sync"] is None), None)
         for r in (r for r in results if r["M"] == M):
-            print(f"| {M} | {r['method']} | {r['final_eval_loss']:.4f} | "
-                  f"{100 * (r['final_eval_loss'] / dp['final_eval_loss'] - 1):+.2f}% | {fmt_bytes(r['total'])} | "
-                  f"{dp['total'] / r['total']:.0f}× fewer | {fmt_bytes(r['peak_per_sync'])} |")
+            rel = f"{100 * (r['final_eval_loss'] / dp['final_eval_loss'] - 1):+.2f}%" if dp else "n/a"
+            ratio = ("1×" if r is dp else f"{dp['total'] / r['total']:.0f}× fewer") if dp else "n/a"
+            print(f"| {M} | {r['method']} | {r['final_eval_loss']:.4f} | {rel} | {fmt_bytes(r['total'])} | "
+                  f"{ratio} | {fmt_bytes(r['peak_per_sync'])} | {r['wall_s']:.0f} s |")
 
     gbits = [0.001, 0.01, 0.1, 1.0]
     print(f"\nSimulated compute utilization (t_step = {t_step * 1e3:.1f} ms measured on this CPU); "
@@ -202,35 +193,105 @@ def main(argv=None):
     print("| M | method | " + " | ".join(f"util @ {g} Gbit/s" for g in gbits) + " | Gbit/s for 95% |")
     print("|---|---|" + "---|" * (len(gbits) + 1))
     for r in results:
-        r["gbit_for_95"] = gbit_for(r, t_step, s["H"])
-        r["utilization"] = {g: utilization(r, t_step, s["H"], g) for g in gbits}
+        r["gbit_for_95"] = gbit_for(r, t_step, r["H"])
+        r["utilization"] = {g: utilization(r, t_step, r["H"], g) for g in gbits}
         print(f"| {r['M']} | {r['method']} | " + " | ".join(f"{100 * r['utilization'][g]:.1f}%" for g in gbits)
               + f" | {r['gbit_for_95']:.4g} |")
-    print(f"\ntotal experiment wall time: {total_wall:.0f} s", flush=True)
+
+
+def plot(results, path, title=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Ms = sorted({r["M"] for r in results})
+    fig, axes = plt.subplots(1, len(Ms), figsize=(6 * len(Ms), 4), squeeze=False)
+    for ax, M in zip(axes[0], Ms):
+        for r in (r for r in results if r["M"] == M):
+            t, l = zip(*r["curve"])
+            ax.plot(t, l, label=r.get("label", r["method"]), marker="." if r["per_sync"] is None else None)
+        ax.set(title=f"M={M} replicas {title}", xlabel="inner step", ylabel="eval loss (nats/byte)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 3.5))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def _same_dp_setup(a, b):
+    keys = ("layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "seq", "batch", "steps", "lr", "eval_batches")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps (< 10 min on 2 cores)")
+    ap.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--steps", type=int, help="override the number of inner steps")
+    ap.add_argument("--H", type=int, help="override sync_every")
+    ap.add_argument("--P", type=int, help="override num_fragments of the streaming methods")
+    ap.add_argument("--outer-lr", type=float)
+    ap.add_argument("--outer-momentum", type=float)
+    ap.add_argument("--alpha", type=float, help="mixing of the τ=1 methods")
+    ap.add_argument("--methods", nargs="+", choices=list(SHORT), help="subset to run (default: all)")
+    ap.add_argument("--reuse-dp", help="take the data-parallel rows from this JSON (same model, data, "
+                                       "steps and lr; DP does not depend on H, P or the outer optimizer)")
+    ap.add_argument("--render", nargs="+", help="only print tables / plot from these JSON files")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--plot", help="write the eval-loss curves (PNG) here")
+    args = ap.parse_args(argv)
+    if args.render:
+        runs = [json.load(open(f)) for f in args.render]
+        results = [r for d in runs for r in d["results"]]
+        print_tables(results, runs[0]["t_step_s"])
+        if args.plot:
+            plot(results, args.plot)
+        return
+    s = settings(args.quick)
+    for key, val in (("steps", args.steps), ("H", args.H), ("P", args.P), ("outer_lr", args.outer_lr),
+                     ("outer_momentum", args.outer_momentum), ("alpha", args.alpha)):
+        if val is not None:
+            s[key] = val
+    methods = {SHORT[k]: METHODS[SHORT[k]] for k in (args.methods or SHORT)}
+    if jax.device_count() < max(args.replicas):
+        sys.exit(f"need {max(args.replicas)} devices, have {jax.device_count()}; set XLA_FLAGS")
+    reused = []
+    if args.reuse_dp:
+        old = json.load(open(args.reuse_dp))
+        if not _same_dp_setup(old["settings"], s):
+            sys.exit(f"--reuse-dp {args.reuse_dp}: its settings {old['settings']} differ from {s}")
+        reused = [dict(r, reused_from=args.reuse_dp) for r in old["results"]
+                  if r["per_sync"] is None and r["M"] in args.replicas]
+        methods.pop("data parallel", None)
+    model, data, params = build(s)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"model {n_params / 1e6:.2f}M params, {s['layers']} layers; batch {s['batch']}×{s['seq']} bytes per replica; "
+          f"{s['steps']} steps; H={s['H']} P={s['P']} outer lr {s['outer_lr']} μ {s['outer_momentum']} "
+          f"α {s['alpha']}; {jax.device_count()} {jax.devices()[0].platform} devices, "
+          f"{os.cpu_count()} cores", flush=True)
+    t_step = replica_step_time(s, model, data, params)
+    print(f"one replica inner step: {t_step * 1e3:.1f} ms", flush=True)
+
+    t_start = time.perf_counter()
+    results = []
+    for M in args.replicas:
+        results += [r for r in reused if r["M"] == M]
+        for name, kw in methods.items():
+            results.append(run_method(name, kw, M, s, model, data, params, eval_every=max(16, s["steps"] // 32)))
+    total_wall = time.perf_counter() - t_start
+    print_tables(results, t_step)
+    print(f"\ntotal experiment wall time: {total_wall:.0f} s (without the reused data-parallel rows); "
+          f"whole script so far {time.perf_counter() - T0:.0f} s", flush=True)
 
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"settings": s, "n_params": n_params, "t_step_s": t_step, "wall_s": total_wall,
                        "devices": f"{jax.device_count()} {jax.devices()[0].platform}", "cores": os.cpu_count(),
-                       "results": results}, fh, indent=1)
+                       "argv": sys.argv[1:], "results": results}, fh, indent=1)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(args.replicas), figsize=(6 * len(args.replicas), 4), squeeze=False)
-        for ax, M in zip(axes[0], args.replicas):
-            for r in (r for r in results if r["M"] == M):
-                t, l = zip(*r["curve"])
-                ax.plot(t, l, label=r["method"], marker="." if r["per_sync"] is None else None)
-            ax.set(title=f"M={M} replicas", xlabel="inner step", ylabel="eval loss (nats/byte)")
-            ax.set_ylim(top=min(ax.get_ylim()[1], 3.5))
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
-        print(f"wrote {args.plot}")
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ import os
 import sys
 
 STEPS = 9
+# M=2: the default all-gather of codes, and the reduce-scatter (all_to_all) + all-gather
+COLLECTIVES = ("auto", "reduce_scatter")
 
 
-def run(steps=STEPS):
+def run(how="auto", steps=STEPS):
     """Streaming DiLoCo on mesh replica=2 × data=4 over all global devices; returns numpy trees."""
     import jax
     import jax.numpy as jnp
@@ -24,7 +26,8 @@ def run(steps=STEPS):
 
     mesh = make_mesh(replica=2, data=4)
     sd = streaming_diloco(optax.adam(3e-3), num_replicas=2, sync_every=4, num_fragments=2,
-                          overlap_steps=1, alpha=0.5, quantize="fp4_e3m0", mesh=mesh)
+                          overlap_steps=1, alpha=0.5, quantize="fp4_e3m0", mesh=mesh,
+                          low_bit_collective=how)
     grad = replica_grads(loss_fn, mesh=mesh)
     step = jax.jit(lambda s, b: sd.update(grad(s.params, b)[1], s))
     batch_sharding = NamedSharding(mesh, P("replica", "data"))
@@ -52,13 +55,16 @@ def main(port, process_id, out):
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    result = run()
-    if process_id == 0:
-        import numpy as np
+    flat = {}
+    for how in COLLECTIVES:
+        result = run(how)
         import jax.tree_util as tu
 
-        flat = {"/".join(str(k) for k in path): v
-                for path, v in tu.tree_flatten_with_path({"global": result["global"], "replicas": result["replicas"]})[0]}
+        flat |= {how + "/" + "/".join(str(k) for k in path): v for path, v in
+                 tu.tree_flatten_with_path({"global": result["global"], "replicas": result["replicas"]})[0]}
+    if process_id == 0:
+        import numpy as np
+
         np.savez(out, replica_procs=np.array(result["replica_procs"]), **flat)
     jax.distributed.shutdown()
 

@@ -39,11 +39,14 @@ def test_two_processes_equal_one(tmp_path):
 
     two = np.load(out)
     np.testing.assert_array_equal(two["replica_procs"], [[0], [1]])  # replicas split across processes
-    one = worker.run()  # this pytest process: 8 devices, same mesh
-    flat = tu.tree_flatten_with_path({"global": one["global"], "replicas": one["replicas"]})[0]
-    assert len(flat) == len(two.files) - 1
-    for path, v in flat:
-        key = "/".join(str(k) for k in path)
-        np.testing.assert_allclose(two[key], v, rtol=1e-6, atol=1e-7, err_msg=key)
+    n = 0
+    for how in worker.COLLECTIVES:  # the all-gather of codes, and the all_to_all + all-gather
+        one = worker.run(how)  # this pytest process: 8 devices, same mesh
+        flat = tu.tree_flatten_with_path({"global": one["global"], "replicas": one["replicas"]})[0]
+        n += len(flat)
+        for path, v in flat:
+            key = how + "/" + "/".join(str(k) for k in path)
+            np.testing.assert_allclose(two[key], v, rtol=1e-6, atol=1e-7, err_msg=key)
+    assert n == len(two.files) - 1
     # and training happened: replicas differ from each other (they saw different data)
     assert not np.allclose(one["replicas"]["head"][0], one["replicas"]["head"][1])
