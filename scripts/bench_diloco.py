@@ -77,12 +77,23 @@ def build(s):
     return model, data, params
 
 
+_EVAL = {}
+
+
+def _eval_fn(model, data, s):
+    """Mean loss over the fixed eval batches; one compiled function shared by every run."""
+    key = (id(model), id(data), s["batch"], s["eval_batches"])
+    if key not in _EVAL:
+        evals = jnp.asarray(data.eval_batches(s["batch"], s["eval_batches"]))
+        _EVAL[key] = jax.jit(lambda p: jnp.mean(jax.lax.map(lambda b: lm_loss(model, p, b), evals)))
+    return _EVAL[key]
+
+
 def run_method(name, kw, M, s, model, data, params, eval_every):
     mesh = make_mesh(replica=M, devices=jax.devices()[:M])
     loss = lambda p, b: lm_loss(model, p, b)
     batch_sharding = NamedSharding(mesh, P("replica"))
-    evals = jnp.asarray(data.eval_batches(s["batch"], s["eval_batches"]))
-    eval_fn = jax.jit(lambda p: jnp.mean(jax.lax.map(lambda b: loss(p, b), evals)))
+    eval_fn = _eval_fn(model, data, s)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     curve = []
 
@@ -125,7 +136,7 @@ def run_method(name, kw, M, s, model, data, params, eval_every):
     wall = time.perf_counter() - t0
     print(f"  M={M} {name:18s} eval {curve[-1][1]:.4f}  ({wall:.0f}s)", flush=True)
     return {"method": name, "M": M, "final_eval_loss": curve[-1][1], "curve": curve, "wall_s": wall,
-            "H": s["H"], **bytes_info}
+            "H": s["H"], "steps": s["steps"], **bytes_info}
 
 
 def replica_step_time(s, model, data, params, reps=10):
@@ -180,11 +191,12 @@ def print_tables(results, t_step):
     print("\n| M | method | final eval loss | vs DP | total bytes / replica | vs DP | peak bytes / sync | wall |")
     print("|---|---|---|---|---|---|---|---|")
     for M in Ms:
-        dp = next((r for r in results if r["M"] == M and r["per_sync"] is None), None)
         for r in (r for r in results if r["M"] == M):
+            dp = next((d for d in results if d["M"] == M and d["per_sync"] is None
+                       and d.get("steps") == r.get("steps")), None)
             rel = f"{100 * (r['final_eval_loss'] / dp['final_eval_loss'] - 1):+.2f}%" if dp else "n/a"
             ratio = ("1×" if r is dp else f"{dp['total'] / r['total']:.0f}× fewer") if dp else "n/a"
-            print(f"| {M} | {r['method']} | {r['final_eval_loss']:.4f} | {rel} | {fmt_bytes(r['total'])} | "
+            print(f"| {M} | {r.get('label', r['method'])} | {r['final_eval_loss']:.4f} | {rel} | {fmt_bytes(r['total'])} | "
                   f"{ratio} | {fmt_bytes(r['peak_per_sync'])} | {r['wall_s']:.0f} s |")
 
     gbits = [0.001, 0.01, 0.1, 1.0]
@@ -195,7 +207,7 @@ def print_tables(results, t_step):
     for r in results:
         r["gbit_for_95"] = gbit_for(r, t_step, r["H"])
         r["utilization"] = {g: utilization(r, t_step, r["H"], g) for g in gbits}
-        print(f"| {r['M']} | {r['method']} | " + " | ".join(f"{100 * r['utilization'][g]:.1f}%" for g in gbits)
+        print(f"| {r['M']} | {r.get('label', r['method'])} | " + " | ".join(f"{100 * r['utilization'][g]:.1f}%" for g in gbits)
               + f" | {r['gbit_for_95']:.4g} |")
 
 
@@ -239,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--reuse-dp", help="take the data-parallel rows from this JSON (same model, data, "
                                        "steps and lr; DP does not depend on H, P or the outer optimizer)")
     ap.add_argument("--render", nargs="+", help="only print tables / plot from these JSON files")
+    ap.add_argument("--label", help="suffix for the method names of this run's rows, e.g. 'H=32'")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--plot", help="write the eval-loss curves (PNG) here")
     args = ap.parse_args(argv)
@@ -279,7 +292,9 @@ def main(argv=None):
     for M in args.replicas:
         results += [r for r in reused if r["M"] == M]
         for name, kw in methods.items():
-            results.append(run_method(name, kw, M, s, model, data, params, eval_every=max(16, s["steps"] // 32)))
+            r = run_method(name, kw, M, s, model, data, params, eval_every=max(16, s["steps"] // 32))
+            r["label"] = f"{name} ({args.label})" if args.label else name
+            results.append(r)
     total_wall = time.perf_counter() - t_start
     print_tables(results, t_step)
     print(f"\ntotal experiment wall time: {total_wall:.0f} s (without the reused data-parallel rows); "
