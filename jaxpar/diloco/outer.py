@@ -229,6 +229,8 @@ class StreamingDiLoCo:
             mean_KB = qz.reduce_scatter_all_gather_mean_dense(x_MKB, fmt)
         else:  # reduce-scatter of codes (all_to_all), fp32 accumulation, all-gather of new codes
             body = lambda x_1KB: qz.reduce_scatter_all_gather_mean(x_1KB[0], fmt, REPLICA, M)
+            # the result is the same on every replica (all dequantize the same all-gathered
+            # codes), which vma typing cannot see through lax.all_gather: hence check_vma=False
             mean_KB = jax.shard_map(body, mesh=self.mesh, in_specs=P(REPLICA, inner), out_specs=P(inner),
                                     check_vma=False)(x_MKB)
         mean_KB = self._constrain(mean_KB, inner)
