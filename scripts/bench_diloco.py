@@ -59,7 +59,7 @@ def settings(quick: bool) -> dict:
     s = dict(layers=4, embed=128, heads=4, kv_heads=2, head_dim=32, mlp=384, seq=64, batch=8,
              steps=1024, H=16, P=4, eval_batches=8, lr=3e-3, outer_lr=0.7, outer_momentum=0.9, alpha=0.5)
     if quick:
-        s["steps"] = 160
+        s["steps"] = 256
     return s
 
 
