@@ -72,8 +72,8 @@ def build(s):
     cfg = TransformerConfig(layers=s["layers"], embed=s["embed"], heads=s["heads"], kv_heads=s["kv_heads"],
                             head_dim=s["head_dim"], mlp=s["mlp"])
     model = Transformer(cfg)
-    data = ByteData.load(seq_len=s["seq"])
-    params = model.init(jax.random.key(0), jnp.zeros((1, s["seq"]), jnp.int32))["params"]
+    data = ByteData.load(seq_len=s["seq"], seed=s.get("seed", 0))
+    params = model.init(jax.random.key(s.get("seed", 0)), jnp.zeros((1, s["seq"]), jnp.int32))["params"]
     return model, data, params
 
 
@@ -234,7 +234,7 @@ def plot(results, path, title=""):
 
 def _same_dp_setup(a, b):
     keys = ("layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "seq", "batch", "steps", "lr", "eval_batches")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) == b.get(k) for k in keys) and a.get("seed", 0) == b.get("seed", 0)
 
 
 def main(argv=None):
@@ -251,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--reuse-dp", help="take the data-parallel rows from this JSON (same model, data, "
                                        "steps and lr; DP does not depend on H, P or the outer optimizer)")
     ap.add_argument("--render", nargs="+", help="only print tables / plot from these JSON files")
+    ap.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
     ap.add_argument("--label", help="suffix for the method names of this run's rows, e.g. 'H=32'")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--plot", help="write the eval-loss curves (PNG) here")
@@ -263,6 +264,7 @@ def main(argv=None):
             plot(results, args.plot)
         return
     s = settings(args.quick)
+    s["seed"] = args.seed
     for key, val in (("steps", args.steps), ("H", args.H), ("P", args.P), ("outer_lr", args.outer_lr),
                      ("outer_momentum", args.outer_momentum), ("alpha", args.alpha)):
         if val is not None:
