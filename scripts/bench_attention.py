@@ -173,17 +173,21 @@ def plot(rows, machine, path):
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    for impl in impls:
+    for i, impl in enumerate(impls):
+        color = f"C{i}"  # one color per impl; dashed = causal
         for causal, style in ((False, "-"), (True, "--")):
             pts = [r for r in rows if r["impl"] == impl and r["causal"] == causal]
             if not pts:
                 continue
             label = f"{impl}{' causal' if causal else ''}"
             n = [r["N"] for r in pts]
-            axes[0].plot(n, [r["fwd_bwd_ms"] / 1e3 for r in pts], style, marker="o", label=label)
+            axes[0].plot(n, [r["fwd_bwd_ms"] / 1e3 for r in pts], style, color=color, marker="o",
+                         label=label)
             if not causal:
-                axes[1].plot(n, [r["mem_mib_per_device"] for r in pts], marker="o", label=impl)
-                axes[2].plot(n, [r["sent_mib_per_device"] for r in pts], marker="o", label=impl)
+                axes[1].plot(n, [r["mem_mib_per_device"] for r in pts], color=color, marker="o",
+                             label=impl)
+                axes[2].plot(n, [r["sent_mib_per_device"] for r in pts], color=color,
+                             marker="o", label=impl)
     for ax, title in zip(axes, ("forward+backward time (s)", "memory per device (MiB)",
                                 "bytes sent per device, fwd+bwd (MiB)")):
         ax.set_xscale("log", base=2)
