@@ -22,6 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxpar.attention.layout import shard_positions
+
 NEG_INF = -jnp.inf
 
 
@@ -274,8 +276,6 @@ def flash_attention(q_BNHD, k_BNKD, v_BNKD, *, positions_N=None, segment_ids_BN=
 
 
 def _pair_inputs(q_idx, kv_idx, local_len, num_shards, causal):
-    from jaxpar.attention.layout import shard_positions
-
     q_pos = shard_positions(q_idx, local_len, num_shards, zigzag=causal)
     k_pos = shard_positions(kv_idx, local_len, num_shards, zigzag=causal)
     return q_pos, k_pos

@@ -178,6 +178,19 @@ def all_gather_matmul(x, w, *, axis_name, direction: str = "uni"):
     return _agmm(x, w, axis_name, direction)
 
 
+def _local_shard_vjp(forward, backward):
+    """f(x, w, axis_name, direction) as a custom_vjp whose residuals are only the local
+    shards (x, w); `backward(axis_name, direction, (x, w), dy)` is itself a collective matmul."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def fn(x, w, axis_name, direction):
+        return forward(x, w, axis_name, direction)
+
+    fn.defvjp(lambda x, w, axis_name, direction: (forward(x, w, axis_name, direction), (x, w)),
+              backward)
+    return fn
+
+
 def _agmm_forward(x, w, axis_name, direction):
     p = lax.axis_size(axis_name)
     out_dtype = jnp.result_type(x.dtype, w.dtype)
@@ -189,15 +202,6 @@ def _agmm_forward(x, w, axis_name, direction):
 
     _gather_ring(x, axis_name, direction, consume)
     return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _agmm(x, w, axis_name, direction):
-    return _agmm_forward(x, w, axis_name, direction)
-
-
-def _agmm_fwd(x, w, axis_name, direction):
-    return _agmm_forward(x, w, axis_name, direction), (x, w)  # local shards only
 
 
 def _agmm_bwd(axis_name, direction, res, dy):
@@ -217,7 +221,7 @@ def _agmm_bwd(axis_name, direction, res, dy):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_agmm.defvjp(_agmm_fwd, _agmm_bwd)
+_agmm = _local_shard_vjp(_agmm_forward, _agmm_bwd)
 
 
 # ----------------------------------------------------------------- matmul_reduce_scatter
@@ -239,15 +243,6 @@ def _mmrs_forward(x, w, axis_name, direction):
                          direction)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _mmrs(x, w, axis_name, direction):
-    return _mmrs_forward(x, w, axis_name, direction)
-
-
-def _mmrs_fwd(x, w, axis_name, direction):
-    return _mmrs_forward(x, w, axis_name, direction), (x, w)
-
-
 def _mmrs_bwd(axis_name, direction, res, dy):
     x, w = res
     # The transpose of reduce-scatter is all-gather: gather dy once, hop by hop, and let each
@@ -265,7 +260,7 @@ def _mmrs_bwd(axis_name, direction, res, dy):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_mmrs.defvjp(_mmrs_fwd, _mmrs_bwd)
+_mmrs = _local_shard_vjp(_mmrs_forward, _mmrs_bwd)
 
 
 # --------------------------------------------------------------------- matmul_all_reduce
@@ -311,15 +306,6 @@ def _mmar_forward(x, w, axis_name, direction):
     return jnp.concatenate(outs, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _mmar(x, w, axis_name, direction):
-    return _mmar_forward(x, w, axis_name, direction)
-
-
-def _mmar_fwd(x, w, axis_name, direction):
-    return _mmar_forward(x, w, axis_name, direction), (x, w)
-
-
 def _mmar_bwd(axis_name, direction, res, dy):
     x, w = res
     dx, dws = None, []
@@ -346,7 +332,7 @@ def _mmar_bwd(axis_name, direction, res, dy):
     return dx.astype(x.dtype), jnp.concatenate(dws, axis=-1).astype(w.dtype)
 
 
-_mmar.defvjp(_mmar_fwd, _mmar_bwd)
+_mmar = _local_shard_vjp(_mmar_forward, _mmar_bwd)
 
 
 # --------------------------------------------------------------------- plain references
