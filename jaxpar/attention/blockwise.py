@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxpar._spmd import varying_like
 from jaxpar.attention.layout import shard_positions
 
 NEG_INF = -jnp.inf
@@ -77,18 +78,6 @@ def merge(out1_BLHD, lse1_BLH, out2_BLHD, lse2_BLH):
     w1 = jnp.exp(lse1_BLH - safe_BLH)[..., None]
     w2 = jnp.exp(lse2_BLH - safe_BLH)[..., None]
     return w1 * out1_BLHD + w2 * out2_BLHD, lse_BLH
-
-
-def _varying_axes(x):
-    mat = getattr(jax.typeof(x), "manual_axis_type", None)
-    return mat.varying if mat is not None else frozenset()
-
-
-def varying_like(x, *refs):
-    """Mark a fresh constant as device-varying over the axes `refs` vary on (inside
-    shard_map, loop carries and cond branches must agree on this)."""
-    want = frozenset().union(*(_varying_axes(r) for r in refs)) - _varying_axes(x)
-    return jax.lax.pcast(x, tuple(sorted(want)), to="varying") if want else x
 
 
 def empty_partial(q_BLHD, *more_refs):

@@ -1,20 +1,12 @@
-"""Small helpers shared by the sequence-parallel schedules."""
+"""Shape checks and the ring custom_vjp shared by the sequence-parallel schedules.
+
+Ring shifts, `axis_size` and varying casts live in `jaxpar._spmd`.
+"""
 from __future__ import annotations
 
 import functools
 
 import jax
-
-
-def axis_size(axis_name) -> int:
-    return jax.lax.axis_size(axis_name)
-
-
-def shift(tree, axis_name, offset: int):
-    """Send every leaf from device r to device (r + offset) mod P along `axis_name`."""
-    p = axis_size(axis_name)
-    perm = [(i, (i + offset) % p) for i in range(p)]
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
 
 
 def check_local_shapes(q, k, v, seg, axis_name, causal):

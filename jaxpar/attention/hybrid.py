@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpar.attention.common import axis_size, check_local_shapes
+from jaxpar._spmd import axis_size
+from jaxpar.attention.common import check_local_shapes
 from jaxpar.attention.ring import ring_attention
 from jaxpar.attention.tokenring import tokenring_attention
 from jaxpar.attention.ulysses import check_ulysses_heads, heads_to_seq, seq_to_heads

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.attention import blockwise
-from jaxpar.attention.common import axis_size, check_local_shapes, ring_custom_vjp, shift
+from jaxpar._spmd import axis_size, shift
+from jaxpar.attention.common import check_local_shapes, ring_custom_vjp
 
 
 def tokenring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,

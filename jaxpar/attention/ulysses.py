@@ -17,23 +17,20 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.attention import blockwise, layout
-from jaxpar.attention.common import axis_size, check_local_shapes
-
-
-def _divisors(n):
-    return [d for d in range(1, n + 1) if n % d == 0]
+from jaxpar._spmd import axis_size, divisors
+from jaxpar.attention.common import check_local_shapes
 
 
 def check_ulysses_heads(num_heads, num_kv_heads, p, axis_name):
     if num_heads % p:
         raise ValueError(
             f"heads={num_heads} not divisible by {axis_name!r} axis size {p}; use impl='ring' "
-            f"or 'tokenring', or a {axis_name!r} axis of size in {_divisors(num_heads)}")
+            f"or 'tokenring', or a {axis_name!r} axis of size in {divisors(num_heads)}")
     if num_kv_heads % p and p % num_kv_heads:
         raise ValueError(
             f"kv heads={num_kv_heads} and {axis_name!r} axis size {p}: one must divide the "
             f"other for Ulysses; use impl='ring', or an axis size in "
-            f"{[d for d in _divisors(num_heads) if d % num_kv_heads == 0 or num_kv_heads % d == 0]}")
+            f"{[d for d in divisors(num_heads) if d % num_kv_heads == 0 or num_kv_heads % d == 0]}")
 
 
 def _flash_block(n, p, causal):

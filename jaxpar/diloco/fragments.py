@@ -21,6 +21,8 @@ from collections import defaultdict
 import jax
 import numpy as np
 
+from jaxpar._spmd import divisors
+
 _NUMBERED = re.compile(r"^(.*?)_?(\d+)$")
 
 
@@ -94,7 +96,9 @@ def find_layers(tree) -> tuple[list[str], list[int | None]]:
 
 
 def valid_num_fragments(num_layers: int, sync_every: int | None) -> list[int]:
-    return [p for p in range(1, max(num_layers, 1) + 1) if sync_every is None or sync_every % p == 0]
+    """Fragment counts with at least one layer each that divide sync_every (if given)."""
+    most = max(num_layers, 1)
+    return list(range(1, most + 1)) if sync_every is None else divisors(sync_every, at_most=most)
 
 
 def split_fragments(tree, num_fragments: int, sync_every: int | None = None) -> Fragments:

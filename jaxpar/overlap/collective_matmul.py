@@ -38,38 +38,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxpar._spmd import axis_size, divisors, shift, vary_over, varying_like
+
 DIRECTIONS = ("uni", "bidi")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _varying_axes(x) -> frozenset:
-    mat = getattr(jax.typeof(x), "manual_axis_type", None)
-    return mat.varying if mat is not None else frozenset()
-
-
-def _vary_over(x, axes):
-    """pcast x to device-varying over `axes` where it is not already.
-
-    Inside shard_map a value's type says which axes it differs across. An invariant input
-    (e.g. a replicated w) is made varying *outside* the custom_vjp, so that autodiff of the
-    pcast adds the psum its gradient needs; buffers filled from ppermute results must be
-    varying from the start.
-    """
-    missing = frozenset(axes) - _varying_axes(x)
-    return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-
-
-def _as_varying(x, *refs):
-    """x made varying over every manual axis any of `refs` varies over."""
-    return _vary_over(x, frozenset().union(*(_varying_axes(r) for r in refs)))
-
-
-def _shift(x, axis_name, by: int):
-    """Send x from device i to device i+by (mod P)."""
-    p = lax.axis_size(axis_name)
-    return lax.ppermute(x, axis_name, [(i, (i + by) % p) for i in range(p)])
-
+# Inside shard_map a value's type says which axes it differs across. An invariant input
+# (e.g. a replicated w) is made varying (`vary_over`) *outside* the custom_vjp, so that
+# autodiff of the pcast adds the psum its gradient needs; buffers filled from ppermute
+# results must be varying from the start (`_zeros`).
 
 def _rows(x, start, size: int):
     return lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 2)
@@ -102,11 +80,11 @@ def _gather_ring(x, axis_name, direction, consume):
     piece's first row in the gathered array. The hop that forwards a piece is issued
     before the piece is consumed: the two do not depend on each other, so they can overlap.
     """
-    p, r = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    p, r = axis_size(axis_name), lax.axis_index(axis_name)
     block = x.shape[-2]
     pieces = [(by, off, x[..., off:off + n, :]) for by, off, n in _streams(block, direction)]
     for s in range(p):
-        nxt = [(by, off, _shift(piece, axis_name, by)) for by, off, piece in pieces] \
+        nxt = [(by, off, shift(piece, axis_name, by)) for by, off, piece in pieces] \
             if s < p - 1 else []
         for by, off, piece in pieces:
             src = (r - by * s) % p  # after s hops of `by`, we hold device (r − by·s)'s piece
@@ -122,19 +100,19 @@ def _scatter_ring(contribution, n_rows: int, axis_name, direction):
     hop picks up the partial of the device it lands on; after P−1 hops it is home. Each hop
     runs beside the matmul of the partial added at the next step, which does not need it.
     """
-    p, r = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    p, r = axis_size(axis_name), lax.axis_index(axis_name)
     block = n_rows // p
     accs = [None] * len(_streams(block, direction))
     for s in range(p):
         for i, (by, off, n) in enumerate(_streams(block, direction)):
             j = (r - by * (s + 1)) % p  # the block this device's accumulator is for at step s
             part = contribution(j * block + off, n)
-            accs[i] = part if accs[i] is None else _shift(accs[i], axis_name, by) + part
+            accs[i] = part if accs[i] is None else shift(accs[i], axis_name, by) + part
     return accs[0] if len(accs) == 1 else jnp.concatenate(accs, axis=-2)
 
 
 def _zeros(shape, dtype, *refs):
-    return _as_varying(jnp.zeros(shape, dtype), *refs)
+    return varying_like(jnp.zeros(shape, dtype), *refs)
 
 
 # ---------------------------------------------------------------------------- checking
@@ -148,13 +126,13 @@ def _check(fn: str, x, w, axis_name, direction, *, row_blocks: bool, min_cols: i
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"{fn}: contraction mismatch, x{list(x.shape)} last axis "
                          f"{x.shape[-1]} != w{list(w.shape)} first axis {w.shape[0]}")
-    p = lax.axis_size(axis_name)
+    p = axis_size(axis_name)
     rows = x.shape[-2]
     if row_blocks and rows % p:
-        divisors = [d for d in range(1, rows + 1) if rows % d == 0]
         raise ValueError(
             f"{fn}: x rows={rows} (axis -2 of x{list(x.shape)}) not divisible by the size {p} "
-            f"of axis {axis_name!r}; use rows in multiples of {p}, or an axis size in {divisors}")
+            f"of axis {axis_name!r}; use rows in multiples of {p}, or an axis size in "
+            f"{divisors(rows)}")
     block = rows // p if row_blocks else rows
     if direction == "bidi" and block < 2:
         raise ValueError(f"{fn}: direction='bidi' cuts each block of {block} row(s) in two "
@@ -174,7 +152,7 @@ def all_gather_matmul(x, w, *, axis_name, direction: str = "uni"):
     weight). Returns [..., P·L, F]. Call inside shard_map over `axis_name`.
     """
     _check("all_gather_matmul", x, w, axis_name, direction, row_blocks=False)
-    x, w = _vary_over(x, {axis_name}), _vary_over(w, {axis_name})
+    x, w = vary_over(x, {axis_name}), vary_over(w, {axis_name})
     return _agmm(x, w, axis_name, direction)
 
 
@@ -192,7 +170,7 @@ def _local_shard_vjp(forward, backward):
 
 
 def _agmm_forward(x, w, axis_name, direction):
-    p = lax.axis_size(axis_name)
+    p = axis_size(axis_name)
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     out = _zeros((*x.shape[:-2], p * x.shape[-2], w.shape[1]), out_dtype, x, w)
 
@@ -234,7 +212,7 @@ def matmul_reduce_scatter(x, w, *, axis_name, direction: str = "uni"):
     rows r·N/P .. (r+1)·N/P. Call inside shard_map over `axis_name`.
     """
     _check("matmul_reduce_scatter", x, w, axis_name, direction, row_blocks=True)
-    x, w = _vary_over(x, {axis_name}), _vary_over(w, {axis_name})
+    x, w = vary_over(x, {axis_name}), vary_over(w, {axis_name})
     return _mmrs(x, w, axis_name, direction)
 
 
@@ -276,7 +254,7 @@ def matmul_all_reduce(x, w, *, axis_name, direction: str = "uni"):
     For Megatron-style layers prefer reduce-scatter + all-gather around the next block.
     """
     _check("matmul_all_reduce", x, w, axis_name, direction, row_blocks=True, min_cols=2)
-    x, w = _vary_over(x, {axis_name}), _vary_over(w, {axis_name})
+    x, w = vary_over(x, {axis_name}), vary_over(w, {axis_name})
     return _mmar(x, w, axis_name, direction)
 
 
@@ -285,7 +263,7 @@ def _column_halves(f: int):
 
 
 def _ring_all_gather(y, axis_name, direction):
-    p = lax.axis_size(axis_name)
+    p = axis_size(axis_name)
     out = _zeros((*y.shape[:-2], p * y.shape[-2], y.shape[-1]), y.dtype, y)
 
     def consume(piece, row0):
