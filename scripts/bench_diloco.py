@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from jaxpar.diloco import data_parallel_bytes, replica_grads, streaming_diloco  # noqa: E402
 from jaxpar.mesh import make_mesh  # noqa: E402
 from jaxpar.models.transformer import Transformer, TransformerConfig, lm_loss  # noqa: E402
-from jaxpar.train.data import ByteData  # noqa: E402
+from jaxpar.data import ByteData  # noqa: E402
 
 METHODS = {  # name: streaming_diloco kwargs (None = data parallel); "P"/"alpha" come from settings
     "data parallel": None,

@@ -6,7 +6,7 @@ import numpy as np
 
 from jaxpar.diloco import split_fragments
 from jaxpar.models.transformer import Transformer, TransformerConfig, causal_attention, lm_loss
-from jaxpar.train.data import DEFAULT_CORPUS, ByteData
+from jaxpar.data import DEFAULT_CORPUS, ByteData
 
 CFG = TransformerConfig(layers=4, embed=32, heads=4, kv_heads=2, head_dim=8, mlp=64)
 

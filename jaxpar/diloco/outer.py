@@ -68,6 +68,9 @@ class StreamingDiLoCo:
     quantize: str = "none"
     mesh: Mesh | None = None
     low_bit_collective: str = "auto"
+    # PartitionSpecs of one replica's params (e.g. tensor-parallel dims); replica copies are
+    # P(replica, *spec). None = replicated inside a replica.
+    param_specs: Any = None
 
     def __post_init__(self):
         qz.check_format(self.quantize)
@@ -108,6 +111,17 @@ class StreamingDiLoCo:
             return x
         return lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
 
+    def _leaf_specs(self, tree) -> list[tuple]:
+        """Per-leaf spec entries of one replica's params (empty tuples when unknown)."""
+        if self.param_specs is None:
+            return [()] * len(jax.tree.leaves(tree))
+        return [tuple(s) for s in jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, P))]
+
+    def _constrain_replicas(self, tree_M):
+        leaves, treedef = jax.tree.flatten(tree_M)
+        specs = self._leaf_specs(tree_M)
+        return jax.tree.unflatten(treedef, [self._constrain(x, REPLICA, *s) for x, s in zip(leaves, specs)])
+
     def collective(self) -> str:
         """The cross-replica collective of one sync: 'all_reduce' (fp32), or for a low-bit
         format 'reduce_scatter' (all_to_all of codes + all-gather of re-quantized codes,
@@ -137,9 +151,16 @@ class StreamingDiLoCo:
     def _init(self, params, frags: Fragments) -> DiLoCoState:
         M = self.num_replicas
         params_M = jax.tree.map(lambda x: jnp.broadcast_to(x, (M,) + x.shape), params)
-        params_M = jax.tree.map(lambda x: self._constrain(x, REPLICA), params_M)
+        params_M = self._constrain_replicas(params_M)
         inner_M = jax.vmap(self.inner.init)(params_M)
-        inner_M = jax.tree.map(lambda x: self._constrain(x, REPLICA), inner_M)
+        if self.param_specs is not None:  # moments mirror their params' layout
+            specs = optax.tree_map_params(self.inner, lambda _, s: P(REPLICA, *s), inner_M,
+                                          self.param_specs, transform_non_params=lambda _: P(REPLICA),
+                                          is_leaf=lambda x: isinstance(x, P))
+            inner_M = jax.tree.map(lambda x, s: self._constrain(x, *s), inner_M, specs,
+                                   is_leaf=lambda x: isinstance(x, P))
+        else:
+            inner_M = jax.tree.map(lambda x: self._constrain(x, REPLICA), inner_M)
         leaves = jax.tree.leaves(params)
         outer, pending = [], []
         for p in range(self.num_fragments):
@@ -244,10 +265,11 @@ class StreamingDiLoCo:
         upd, outer_p = self.outer_optimizer.update(state.pending_delta[p], state.outer_state[p], glob)
         glob = optax.apply_updates(glob, upd)
         a = self.alpha
+        specs = self._leaf_specs(state.global_params)
         for j, i in enumerate(idx):
             glob_leaves[i] = glob[j]
             mixed = a * rep_leaves[i].astype(jnp.float32) + (1.0 - a) * glob[j].astype(jnp.float32)[None]
-            rep_leaves[i] = self._constrain(mixed.astype(rep_leaves[i].dtype), REPLICA)
+            rep_leaves[i] = self._constrain(mixed.astype(rep_leaves[i].dtype), REPLICA, *specs[i])
         outer = state.outer_state[:p] + (outer_p,) + state.outer_state[p + 1:]
         return state._replace(
             params=jax.tree.unflatten(rep_def, rep_leaves),
@@ -292,10 +314,11 @@ def streaming_diloco(inner: optax.GradientTransformation, *, num_replicas: int, 
                      num_fragments: int = 1, overlap_steps: int = 0, alpha: float = 0.0,
                      outer_optimizer: optax.GradientTransformation | None = None,
                      quantize: str = "none", mesh: Mesh | None = None,
-                     low_bit_collective: str = "auto") -> StreamingDiLoCo:
+                     low_bit_collective: str = "auto", param_specs=None) -> StreamingDiLoCo:
     """Streaming DiLoCo around `inner` (see module doc). Defaults give plain DiLoCo."""
     return StreamingDiLoCo(inner, num_replicas, sync_every, num_fragments, overlap_steps, alpha,
-                           outer_optimizer or default_outer_optimizer(), quantize, mesh, low_bit_collective)
+                           outer_optimizer or default_outer_optimizer(), quantize, mesh, low_bit_collective,
+                           param_specs)
 
 
 def replica_grads(loss_fn: Callable, *, mesh: Mesh | None = None, has_aux: bool = False):

@@ -1,18 +1,37 @@
-"""A small Llama-style decoder (Flax Linen): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""A Llama-style decoder (Flax Linen): RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
-The attention itself is a plain function argument, `attention_fn(q_BNHD, k_BNKD, v_BNKD) ->
-out_BNHD`, so a sequence-parallel implementation can be dropped in; the default is causal
-softmax attention in fp32. Layers are named `layers_0 ... layers_{L-1}`, which is how
-Streaming DiLoCo finds its fragments.
+Every param and activation carries logical axis names (`jaxpar.sharding` maps them to the
+mesh). Given a `Parallel` (a mesh, the rules, the attention impl and the overlap mode):
+
+  * q, k, v, gate, up are `ColumnParallelDense` and o, down `RowParallelDense` from
+    `jaxpar.overlap` (Megatron-SP: between blocks tokens are sharded over seq·tensor, the
+    tensor part gathered/scattered by the — optionally decomposed — collective matmuls);
+  * attention is `jaxpar.attention` inside one `shard_map`: batch on `batch`, tokens on the
+    sequence axes, heads on `tensor`. Causal, with segment ids (packed documents). The
+    sequence-parallel impls expect the zigzag token order, which the data path applies once
+    to tokens, positions (RoPE) and segment ids.
+
+Without a mesh the same params (same names and shapes) run as plain Dense layers and
+`attention_fn(q_BNHD, k_BNKD, v_BNKD, segment_ids_BN, positions_BN)` (default: causal
+softmax on positions): the unsharded reference. Layers are named `layers_0 ...
+layers_{L-1}`, which is how Streaming DiLoCo finds its fragments.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxpar import sharding
+from jaxpar.attention import attention as sp_attention
+from jaxpar.attention.blockwise import flash_attention
+from jaxpar.overlap import ColumnParallelDense, RowParallelDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,17 +52,69 @@ class TransformerConfig:
             raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
 
 
-def causal_attention(q_BNHD, k_BNKD, v_BNKD):
-    """Reference causal softmax attention with GQA (each K/V head serves H/K query heads)."""
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """How the decoder runs on a mesh; axis names come from `rules`."""
+    mesh: Mesh
+    rules: sharding.Rules = sharding.DEFAULT_RULES
+    attention: str = "dense"    # dense (no sequence sharding) | ulysses | ring | tokenring | hybrid
+    ring_impl: str = "ring"     # hybrid's outer axis
+    overlap: str = "none"       # none | collective_matmul | auto
+    direction: str = "uni"
+
+    def axes(self, logical: str) -> tuple[str, ...]:
+        return sharding.mesh_axes(logical, self.rules)
+
+    @property
+    def tensor_axis(self) -> str:
+        (axis,) = self.axes("heads")
+        return axis
+
+    @property
+    def seq_axes(self) -> tuple[str, ...]:
+        return self.axes("length")
+
+
+def _entry(axes: tuple[str, ...]):
+    return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def causal_attention(q_BNHD, k_BNKD, v_BNKD, segment_ids_BN=None, positions_BN=None):
+    """Reference causal softmax attention with GQA in fp32. The mask comes from positions
+    (any token order works) and, for packed documents, equal segment ids."""
     B, N, H, D = q_BNHD.shape
     K = k_BNKD.shape[2]
+    if positions_BN is None:
+        positions_BN = jnp.broadcast_to(jnp.arange(N), (B, N))
     q_BNKGD = q_BNHD.reshape(B, N, K, H // K, D).astype(jnp.float32)
     s_BKGNM = jnp.einsum("bnkgd,bmkd->bkgnm", q_BNKGD, k_BNKD.astype(jnp.float32)) / jnp.sqrt(D)
-    mask_NM = jnp.tril(jnp.ones((N, N), bool))
-    s_BKGNM = jnp.where(mask_NM, s_BKGNM, -jnp.inf)
+    mask_BNM = positions_BN[:, None, :] <= positions_BN[:, :, None]
+    if segment_ids_BN is not None:
+        mask_BNM &= segment_ids_BN[:, None, :] == segment_ids_BN[:, :, None]
+    s_BKGNM = jnp.where(mask_BNM[:, None, None], s_BKGNM, -jnp.inf)
     p_BKGNM = jax.nn.softmax(s_BKGNM, axis=-1)
     out_BNKGD = jnp.einsum("bkgnm,bmkd->bnkgd", p_BKGNM, v_BNKD.astype(jnp.float32))
     return out_BNKGD.reshape(B, N, H, D).astype(q_BNHD.dtype)
+
+
+def parallel_attention(par: Parallel, q_BNHD, k_BNKD, v_BNKD, segment_ids_BN):
+    """Causal attention on global arrays: one shard_map, tokens on the sequence axes (in
+    zigzag order for the sequence-parallel impls), heads on the tensor axis."""
+    batch, seq, tensor = _entry(par.axes("batch")), _entry(par.seq_axes), par.tensor_axis
+    qkv_spec, seg_spec = P(batch, seq, tensor, None), P(batch, seq)
+    if par.attention == "dense":
+        def local(q, k, v, seg):
+            return flash_attention(q, k, v, segment_ids_BN=seg, causal=True)[0].astype(q.dtype)
+    else:
+        axis = par.seq_axes if par.attention == "hybrid" else par.seq_axes[0]
+        kw = {"ring_impl": par.ring_impl} if par.attention == "hybrid" else {}
+        local = functools.partial(_per_device, impl=par.attention, axis=axis, kw=kw)
+    return jax.shard_map(local, mesh=par.mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
+                         out_specs=qkv_spec)(q_BNHD, k_BNKD, v_BNKD, segment_ids_BN)
+
+
+def _per_device(q, k, v, seg, *, impl, axis, kw):
+    return sp_attention(q, k, v, impl=impl, axis=axis, causal=True, segment_ids=seg, **kw)
 
 
 def rope(x_BNHD, positions_BN, base):
@@ -61,7 +132,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BNE):
-        scale_E = self.param("scale", nn.initializers.ones, (x_BNE.shape[-1],))
+        scale_E = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                             (x_BNE.shape[-1],))
         x = x_BNE.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return (x * scale_E).astype(x_BNE.dtype)
@@ -70,49 +142,76 @@ class RMSNorm(nn.Module):
 class Block(nn.Module):
     cfg: TransformerConfig
     attention_fn: Callable
+    parallel: Parallel | None = None
+
+    def _dense(self, features, name, fan_in, axes, row: bool = False):
+        init = nn.initializers.normal(fan_in ** -0.5)
+        par, dtype = self.parallel, self.cfg.dtype
+        if par is None:
+            return nn.Dense(features, use_bias=False, dtype=dtype, name=name,
+                            kernel_init=nn.with_logical_partitioning(init, axes))
+        cls = RowParallelDense if row else ColumnParallelDense
+        return cls(features, mesh=par.mesh, axis=par.tensor_axis, overlap=par.overlap,
+                   direction=par.direction, dtype=dtype, kernel_init=init, name=name,
+                   batch_axes=_entry(par.axes("batch")), seq_axes=par.seq_axes,
+                   kernel_axes=axes)
 
     @nn.compact
-    def __call__(self, x_BNE, positions_BN):
+    def __call__(self, x_BNE, positions_BN, segment_ids_BN):
         c = self.cfg
-        dense = lambda f, name: nn.DenseGeneral(f, use_bias=False, dtype=c.dtype, name=name,
-                                               kernel_init=nn.initializers.normal(c.embed ** -0.5))
-        h = RMSNorm(c.norm_eps, name="attn_norm")(x_BNE)
-        q_BNHD = dense((c.heads, c.head_dim), "q")(h)
-        k_BNKD = dense((c.kv_heads, c.head_dim), "k")(h)
-        v_BNKD = dense((c.kv_heads, c.head_dim), "v")(h)
-        q_BNHD, k_BNKD = rope(q_BNHD, positions_BN, c.rope_base), rope(k_BNKD, positions_BN, c.rope_base)
-        o_BNHD = self.attention_fn(q_BNHD, k_BNKD, v_BNKD)
-        x_BNE = x_BNE + nn.DenseGeneral(c.embed, axis=(-2, -1), use_bias=False, dtype=c.dtype, name="o",
-                                        kernel_init=nn.initializers.normal((c.heads * c.head_dim) ** -0.5))(o_BNHD)
-        h = RMSNorm(c.norm_eps, name="mlp_norm")(x_BNE)
-        gate_BNF, up_BNF = dense(c.mlp, "gate")(h), dense(c.mlp, "up")(h)
-        down = nn.Dense(c.embed, use_bias=False, dtype=c.dtype, name="down",
-                        kernel_init=nn.initializers.normal(c.mlp ** -0.5))
-        return x_BNE + down(nn.silu(gate_BNF) * up_BNF)
+        B, N, _ = x_BNE.shape
+        H, K, D = c.heads, c.kv_heads, c.head_dim
+        h_BNE = RMSNorm(c.norm_eps, name="attn_norm")(x_BNE)
+        q_BNHD = self._dense(H * D, "q", c.embed, ("embed", "heads"))(h_BNE).reshape(B, N, H, D)
+        k_BNKD = self._dense(K * D, "k", c.embed, ("embed", "kv_heads"))(h_BNE).reshape(B, N, K, D)
+        v_BNKD = self._dense(K * D, "v", c.embed, ("embed", "kv_heads"))(h_BNE).reshape(B, N, K, D)
+        q_BNHD = rope(q_BNHD, positions_BN, c.rope_base)
+        k_BNKD = rope(k_BNKD, positions_BN, c.rope_base)
+        if self.parallel is None:
+            o_BNHD = self.attention_fn(q_BNHD, k_BNKD, v_BNKD, segment_ids_BN, positions_BN)
+        else:
+            o_BNHD = parallel_attention(self.parallel, q_BNHD, k_BNKD, v_BNKD, segment_ids_BN)
+        o = self._dense(c.embed, "o", H * D, ("heads", "embed"), row=True)
+        x_BNE = x_BNE + o(o_BNHD.reshape(B, N, H * D))
+        h_BNE = RMSNorm(c.norm_eps, name="mlp_norm")(x_BNE)
+        gate_BNF = self._dense(c.mlp, "gate", c.embed, ("embed", "mlp"))(h_BNE)
+        up_BNF = self._dense(c.mlp, "up", c.embed, ("embed", "mlp"))(h_BNE)
+        down = self._dense(c.embed, "down", c.mlp, ("mlp", "embed"), row=True)
+        x_BNE = x_BNE + down(nn.silu(gate_BNF) * up_BNF)
+        return nn.with_logical_constraint(x_BNE, ("batch", "act_length", "embed"))
 
 
 class Transformer(nn.Module):
+    """tokens[B, N] (+ positions[B, N], segment_ids[B, N]) -> logits[B, N, V] in fp32."""
     cfg: TransformerConfig
     attention_fn: Callable = causal_attention
+    parallel: Parallel | None = None
 
     @nn.compact
-    def __call__(self, tokens_BN, positions_BN=None):
+    def __call__(self, tokens_BN, positions_BN=None, segment_ids_BN=None):
         c = self.cfg
         if positions_BN is None:
             positions_BN = jnp.broadcast_to(jnp.arange(tokens_BN.shape[1]), tokens_BN.shape)
-        x_BNE = nn.Embed(c.vocab, c.embed, name="embed",
-                         embedding_init=nn.initializers.normal(1.0))(tokens_BN).astype(c.dtype)
+        if segment_ids_BN is None:
+            segment_ids_BN = jnp.zeros(tokens_BN.shape, jnp.int32)
+        embed = nn.Embed(c.vocab, c.embed, name="embed", embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("vocab", "embed")))
+        x_BNE = embed(tokens_BN).astype(c.dtype)
+        x_BNE = nn.with_logical_constraint(x_BNE, ("batch", "act_length", "embed"))
         for i in range(c.layers):
-            x_BNE = Block(c, self.attention_fn, name=f"layers_{i}")(x_BNE, positions_BN)
+            x_BNE = Block(c, self.attention_fn, self.parallel, name=f"layers_{i}")(
+                x_BNE, positions_BN, segment_ids_BN)
         x_BNE = RMSNorm(c.norm_eps, name="final_norm")(x_BNE)
-        logits_BNV = nn.Dense(c.vocab, use_bias=False, dtype=c.dtype, name="lm_head",
-                              kernel_init=nn.initializers.normal(c.embed ** -0.5))(x_BNE)
-        return logits_BNV.astype(jnp.float32)
+        head = nn.Dense(c.vocab, use_bias=False, dtype=c.dtype, name="lm_head",
+                        kernel_init=nn.with_logical_partitioning(
+                            nn.initializers.normal(c.embed ** -0.5), ("embed", "vocab")))
+        logits_BNV = head(x_BNE).astype(jnp.float32)
+        return nn.with_logical_constraint(logits_BNV, ("batch", "length", "vocab"))
 
 
 def lm_loss(model: Transformer, params, tokens_BN1):
-    """Mean next-byte cross-entropy (nats) of windows tokens[B, N+1]."""
-    logits_BNV = model.apply({"params": params}, tokens_BN1[:, :-1])
-    import optax  # local: the model itself does not need optax
+    """Mean next-byte cross-entropy (nats) of windows tokens[B, N+1] (kept for scripts that
+    call the model directly; the trainer's loss is `jaxpar.train.loop.lm_loss`)."""
+    from jaxpar.train.loop import cross_entropy
 
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BNV, tokens_BN1[:, 1:]).mean()
+    return cross_entropy(model.apply({"params": params}, tokens_BN1[:, :-1]), tokens_BN1[:, 1:])

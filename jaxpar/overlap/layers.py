@@ -67,18 +67,35 @@ class _TPDense(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
     batch_axes: str | Sequence[str] | None = None
     hardware: cost_model.Hardware | None = None
+    # mesh axes that already split N outside this layer (context parallelism): N is sharded
+    # over (*seq_axes, axis) between blocks and over seq_axes inside
+    seq_axes: Sequence[str] = ()
+    # logical names of the kernel's (in, out) dims; None = physical (None, axis)/(axis, None)
+    kernel_axes: Sequence[str] | None = None
 
     def _size(self) -> int:
         return self.mesh.shape[self.axis]
 
+    def _n_spec(self, with_axis: bool):
+        axes = (*self.seq_axes, self.axis) if with_axis else tuple(self.seq_axes)
+        return axes[0] if len(axes) == 1 else (axes or None)
+
+    def _kernel(self, shape, physical):
+        init = (nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes))
+                if self.kernel_axes is not None else nn.with_partitioning(self.kernel_init,
+                                                                          physical))
+        return self.param("kernel", init, shape, self.param_dtype)
+
     def _check(self, x, what: str):
         p = self._size()
+        for a in self.seq_axes:
+            p *= self.mesh.shape[a]
         if x.ndim < 2:
             raise ValueError(f"{type(self).__name__}: x needs [..., N, {what}], got {x.shape}")
         if x.shape[-2] % p:
             raise ValueError(f"{type(self).__name__}: sequence length N={x.shape[-2]} of "
-                             f"x{list(x.shape)} not divisible by size {p} of axis "
-                             f"{self.axis!r}; pad N to a multiple of {p}")
+                             f"x{list(x.shape)} not divisible by size {p} of axes "
+                             f"{(*self.seq_axes, self.axis)}; pad N to a multiple of {p}")
 
 
 class ColumnParallelDense(_TPDense):
@@ -91,11 +108,10 @@ class ColumnParallelDense(_TPDense):
         if self.features % p:
             raise ValueError(f"ColumnParallelDense: features={self.features} not divisible by "
                              f"size {p} of axis {self.axis!r}")
-        kernel = self.param("kernel", nn.with_partitioning(self.kernel_init, (None, self.axis)),
-                            (e, self.features), self.param_dtype)
+        kernel = self._kernel((e, self.features), (None, self.axis))
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         lead = _leading_spec(x.ndim, self.batch_axes)
-        x_spec, k_spec = P(*lead, self.axis, None), P(None, self.axis)
+        x_spec, k_spec = P(*lead, self._n_spec(True), None), P(None, self.axis)
 
         def local(x, w):
             m = x.size // x.shape[-1] * p  # gathered rows on this device
@@ -106,7 +122,7 @@ class ColumnParallelDense(_TPDense):
                                                        direction=direction)
 
         y = jax.shard_map(local, mesh=self.mesh, in_specs=(x_spec, k_spec),
-                          out_specs=P(*lead, None, self.axis))(x.astype(dtype),
+                          out_specs=P(*lead, self._n_spec(False), self.axis))(x.astype(dtype),
                                                                kernel.astype(dtype))
         if self.use_bias:
             bias = self.param("bias", nn.with_partitioning(nn.initializers.zeros, (self.axis,)),
@@ -125,8 +141,7 @@ class RowParallelDense(_TPDense):
         if f % p:
             raise ValueError(f"RowParallelDense: input features F={f} not divisible by size "
                              f"{p} of axis {self.axis!r}")
-        kernel = self.param("kernel", nn.with_partitioning(self.kernel_init, (self.axis, None)),
-                            (f, self.features), self.param_dtype)
+        kernel = self._kernel((f, self.features), (self.axis, None))
         dtype = self.dtype or jnp.result_type(h.dtype, self.param_dtype)
         lead = _leading_spec(h.ndim, self.batch_axes)
 
@@ -139,8 +154,8 @@ class RowParallelDense(_TPDense):
                                                            direction=direction)
 
         y = jax.shard_map(local, mesh=self.mesh,
-                          in_specs=(P(*lead, None, self.axis), P(self.axis, None)),
-                          out_specs=P(*lead, self.axis, None))(h.astype(dtype),
+                          in_specs=(P(*lead, self._n_spec(False), self.axis), P(self.axis, None)),
+                          out_specs=P(*lead, self._n_spec(True), None))(h.astype(dtype),
                                                                kernel.astype(dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)

@@ -1,0 +1,62 @@
+"""`python -m jaxpar.train CONFIG.yaml [section.key=value ...]` (also `jaxpar-train`).
+
+A bad config is one line on stderr naming the key and what would be valid, exit code 2,
+and nothing is compiled. Multi-process: `scripts/launch.py` sets JAXPAR_COORDINATOR,
+JAXPAR_NUM_PROCESSES and JAXPAR_PROCESS_ID; on a cluster pass `--distributed` and
+`jax.distributed.initialize()` reads the cluster's own environment.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _init_distributed(cluster: bool) -> None:
+    import jax
+
+    if "JAXPAR_COORDINATOR" in os.environ:
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=os.environ["JAXPAR_COORDINATOR"],
+                                   num_processes=int(os.environ["JAXPAR_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAXPAR_PROCESS_ID"]))
+    elif cluster:
+        jax.distributed.initialize()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="jaxpar-train", description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="YAML config (may name `base:`)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.layers=4")
+    ap.add_argument("--distributed", action="store_true",
+                    help="call jax.distributed.initialize() (cluster environments)")
+    args = ap.parse_args(argv)
+
+    from jaxpar.train.config import ConfigError, load_config, validate
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _init_distributed(args.distributed)
+    import jax
+
+    try:
+        validate(cfg, jax.device_count())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from jaxpar.train.run import train
+
+    try:
+        train(cfg)
+    except ConfigError as e:  # found while building (e.g. a user factory that cannot import)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

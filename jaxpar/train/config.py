@@ -1,0 +1,413 @@
+"""Run configuration: typed, frozen dataclasses read from YAML with `base:` inheritance.
+
+    cfg = load_config("configs/demo.yaml", ["model.layers=2", "attention.impl=ring"])
+    validate(cfg, jax.device_count())   # the semantic checks; nothing is compiled before this
+
+A YAML file may name `base: other.yaml` (relative to itself); its keys are merged over the
+base's, section by section. Overrides are dotted `section.key=value`, with the value read as
+YAML (`true`, `3`, `1e-3`, `null`, `[a, b]`). Every mistake is a `ConfigError`: one line that
+names the key and what would be valid; `python -m jaxpar.train` prints it and exits with 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    replica: int = 1    # Streaming DiLoCo replicas (or more data parallelism without DiLoCo)
+    data: int = 1
+    seq: int = 1        # sequence parallelism (the ring axis of the hybrid)
+    seq_inner: int = 1  # Ulysses part of attention.impl=hybrid
+    tensor: int = 1     # tensor parallelism (Megatron-SP layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    module: str = ""    # "" = the built-in decoder; else "package.module:factory"
+    layers: int = 4
+    embed: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 0   # 0 = embed // heads
+    mlp: int = 384
+    vocab: int = 256    # byte-level data: 256
+    rope_base: float = 10_000.0
+    dtype: str = "float32"  # compute dtype; params stay fp32
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSection:
+    impl: str = "dense"     # dense | ulysses | ring | tokenring | hybrid
+    ring_impl: str = "ring"  # hybrid's outer (seq) axis: ring | tokenring
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlapSection:
+    mode: str = "none"       # none | collective_matmul | auto
+    direction: str = "uni"   # uni | bidi
+
+
+@dataclasses.dataclass(frozen=True)
+class DiLoCoSection:
+    enabled: bool = False
+    sync_every: int = 16      # H
+    num_fragments: int = 1    # P
+    overlap_steps: int = 0    # τ
+    alpha: float = 0.0
+    quantize: str = "none"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 100
+    batch_size: int = 8       # sequences per step (per replica with DiLoCo)
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup: int = 0           # 0 = steps // 16
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b2: float = 0.95
+    clip: float = 1.0
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    path: str | None = None   # null = the bundled corpus; a text file or a folder
+    doc_separator: str = "\n\n"  # documents inside one file (a folder: one per file)
+    eval_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 0            # 0 = only at the end
+    keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every: int = 50           # 0 = only at the end
+    batches: int = 4
+    sample_bytes: int = 64    # bytes of text sampled at the end (0 = none)
+    prompt: str = "Return the "
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    mesh: MeshSection = MeshSection()
+    model: ModelSection = ModelSection()
+    attention: AttentionSection = AttentionSection()
+    overlap: OverlapSection = OverlapSection()
+    diloco: DiLoCoSection = DiLoCoSection()
+    train: TrainSection = TrainSection()
+    data: DataSection = DataSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection = EvalSection()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> "Config":
+        """`cfg.replace(train={"steps": 3})`: a copy with some keys of some sections changed."""
+        return from_dict(_merge(self.to_dict(), sections))
+
+
+_SECTION_TYPES = {f.name: f.default.__class__ for f in dataclasses.fields(Config)}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, t in _SECTION_TYPES.items() for f in dataclasses.fields(t)]
+
+
+def _closest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ------------------------------------------------------------------------- reading
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"base: {path} inherits from itself ({' -> '.join(map(str, seen))})")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"base: in {path} must be a file name, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'model.layers=4' -> ('model', 'layers', 4); the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. "
+                          f"model.layers=4")
+    key, value = item.split("=", 1)
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.key{_closest(key, all_keys())}"
+                          f" (keys: {', '.join(all_keys()[:6])}, ...)")
+    section, name = key.split(".")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return section, name, parsed
+
+
+def _coerce(key: str, value, typ):
+    """Check `value` against the dataclass field type; ints are fine for floats."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        opts = typing.get_args(typ)
+        if value is None and type(None) in opts:
+            return None
+        typ = next(t for t in opts if t is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}={value!r} must be {typ.__name__}, got {type(value).__name__}")
+
+
+def from_dict(raw: dict) -> Config:
+    sections = {}
+    for name, body in raw.items():
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"unknown section {name!r}{_closest(name, _SECTION_TYPES)} "
+                              f"(sections: {', '.join(_SECTION_TYPES)})")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"section {name!r} must be a mapping of keys, got {body!r}")
+        cls = _SECTION_TYPES[name]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for key, value in body.items():
+            if key not in fields:
+                full = [f"{name}.{k}" for k in fields]
+                raise ConfigError(f"unknown key {name}.{key}{_closest(f'{name}.{key}', full)} "
+                                  f"(valid keys of {name}: {', '.join(fields)})")
+            kw[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kw)
+    return Config(**sections)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
+    """Read a YAML config (with `base:`), apply `section.key=value` overrides, check types."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        section, name, value = parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys")
+        raw[section] = dict(raw[section], **{name: value})
+    return from_dict(raw)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------- semantics
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _positive(cfg: Config):
+    for key in ("mesh.replica", "mesh.data", "mesh.seq", "mesh.seq_inner", "mesh.tensor",
+                "model.layers", "model.embed", "model.heads", "model.kv_heads", "model.mlp",
+                "model.vocab", "train.steps", "train.batch_size", "train.seq_len",
+                "train.log_every", "diloco.sync_every", "diloco.num_fragments",
+                "checkpoint.keep", "eval.batches"):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v < 1:
+            raise ConfigError(f"{key}={v} must be a positive integer (>= 1)")
+    for key in ("model.head_dim", "train.warmup", "checkpoint.every", "eval.every",
+                "eval.sample_bytes", "diloco.overlap_steps", "train.seed"):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v < 0:
+            raise ConfigError(f"{key}={v} must be >= 0")
+    for key in ("train.lr", "model.rope_base"):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if not v > 0:
+            raise ConfigError(f"{key}={v} must be > 0")
+
+
+def _choice(key: str, value, valid):
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid{_closest(str(value), valid)}; "
+                          f"choose one of {list(valid)}")
+
+
+def head_dim(cfg: Config) -> int:
+    return cfg.model.head_dim or cfg.model.embed // cfg.model.heads
+
+
+def validate(cfg: Config, device_count: int) -> None:
+    """Every check that needs no compilation; raises ConfigError naming the key."""
+    from jaxpar.attention import IMPLS
+    from jaxpar.diloco.quantize import FORMATS
+    from jaxpar.mesh import MeshConfig
+    from jaxpar.overlap import DIRECTIONS, OVERLAPS
+
+    _positive(cfg)
+    m, mo, a, d, t = cfg.mesh, cfg.model, cfg.attention, cfg.diloco, cfg.train
+    _choice("attention.impl", a.impl, IMPLS)
+    _choice("attention.ring_impl", a.ring_impl, ("ring", "tokenring"))
+    _choice("overlap.mode", cfg.overlap.mode, OVERLAPS)
+    _choice("overlap.direction", cfg.overlap.direction, DIRECTIONS)
+    _choice("diloco.quantize", d.quantize, FORMATS)
+    _choice("model.dtype", mo.dtype, ("float32", "bfloat16"))
+    mesh = MeshConfig(**dataclasses.asdict(m))
+    try:
+        mesh.validate(device_count)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("mesh ", "mesh.* = ", 1)) from None
+
+    if not mo.module:
+        _check_builtin_model(cfg)
+    seq_shards = m.seq * m.seq_inner
+    if a.impl == "dense" and seq_shards > 1:
+        raise ConfigError(f"attention.impl=dense runs unsharded attention, so it needs mesh.seq=1 "
+                          f"and mesh.seq_inner=1 (got {m.seq}, {m.seq_inner}); choose "
+                          f"attention.impl in ['ulysses', 'ring', 'tokenring', 'hybrid']")
+    if a.impl != "hybrid" and m.seq_inner > 1:
+        raise ConfigError(f"mesh.seq_inner={m.seq_inner} is only used by attention.impl=hybrid; "
+                          f"set mesh.seq_inner=1 or attention.impl=hybrid")
+    act = seq_shards * m.tensor
+    if t.seq_len % act:
+        raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by mesh.seq·seq_inner·"
+                          f"tensor={act} (activations are sharded over all three); e.g. "
+                          f"train.seq_len={act * max(1, t.seq_len // act)}")
+    zig = 2 * m.seq  # zigzag: 2·P chunks over the ring (seq) axis
+    if a.impl in ("ring", "tokenring", "ulysses", "hybrid") and t.seq_len % (zig * m.seq_inner
+                                                                             * m.tensor):
+        unit = zig * m.seq_inner * m.tensor
+        raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by {unit} for the causal "
+                          f"zigzag layout (2·mesh.seq={zig} chunks, each split over seq_inner·tensor)"
+                          f"; e.g. train.seq_len={unit * max(1, t.seq_len // unit)}")
+    batch_shards = m.data * (1 if d.enabled else m.replica)
+    if t.batch_size % batch_shards:
+        who = "mesh.data" if d.enabled else "mesh.replica·data"
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by {who}="
+                          f"{batch_shards}; e.g. train.batch_size="
+                          f"{batch_shards * max(1, t.batch_size // batch_shards)}")
+    if d.enabled:
+        if d.sync_every % d.num_fragments:
+            raise ConfigError(f"diloco.sync_every={d.sync_every} must be divisible by "
+                              f"diloco.num_fragments={d.num_fragments}; valid num_fragments: "
+                              f"{[p for p in _divisors(d.sync_every) if p <= mo.layers]}")
+        if not mo.module and d.num_fragments > mo.layers:
+            raise ConfigError(f"diloco.num_fragments={d.num_fragments} needs at least that many "
+                              f"layers (model.layers={mo.layers})")
+        if d.overlap_steps >= d.sync_every // d.num_fragments:
+            raise ConfigError(f"diloco.overlap_steps={d.overlap_steps} must be < diloco.sync_every"
+                              f"/num_fragments={d.sync_every // d.num_fragments}")
+        if not 0.0 <= d.alpha <= 1.0:
+            raise ConfigError(f"diloco.alpha={d.alpha} must be in [0, 1]")
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1)")
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a text file, a "
+                          f"folder of text files, or data.path=null for the bundled corpus")
+    _check_run_dir(t.run_dir)
+
+
+def _check_builtin_model(cfg: Config):
+    m, mo, a = cfg.mesh, cfg.model, cfg.attention
+    if mo.heads % mo.kv_heads:
+        raise ConfigError(f"model.heads={mo.heads} must be a multiple of model.kv_heads="
+                          f"{mo.kv_heads}; valid kv_heads: {_divisors(mo.heads)}")
+    if not mo.head_dim and mo.embed % mo.heads:
+        raise ConfigError(f"model.embed={mo.embed} must be divisible by model.heads={mo.heads} "
+                          f"(or set model.head_dim)")
+    if head_dim(cfg) % 2:
+        raise ConfigError(f"model.head_dim={head_dim(cfg)} must be even (RoPE rotates pairs)")
+    for key, v in (("model.heads", mo.heads), ("model.kv_heads", mo.kv_heads),
+                   ("model.mlp", mo.mlp), ("model.vocab", mo.vocab)):
+        if v % m.tensor:
+            valid = [x for x in _divisors(math.gcd(mo.kv_heads, mo.mlp)) if mo.vocab % x == 0]
+            raise ConfigError(f"{key}={v} must be divisible by mesh.tensor={m.tensor} "
+                              f"(tensor parallelism splits it); mesh.tensor in {valid} would fit")
+    h, kh = mo.heads // m.tensor, mo.kv_heads // m.tensor  # heads on one tensor shard
+    ulysses = {"ulysses": ("mesh.seq", m.seq), "hybrid": ("mesh.seq_inner", m.seq_inner)}
+    if a.impl in ulysses:
+        key, p = ulysses[a.impl]
+        if h % p or (kh % p and p % kh):
+            valid = [x for x in _divisors(h) if kh % x == 0 or x % kh == 0]
+            raise ConfigError(
+                f"attention.impl={a.impl} splits the {h} query heads (and {kh} kv heads) of one "
+                f"tensor shard over {key}={p}; {key} in {valid} would fit, or use "
+                f"attention.impl=ring or tokenring")
+
+
+def _check_run_dir(run_dir: str):
+    path = Path(run_dir)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"train.run_dir={run_dir!r}: {probe} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"train.run_dir={run_dir!r} is not writable ({e.strerror} in {probe}); "
+                          f"choose another train.run_dir") from None

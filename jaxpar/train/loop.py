@@ -1,0 +1,295 @@
+"""A training run: sharded state, the compiled train and eval steps, and the loop.
+
+    run = Run.create(cfg)            # mesh, rules, model, data, optimizer (nothing compiled)
+    state = run.init_state()         # params + optimizer state, created in place, sharded
+    state, metrics = run.train_step(state, run.batch(step))
+
+Without DiLoCo the state is `TrainState(step, params, opt_state)` and the batch is sharded
+on `batch` (replica·data) and the token axes. With `diloco.enabled` it is the library's
+`DiLoCoState`: params carry a leading replica axis on the `replica` mesh axis, the inner
+step is `jax.vmap(..., spmd_axis_name='replica')` of the same sharded model (so each
+replica's step is itself sharded over data/seq/tensor and never talks across replicas), and
+`StreamingDiLoCo.update` adds the fragment syncs and merges.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxpar import comm, sharding
+from jaxpar.data import ByteData, pack
+from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
+from jaxpar.mesh import MeshConfig, make_mesh
+from jaxpar.train import model as model_lib
+from jaxpar.train.config import Config, head_dim, validate
+
+# dense bf16 peak TFLOP/s per device, for MFU (train.peak_tflops overrides)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
+               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def cross_entropy(logits_BNV, targets_BN):
+    """Mean next-token cross-entropy in nats."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BNV, targets_BN).mean()
+
+
+def inner_optimizer(cfg: Config):
+    """AdamW with warmup + cosine decay and global-norm clipping; returns (tx, schedule)."""
+    t = cfg.train
+    warmup = t.warmup or max(1, t.steps // 16)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, max(t.steps, warmup + 1),
+                                                  t.lr * t.min_lr_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(t.clip),
+                     optax.adamw(schedule, b2=t.b2, weight_decay=t.weight_decay))
+    return tx, schedule
+
+
+def peak_tflops(cfg: Config) -> float | None:
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: Config
+    mesh: Mesh
+    rules: sharding.Rules
+    model: model_lib.ModelFns
+    data: ByteData
+    tx: optax.GradientTransformation
+    schedule: Any
+    zigzag: int
+    diloco: StreamingDiLoCo | None = None
+    param_specs: Any = None
+    logical: Any = None
+    _compiled: dict = dataclasses.field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, cfg: Config, devices=None) -> "Run":
+        devices = list(devices) if devices is not None else jax.devices()
+        validate(cfg, len(devices))
+        mesh = make_mesh(MeshConfig(**dataclasses.asdict(cfg.mesh)), devices=devices)
+        rules = sharding.rules(diloco=cfg.diloco.enabled)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            model = model_lib.build(cfg, mesh, rules)
+        data = ByteData.load(cfg.data.path, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
+                             eval_fraction=cfg.data.eval_fraction,
+                             separator=cfg.data.doc_separator.encode())
+        tx, schedule = inner_optimizer(cfg)
+        # the sequence-parallel impls take tokens in the zigzag order over the ring axis
+        zigzag = cfg.mesh.seq if cfg.attention.impl != "dense" else 1
+        return cls(cfg, mesh, rules, model, data, tx, schedule, zigzag)
+
+    def scope(self):
+        """The mesh and rules context every trace of the model needs."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def batch_rows(self) -> int:
+        """Smallest batch the mesh can split: the size of the `batch` mesh axes."""
+        return math.prod(self.mesh.shape[a] for a in sharding.mesh_axes("batch", self.rules))
+
+    @property
+    def num_replicas(self) -> int:
+        return self.cfg.mesh.replica if self.cfg.diloco.enabled else 1
+
+    # ------------------------------------------------------------------ data
+    def _batch_spec(self, lead: int) -> P:
+        batch = sharding.mesh_axes("batch", self.rules)
+        act = sharding.mesh_axes("act_length", self.rules)
+        entry = lambda axes: axes[0] if len(axes) == 1 else (axes or None)
+        return P(*((None,) * lead), entry(batch), entry(act))
+
+    def _place(self, arrays: dict, spec: P) -> dict:
+        sh = NamedSharding(self.mesh, spec)
+        # every process computes the whole (cheap) batch and places its own shards
+        return {k: jax.make_array_from_callback(v.shape, sh, lambda i, v=v: v[i])
+                for k, v in arrays.items()}
+
+    def batch(self, step: int) -> dict:
+        """Global batch for inner step `step` (counted from 1), packed and sharded."""
+        sep = self.cfg.data.doc_separator.encode()
+        B = self.cfg.train.batch_size
+        if self.cfg.diloco.enabled:
+            windows = self.data.replica_batches(step, B, self.num_replicas)
+            return self._place(pack(windows, separator=sep, zigzag=self.zigzag),
+                               P(sharding.REPLICA, *self._batch_spec(0)))
+        windows = self.data.batch(step, B)
+        return self._place(pack(windows, separator=sep, zigzag=self.zigzag), self._batch_spec(0))
+
+    def eval_batches(self) -> dict:
+        sep = self.cfg.data.doc_separator.encode()
+        w = self.data.eval_batches(self.cfg.train.batch_size, self.cfg.eval.batches)
+        return self._place(pack(w, separator=sep, zigzag=self.zigzag), self._batch_spec(1))
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, params, b: dict):
+        logits = self.model.apply(params, b["tokens"], b["positions"], b["segment_ids"])
+        return cross_entropy(logits, b["targets"])
+
+    # ------------------------------------------------------------------ state
+    def init_params(self):
+        """Params created on their devices (jit with the rules' out shardings)."""
+        dummy = jnp.zeros((self.batch_rows(), self.cfg.train.seq_len), jnp.int32)
+        with self.scope():
+            params, specs, logical = sharding.init_sharded(
+                self.model.init, self.mesh, self.rules, jax.random.key(self.cfg.train.seed),
+                dummy, dummy, dummy)
+        self.param_specs, self.logical = specs, logical
+        return params
+
+    def init_state(self):
+        params = self.init_params()
+        if self.cfg.diloco.enabled:
+            d = self.cfg.diloco
+            outer = optax.sgd(d.outer_lr, momentum=d.outer_momentum or None,
+                              nesterov=d.outer_momentum > 0)
+            self.diloco = streaming_diloco(
+                self.tx, num_replicas=self.num_replicas, sync_every=d.sync_every,
+                num_fragments=d.num_fragments, overlap_steps=d.overlap_steps, alpha=d.alpha,
+                outer_optimizer=outer, quantize=d.quantize, mesh=self.mesh,
+                param_specs=self.param_specs)
+            with self.scope():
+                return self.diloco.init(params)
+        shardings = sharding.named(self.param_specs, self.mesh)
+        abstract = jax.eval_shape(self.tx.init, params)
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract, shardings,
+            transform_non_params=lambda _: NamedSharding(self.mesh, P()),
+            is_leaf=lambda x: isinstance(x, NamedSharding))
+        with self.scope():
+            opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
+            step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))
+        return TrainState(step, params, opt_state)
+
+    def param_table(self, params) -> list[dict]:
+        return sharding.param_table(params, self.param_specs, self.logical, self.mesh)
+
+    def eval_params(self, state):
+        """The params to evaluate and sample: the global (outer) params with DiLoCo, after
+        applying a merge that is still pending."""
+        if self.diloco is None:
+            return state.params
+        fn = self._jit("finalize", lambda s: self.diloco.finalize(s).global_params)
+        return fn(state)
+
+    # ------------------------------------------------------------------ steps
+    def _jit(self, name, fn, **kw):
+        if name not in self._compiled:
+            self._compiled[name] = jax.jit(fn, **kw)
+        return self._compiled[name]
+
+    def _step_fn(self):
+        if self.diloco is not None:
+            grad = jax.vmap(jax.value_and_grad(self.loss), spmd_axis_name=sharding.REPLICA)
+
+            def step(state: DiLoCoState, b):
+                loss_M, grads_M = grad(state.params, b)
+                norm_M = jax.vmap(optax.global_norm)(grads_M)
+                lr = self.schedule(state.step)
+                state = self.diloco.update(grads_M, state)
+                return state, {"loss": jnp.mean(loss_M), "grad_norm": jnp.mean(norm_M), "lr": lr}
+            return step
+
+        def step(state: TrainState, b):
+            loss, grads = jax.value_and_grad(self.loss)(state.params, b)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                       "lr": self.schedule(state.step)}
+            return TrainState(state.step + 1, params, opt_state), metrics
+        return step
+
+    def train_step(self, state, b):
+        fn = self._jit("train", self._step_fn(), donate_argnums=0)
+        with self.scope():
+            return fn(state, b)
+
+    def compiled_train_hlo(self, state, b) -> str:
+        fn = self._jit("train", self._step_fn(), donate_argnums=0)
+        with self.scope():
+            return fn.lower(state, b).compile().as_text()
+
+    def comm_bytes(self, state, b) -> dict[str, float]:
+        """Bytes one device sends per train step, counted from the compiled HLO."""
+        return comm.bytes_by_kind(self.compiled_train_hlo(state, b))
+
+    def eval_loss(self, params, batches) -> jax.Array:
+        def fn(p, bs):
+            return jnp.mean(jax.lax.map(lambda b: self.loss(p, b), bs))
+        with self.scope():
+            return self._jit("eval", fn)(params, batches)
+
+    def logits(self, params, tokens_BN, positions_BN, segment_ids_BN):
+        with self.scope():
+            return self._jit("logits", self.model.apply)(params, tokens_BN, positions_BN,
+                                                         segment_ids_BN)
+
+    # ------------------------------------------------------------------ accounting
+    def flops_per_token(self, params) -> float:
+        """Model FLOPs per trained token: 6·(non-embedding params) + causal attention
+        6·layers·heads·head_dim·N (12·L·H·D·N halved by the mask)."""
+        n = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                if "embed" not in jax.tree_util.keystr(p))
+        c = self.cfg
+        attn = 6 * c.model.layers * c.model.heads * head_dim(c) * c.train.seq_len
+        return 6.0 * n + (attn if not c.model.module else 0)
+
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.seq_len * self.num_replicas
+
+
+def sample(run: Run, params, prompt: str, num_bytes: int, *, temperature: float = 0.0,
+           seed: int = 0) -> str:
+    """Continue `prompt` byte by byte with the run's sharded model (one full-window forward
+    per byte; greedy at temperature 0)."""
+    n = run.cfg.train.seq_len
+    rows = run.batch_rows()
+    text = list(prompt.encode())
+    rng = np.random.default_rng(seed)
+    for _ in range(num_bytes):
+        window = np.zeros((rows, n + 1), np.int32)
+        ctx = text[-n:]
+        window[:, :len(ctx)] = ctx
+        b = pack(window, separator=b"", zigzag=run.zigzag)
+        placed = run._place({k: b[k] for k in ("tokens", "positions", "segment_ids")},
+                            run._batch_spec(0))
+        logits = run.logits(params, placed["tokens"], placed["positions"],
+                            placed["segment_ids"])
+        where = int(np.nonzero(b["positions"][0] == len(ctx) - 1)[0][0])
+        row = np.asarray(jax.device_get(logits[0, where]), np.float64)
+        if temperature > 0:
+            p = np.exp((row - row.max()) / temperature)
+            nxt = int(rng.choice(len(p), p=p / p.sum()))
+        else:
+            nxt = int(row.argmax())
+        text.append(nxt)
+    return bytes(text).decode("utf-8", "replace")
+
+
+def timer():
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0
