@@ -28,32 +28,135 @@ _DTYPE_BITS = {
     "f8e5m2fnuz": 8, "f8e4m3b11fnuz": 8, "f8e8m0fnu": 8,
 }
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_OP = re.compile(
-    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\(.*?\)|\S+)\s+"
-    r"(?P<kind>" + "|".join(KINDS) + r")(?P<start>-start)?\((?P<args>.*)$"
-)
+
+
+# ---------------------------------------------------------------------------------------
+# HLO text: the one parser (jaxpar.overlap.hlo_report reads HLO through it too).
+
+_HEADER = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
+_LHS = re.compile(r"^\s*(ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*")
+_OPCODE = re.compile(r"([\w\-]+)\(")
+_IDENT = re.compile(r"%?([\w.\-]+)")
+_CONTROL = re.compile(r"control-predecessors=\{([%\w.\-,\s]*)\}")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|called_computations|"
+                     r"true_computation|false_computation)=(\{[^}]*\}|%?[\w.\-]+)")
 
 
 @dataclasses.dataclass(frozen=True)
-class CollectiveOp:
+class HloInstruction:
     name: str
-    kind: str
-    result_bytes: int
-    group_size: int
-    bytes_per_device: float
+    shape: str                  # result shape text: 'f32[4,8]{1,0}' or a tuple '(…)'
+    opcode: str
+    operands: tuple[str, ...]   # operand names, then control predecessors
+    attrs: str                  # the text after the operand list
+    line: str
+    callees: tuple[tuple[str, str], ...] = ()  # (attribute, computation), e.g. ('body', 'b')
+
+    @property
+    def collective_kind(self) -> str | None:
+        """One of KINDS for a collective or its async -start op, else None."""
+        kind = self.opcode.removesuffix("-start")
+        return kind if kind in KINDS else None
+
+    def called(self, *keys: str) -> tuple[str, ...]:
+        """Computations named by these attributes, e.g. called('calls', 'body')."""
+        return tuple(name for key, name in self.callees if key in keys)
 
 
-def shape_bytes(shape: str) -> int:
-    """Bytes of an HLO shape string, e.g. 'f32[2,16]{1,0}' or a tuple of them."""
-    total_bits = 0
-    for dtype, dims in _ARRAY.findall(shape):
-        if dtype not in _DTYPE_BITS:
-            continue  # token[] and friends
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total_bits += n * _DTYPE_BITS[dtype]
-    return total_bits // 8
+@dataclasses.dataclass(frozen=True)
+class HloModule:
+    computations: dict[str, dict[str, HloInstruction]]  # in text order; "" holds stray lines
+    entry: str | None
+    num_partitions: int
+
+
+def _paren_end(text: str, start: int) -> int:
+    """Index just past the parenthesis group opening at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+def parse_instruction(line: str) -> HloInstruction | None:
+    """One HLO instruction line (`%name = shape opcode(operands), attrs`), else None."""
+    m = _LHS.match(line)
+    if not m:
+        return None
+    rest = line[m.end():]
+    if rest.startswith("("):  # tuple shape
+        cut = _paren_end(rest, 0)
+        shape, rest = rest[:cut], rest[cut:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+        rest = rest.lstrip()
+    op = _OPCODE.match(rest)
+    if not op:
+        return None
+    end = _paren_end(rest, len(op.group(1)))
+    operand_text, attrs = rest[len(op.group(1)) + 1:end - 1], rest[end:]
+    operands = _IDENT.findall(operand_text)
+    for group in _CONTROL.findall(attrs):
+        operands += _IDENT.findall(group)
+    callees = tuple((key, name) for key, value in _CALLEE.findall(attrs)
+                    for name in _IDENT.findall(value))
+    return HloInstruction(m.group("name"), shape, op.group(1), tuple(operands), attrs, line,
+                          callees)
+
+
+def parse_hlo(hlo_text: str) -> HloModule:
+    """Computations (name -> instructions by name), the entry and num_partitions of a module."""
+    parts = re.search(r"num_partitions=(\d+)", hlo_text)
+    comps: dict[str, dict[str, HloInstruction]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                current = comps.setdefault(m.group("name"), {})
+                entry = m.group("name") if m.group("entry") else entry
+                continue
+        elif line.strip() == "}":
+            current = None
+            continue
+        ins = parse_instruction(line)
+        if ins:
+            (comps.setdefault("", {}) if current is None else current)[ins.name] = ins
+    return HloModule(comps, entry, int(parts.group(1)) if parts else 1)
+
+
+def computation_weights(module: HloModule) -> dict[str, float]:
+    """Executions of each computation reachable from the entry per run of the module: a while
+    body runs `known_trip_count` times, each of P conditional branches 1/P."""
+    edges: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+    for comp, body in module.computations.items():
+        for ins in body.values():
+            if ins.opcode == "while":
+                loop = ins.called("body")[0]
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.line)
+                if trips is None:
+                    raise ValueError(f"while loop {loop} has no known trip count; its "
+                                     f"collectives cannot be counted")
+                edges[comp].append((loop, float(trips.group(1))))
+            edges[comp] += [(c, 1.0) for c in ins.called("calls", "to_apply", "true_computation",
+                                                          "false_computation")]
+            branches = ins.called("branch_computations")
+            edges[comp] += [(b, 1.0 / len(branches)) for b in branches]
+    weights: dict[str, float] = collections.defaultdict(float)
+
+    def visit(comp, w):
+        weights[comp] += w
+        for callee, f in edges.get(comp, ()):
+            visit(callee, w * f)
+
+    if module.entry is not None:
+        visit(module.entry, 1.0)
+    return dict(weights)
 
 
 def _group_size(line: str, num_partitions: int) -> int:
@@ -73,84 +176,66 @@ def _group_size(line: str, num_partitions: int) -> int:
     return num_partitions
 
 
-_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string, e.g. 'f32[2,16]{1,0}' or a tuple of them."""
+    total_bits = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype not in _DTYPE_BITS:
+            continue  # token[] and friends
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total_bits += n * _DTYPE_BITS[dtype]
+    return total_bits // 8
 
 
-def _computation_weights(hlo_text: str) -> tuple[dict[int, str], dict[str, float]]:
-    """(line index -> enclosing computation, computation -> executions per module run)."""
-    owner: dict[int, str] = {}
-    edges: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
-    entry, current = None, None
-    for i, line in enumerate(hlo_text.splitlines()):
-        m = _COMP.match(line)
-        if m:
-            current = m.group(2)
-            entry = current if m.group(1) else entry
-            continue
-        if current is None:
-            continue
-        owner[i] = current
-        if " while(" in line:
-            body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            if trips is None:
-                raise ValueError(f"while loop {body} has no known trip count; its collectives "
-                                 f"cannot be counted")
-            edges[current].append((body, float(trips.group(1))))
-        for callee in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%?"
-                                 r"([\w.\-]+)", line):
-            edges[current].append((callee, 1.0))
-        branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-        if branches:
-            names = [b.strip().lstrip("%") for b in branches.group(1).split(",")]
-            edges[current] += [(b, 1.0 / len(names)) for b in names]
-    weights: dict[str, float] = collections.defaultdict(float)
-
-    def visit(comp, w):
-        weights[comp] += w
-        for callee, f in edges.get(comp, ()):
-            visit(callee, w * f)
-
-    if entry is not None:
-        visit(entry, 1.0)
-    return owner, weights
+# ---------------------------------------------------------------------------------------
+# Collective bytes from HLO.
 
 
-def collectives_from_hlo(hlo_text: str) -> list[CollectiveOp]:
-    """Every collective in a compiled HLO module, with the bytes one device sends per run
-    of the module (ops in loops weighted by their trip count)."""
-    m = re.search(r"num_partitions=(\d+)", hlo_text)
-    num_partitions = int(m.group(1)) if m else 1
-    owner, weights = _computation_weights(hlo_text)
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+    name: str
+    kind: str
+    result_bytes: int
+    group_size: int
+    bytes_per_device: float
+
+
+def collectives_from_hlo(hlo: str | HloModule) -> list[CollectiveOp]:
+    """Every collective in a compiled HLO module (text or `parse_hlo` result), with the bytes
+    one device sends per run of the module (ops in loops weighted by their trip count)."""
+    module = parse_hlo(hlo) if isinstance(hlo, str) else hlo
+    num_partitions = module.num_partitions
+    weights = computation_weights(module)
     ops = []
-    for i, line in enumerate(hlo_text.splitlines()):
-        m = _OP.match(line)
-        if not m:
-            continue
-        kind = m.group("kind")
-        shape = m.group("shape")
-        w = weights.get(owner.get(i, ""), 1.0)
-        if m.group("start"):  # async start ops return (operands..., results..., ctx): take half
-            result = shape_bytes(shape) // 2
-        else:
-            result = shape_bytes(shape)
-        if kind == "collective-permute":
-            pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", line)
-            n_pairs = pairs.group(1).count("{") if pairs else num_partitions
-            ops.append(CollectiveOp(m.group("name"), kind, result, 2,
-                                    result * n_pairs / max(num_partitions, 1) * w))
-            continue
-        p = _group_size(line, num_partitions)
-        frac = (p - 1) / p
-        if kind == "all-gather":
-            sent = result * frac
-        elif kind == "reduce-scatter":
-            sent = result * p * frac  # operand is P× the result
-        elif kind == "all-reduce":
-            sent = 2 * result * frac
-        else:  # all-to-all
-            sent = result * frac
-        ops.append(CollectiveOp(m.group("name"), kind, result, p, sent * w))
+    for comp, body in module.computations.items():
+        w = weights.get(comp, 1.0)
+        for ins in body.values():
+            kind = ins.collective_kind
+            if kind is None:
+                continue
+            if ins.opcode.endswith("-start"):  # async start: (operands..., results..., ctx)
+                result = shape_bytes(ins.shape) // 2
+            else:
+                result = shape_bytes(ins.shape)
+            if kind == "collective-permute":
+                pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", ins.line)
+                n_pairs = pairs.group(1).count("{") if pairs else num_partitions
+                ops.append(CollectiveOp(ins.name, kind, result, 2,
+                                        result * n_pairs / max(num_partitions, 1) * w))
+                continue
+            p = _group_size(ins.line, num_partitions)
+            frac = (p - 1) / p
+            if kind == "all-gather":
+                sent = result * frac
+            elif kind == "reduce-scatter":
+                sent = result * p * frac  # operand is P× the result
+            elif kind == "all-reduce":
+                sent = 2 * result * frac
+            else:  # all-to-all
+                sent = result * frac
+            ops.append(CollectiveOp(ins.name, kind, result, p, sent * w))
     return ops
 
 
@@ -182,9 +267,9 @@ def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads
 
     `shards` is P, or (ring, ulysses) sizes for impl="hybrid". The backward ring turns the
     other way; for a ring of 2 both ways are one permutation and XLA reuses the forward's
-    K/V transfer, so measured backward bytes are lower there than this formula. Partials, lse, delta and
-    gradient accumulators of the ring schedules are fp32 (4 bytes); q/k/v/out/dout use
-    `itemsize`; segment ids are int32.
+    K/V transfer, so measured backward bytes are lower there than this formula. Partials,
+    lse, delta and gradient accumulators of the ring schedules are fp32 (4 bytes);
+    q/k/v/out/dout use `itemsize`; segment ids are int32.
     """
     b, n, h, kh, d = batch, seq_len, heads, kv_heads, head_dim
     out: dict[str, float] = collections.defaultdict(float)

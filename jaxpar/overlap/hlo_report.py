@@ -3,10 +3,11 @@
 On CPU, collective-permute is synchronous, so no wall-clock measurement can show overlap.
 The structural proof is the dependence graph: a collective C can overlap a matmul M only if
 neither depends on the other (M is not an ancestor of C, nor a descendant). This module
-parses the compiled HLO text, builds each computation's data-dependence graph (operands and
-control-predecessors), marks matmuls (dot / convolution, also inside fusions and called
-computations, and matmul custom-calls), and lists, per collective, its bytes (from
-`jaxpar.comm`) and the matmuls independent of it.
+reads the compiled HLO through `jaxpar.comm.parse_hlo`, builds each computation's
+data-dependence graph (operands and control-predecessors), marks matmuls (dot /
+convolution, also inside fusions, loops and other called computations, and matmul
+custom-calls), and lists, per collective, its bytes (from `jaxpar.comm`) and the matmuls
+independent of it.
 
 A plain all_gather → dot has no such matmul; a collective matmul has one for every hop.
 This says overlap is *possible*; whether a backend's scheduler realizes it is a runtime
@@ -22,22 +23,8 @@ from jaxpar import comm
 
 _MATMUL_OPCODES = {"dot", "convolution"}
 _MATMUL_CUSTOM_CALL = re.compile(r'custom_call_target="[^"]*(matmul|gemm|conv|dot)', re.I)
-_COLLECTIVE_OPCODES = {k for k in comm.KINDS} | {k + "-start" for k in comm.KINDS}
-_HEADER = re.compile(r"^(ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
-_LHS = re.compile(r"^\s*(ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*")
-_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations|"
-                     r"called_computations)=\{?([%\w.\-,\s]+)\}?")
-_CONTROL = re.compile(r"control-predecessors=\{([%\w.\-,\s]*)\}")
-_IDENT = re.compile(r"%?([\w.\-]+)")
-
-
-@dataclasses.dataclass
-class _Instr:
-    name: str
-    opcode: str
-    operands: list[str]
-    called: list[str]
-    line: str
+_CALL_ATTRS = ("calls", "to_apply", "body", "condition", "branch_computations",
+               "called_computations")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,61 +70,6 @@ class HloReport:
         return "\n".join(rows)
 
 
-def _split_parens(text: str, start: int) -> int:
-    """Index just past the parenthesis group opening at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "(":
-            depth += 1
-        elif text[i] == ")":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(text)
-
-
-def _parse_instr(line: str) -> _Instr | None:
-    m = _LHS.match(line)
-    if not m:
-        return None
-    rest = line[m.end():]
-    if rest.startswith("("):  # tuple shape
-        rest = rest[_split_parens(rest, 0):]
-    else:
-        rest = rest.split(None, 1)[1] if " " in rest else ""
-    rest = rest.lstrip()
-    op = re.match(r"([\w\-]+)\(", rest)
-    if not op:
-        return None
-    end = _split_parens(rest, len(op.group(1)))
-    operand_text, attrs = rest[len(op.group(1)) + 1:end - 1], rest[end:]
-    called = []
-    for group in _CALLED.findall(attrs):
-        called += _IDENT.findall(group)
-    operands = _IDENT.findall(operand_text)
-    for group in _CONTROL.findall(attrs):
-        operands += _IDENT.findall(group)
-    return _Instr(m.group("name"), op.group(1), operands, called, line)
-
-
-def _parse(hlo_text: str) -> dict[str, dict[str, _Instr]]:
-    comps: dict[str, dict[str, _Instr]] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            m = _HEADER.match(line)
-            if m and "=" not in line.split("(")[0]:
-                current = comps.setdefault(m.group("name"), {})
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        ins = _parse_instr(line)
-        if ins:
-            current[ins.name] = ins
-    return comps
-
-
 def _matmul_computations(comps) -> set[str]:
     """Computations that contain a matmul, directly or through the computations they call."""
     direct = {name for name, body in comps.items()
@@ -146,13 +78,14 @@ def _matmul_computations(comps) -> set[str]:
     while changed:
         changed = False
         for name, body in comps.items():
-            if name not in result and any(c in result for i in body.values() for c in i.called):
+            if name not in result and any(c in result for i in body.values()
+                                          for c in i.called(*_CALL_ATTRS)):
                 result.add(name)
                 changed = True
     return result
 
 
-def _is_direct_matmul(ins: _Instr) -> bool:
+def _is_direct_matmul(ins: comm.HloInstruction) -> bool:
     return ins.opcode in _MATMUL_OPCODES or (
         ins.opcode == "custom-call" and bool(_MATMUL_CUSTOM_CALL.search(ins.line)))
 
@@ -169,15 +102,16 @@ def _closure(start: str, edges: dict[str, list[str]]) -> set[str]:
 
 def hlo_report(hlo_text: str) -> HloReport:
     """Every collective in the module, its bytes per device and its independent matmuls."""
-    comps = _parse(hlo_text)
+    module = comm.parse_hlo(hlo_text)
+    comps = module.computations
     with_matmul = _matmul_computations(comps)
-    bytes_by_name = {op.name: op.bytes_per_device for op in comm.collectives_from_hlo(hlo_text)}
+    bytes_by_name = {op.name: op.bytes_per_device for op in comm.collectives_from_hlo(module)}
     infos, n_matmuls = [], 0
     for comp_name, body in comps.items():
         matmuls = [i.name for i in body.values()
-                   if _is_direct_matmul(i) or any(c in with_matmul for c in i.called)]
+                   if _is_direct_matmul(i) or any(c in with_matmul for c in i.called(*_CALL_ATTRS))]
         n_matmuls += sum(1 for i in body.values() if _is_direct_matmul(i))
-        collectives = [i for i in body.values() if i.opcode in _COLLECTIVE_OPCODES]
+        collectives = [i for i in body.values() if i.collective_kind is not None]
         if not collectives:
             continue
         preds = {i.name: [o for o in i.operands if o in body] for i in body.values()}
@@ -188,7 +122,7 @@ def hlo_report(hlo_text: str) -> HloReport:
         for c in collectives:
             dependent = _closure(c.name, preds) | _closure(c.name, succs)
             free = tuple(m for m in matmuls if m not in dependent and m != c.name)
-            infos.append(CollectiveInfo(c.name, c.opcode.removesuffix("-start"), comp_name,
+            infos.append(CollectiveInfo(c.name, c.collective_kind, comp_name,
                                         bytes_by_name.get(c.name, 0.0), free))
     return HloReport(tuple(infos), n_matmuls)
 
