@@ -13,7 +13,6 @@ COLLECTIVES = ("auto", "reduce_scatter")
 def run(how="auto", steps=STEPS):
     """Streaming DiLoCo on mesh replica=2 × data=4 over all global devices; returns numpy trees."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from jax.experimental import multihost_utils
@@ -33,7 +32,8 @@ def run(how="auto", steps=STEPS):
     batch_sharding = NamedSharding(mesh, P("replica", "data"))
 
     def global_batch(t):  # every process knows the whole batch; each places its own shards
-        return tuple(jax.make_array_from_callback(x.shape, batch_sharding, lambda i, x=x: np.asarray(x)[i])
+        return tuple(jax.make_array_from_callback(x.shape, batch_sharding,
+                                                  lambda i, x=x: np.asarray(x)[i])
                      for x in batches_M(t))
 
     state = sd.init(tiny_params(7))
@@ -60,8 +60,9 @@ def main(port, process_id, out):
         result = run(how)
         import jax.tree_util as tu
 
-        flat |= {how + "/" + "/".join(str(k) for k in path): v for path, v in
-                 tu.tree_flatten_with_path({"global": result["global"], "replicas": result["replicas"]})[0]}
+        trees = {"global": result["global"], "replicas": result["replicas"]}
+        flat |= {how + "/" + "/".join(str(k) for k in path): v
+                 for path, v in tu.tree_flatten_with_path(trees)[0]}
     if process_id == 0:
         import numpy as np
 

@@ -180,7 +180,8 @@ def tiled_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, block=None):
         partial, _ = jax.lax.scan(step, empty_partial(q_t, k, v), kv_tiles)
         return partial
 
-    out, lse = jax.lax.map(one_query_tile, (_tiles(q, nq), q_pos.reshape(nq, -1), _tiles(q_seg, nq)))
+    out, lse = jax.lax.map(one_query_tile,
+                           (_tiles(q, nq), q_pos.reshape(nq, -1), _tiles(q_seg, nq)))
     return _untiles(out), _untiles(lse)
 
 

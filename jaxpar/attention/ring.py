@@ -5,8 +5,9 @@ its queries to the K/V shard of device (r − s) mod P while passing that shard 
 merging partials online. P − 1 transfers of 2·B·L·K·D (GQA: K heads, not H).
 
 Backward is a second ring pass (custom_vjp), turning the other way: K/V travel again, now
-with their gradient accumulators dK/dV, which arrive home after the P-th hop. Saved residuals are only the
-local q, k, v, out, lse — never gathered K/V, never an N×N score matrix.
+with their gradient accumulators dK/dV, which arrive home after the P-th hop. Saved
+residuals are only the local q, k, v, out, lse — never gathered K/V, never an N×N score
+matrix.
 """
 from __future__ import annotations
 

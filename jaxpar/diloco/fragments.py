@@ -71,7 +71,8 @@ def _numbered(name):
 
 def find_layers(tree) -> tuple[list[str], list[int | None]]:
     """(layer names in order, layer number of each leaf or None)."""
-    paths = [tuple(_key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [tuple(_key_name(k) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     # a numbered component is a layer only if its stack (same prefix, same stem) has ≥ 2 members
     members = defaultdict(set)
     for path in paths:
@@ -109,7 +110,8 @@ def split_fragments(tree, num_fragments: int, sync_every: int | None = None) -> 
     valid = valid_num_fragments(len(layer_names), sync_every)
     if num_fragments not in valid:
         if not layer_names:
-            found = "found no layers (numbered subtrees such as layers_0, layers_1, ... or list items)"
+            found = ("found no layers (numbered subtrees such as layers_0, layers_1, ... or "
+                     "list items)")
         else:
             found = f"found {len(layer_names)} layers ({layer_names[0]} ... {layer_names[-1]})"
         why = f" and sync_every={sync_every} must be divisible by it" if sync_every else ""

@@ -150,7 +150,8 @@ def dequantized_mean(wire_M: Wire, fmt: str) -> jax.Array:
     return jnp.mean(jax.vmap(lambda w: dequantize(w, fmt))(wire_M), axis=0)
 
 
-def reduce_scatter_all_gather_mean(x_KB: jax.Array, fmt: str, axis_name: str, num_replicas: int) -> jax.Array:
+def reduce_scatter_all_gather_mean(x_KB: jax.Array, fmt: str, axis_name: str,
+                                   num_replicas: int) -> jax.Array:
     """Per-device body (inside `shard_map` over `axis_name`) of the bandwidth-optimal low-bit
     mean: fp32 x [K, BLOCK] (this replica's values, K divisible by M) -> fp32 mean [K, BLOCK].
 
@@ -168,7 +169,8 @@ def reduce_scatter_all_gather_mean(x_KB: jax.Array, fmt: str, axis_name: str, nu
         raise ValueError(f"{K} blocks cannot be cut into {M} equal chunks")
     wire = quantize(x_KB, fmt)
     wire = jax.tree.map(lambda a: a.reshape((M, K // M) + a.shape[1:]), wire)
-    wire = jax.tree.map(lambda a: lax.all_to_all(a, axis_name, 0, 0, tiled=False), wire)  # [sender, K/M, ..]
+    # [sender, K/M, ..]
+    wire = jax.tree.map(lambda a: lax.all_to_all(a, axis_name, 0, 0, tiled=False), wire)
     chunk = quantize(dequantized_mean(wire, fmt), fmt)
     chunk = jax.tree.map(lambda a: lax.all_gather(a, axis_name, axis=0, tiled=True), chunk)
     return dequantize(chunk, fmt)
