@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxpar._spmd import axis_size, divisors, shift, vary_over, varying_like
+from jaxpar._spmd import axis_size, divisors, shift, vary_over, varying_axes, varying_like
 
 DIRECTIONS = ("uni", "bidi")
 
@@ -152,8 +152,16 @@ def all_gather_matmul(x, w, *, axis_name, direction: str = "uni"):
     weight). Returns [..., P·L, F]. Call inside shard_map over `axis_name`.
     """
     _check("all_gather_matmul", x, w, axis_name, direction, row_blocks=False)
-    x, w = vary_over(x, {axis_name}), vary_over(w, {axis_name})
+    x, w = _vary_together(x, w, axis_name)
     return _agmm(x, w, axis_name, direction)
+
+
+def _vary_together(x, w, axis_name):
+    """x and w varying over `axis_name` and over every axis either already varies over
+    (e.g. w replicated over data/seq axes that shard x's batch and tokens): done outside
+    the custom_vjp, so autodiff of these pcasts adds the psums that w's gradient needs."""
+    axes = {axis_name} | varying_axes(x) | varying_axes(w)
+    return vary_over(x, axes), vary_over(w, axes)
 
 
 def _local_shard_vjp(forward, backward):
@@ -212,7 +220,7 @@ def matmul_reduce_scatter(x, w, *, axis_name, direction: str = "uni"):
     rows r·N/P .. (r+1)·N/P. Call inside shard_map over `axis_name`.
     """
     _check("matmul_reduce_scatter", x, w, axis_name, direction, row_blocks=True)
-    x, w = vary_over(x, {axis_name}), vary_over(w, {axis_name})
+    x, w = _vary_together(x, w, axis_name)
     return _mmrs(x, w, axis_name, direction)
 
 
@@ -254,7 +262,7 @@ def matmul_all_reduce(x, w, *, axis_name, direction: str = "uni"):
     For Megatron-style layers prefer reduce-scatter + all-gather around the next block.
     """
     _check("matmul_all_reduce", x, w, axis_name, direction, row_blocks=True, min_cols=2)
-    x, w = vary_over(x, {axis_name}), vary_over(w, {axis_name})
+    x, w = _vary_together(x, w, axis_name)
     return _mmar(x, w, axis_name, direction)
 
 

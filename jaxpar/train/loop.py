@@ -223,19 +223,23 @@ class Run:
             return TrainState(state.step + 1, params, opt_state), metrics
         return step
 
-    def train_step(self, state, b):
-        fn = self._jit("train", self._step_fn(), donate_argnums=0)
-        with self.scope():
-            return fn(state, b)
+    def compile_step(self, state, b):
+        """Compile the train step once, ahead of time: the state keeps its shardings from
+        step to step (so it never recompiles) and is donated."""
+        if "train" not in self._compiled:
+            shardings = jax.tree.map(lambda x: x.sharding, state)
+            fn = jax.jit(self._step_fn(), donate_argnums=0, out_shardings=(shardings, None))
+            with self.scope():
+                self._compiled["train"] = fn.lower(state, b).compile()
+        return self._compiled["train"]
 
-    def compiled_train_hlo(self, state, b) -> str:
-        fn = self._jit("train", self._step_fn(), donate_argnums=0)
-        with self.scope():
-            return fn.lower(state, b).compile().as_text()
+    def train_step(self, state, b):
+        return self.compile_step(state, b)(state, b)
 
     def comm_bytes(self, state, b) -> dict[str, float]:
-        """Bytes one device sends per train step, counted from the compiled HLO."""
-        return comm.bytes_by_kind(self.compiled_train_hlo(state, b))
+        """Bytes one device sends per train step, counted from the compiled HLO (a DiLoCo
+        sync sits in a conditional, which the count weighs by its share of branches)."""
+        return comm.bytes_by_kind(self.compile_step(state, b).as_text())
 
     def eval_loss(self, params, batches) -> jax.Array:
         def fn(p, bs):
