@@ -16,8 +16,9 @@ def _init_distributed(cluster: bool) -> None:
     import jax
 
     if "JAXPAR_COORDINATOR" in os.environ:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives across processes (affects only the CPU backend); set before the
+        # backend starts, so without asking which backend this is
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=os.environ["JAXPAR_COORDINATOR"],
                                    num_processes=int(os.environ["JAXPAR_NUM_PROCESSES"]),
                                    process_id=int(os.environ["JAXPAR_PROCESS_ID"]))

@@ -1,0 +1,101 @@
+"""Run one job as N processes on this host (jax.distributed + gloo on CPU).
+
+    python scripts/launch.py -n 2 -- python -m jaxpar.train configs/demo.yaml
+
+Each process gets JAXPAR_COORDINATOR / JAXPAR_NUM_PROCESSES / JAXPAR_PROCESS_ID (read by
+`python -m jaxpar.train`) and, on CPU, 8/N simulated devices. Logs go to
+LOGDIR/process_{i}.log (default: the current folder's `launch_logs/`). If one process fails
+the others are stopped; so is the whole group after --timeout seconds. The exit code is the
+first failure's (0 if all succeed). On a cluster, skip this script: start one process per
+host with `--distributed` and `jax.distributed.initialize()` reads the cluster environment.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd: list[str], n: int, *, devices: int = 8, log_dir: str = "launch_logs",
+           timeout: float = 1800.0, echo: bool = True) -> int:
+    if devices % n:
+        raise SystemExit(f"--devices={devices} must be divisible by -n={n}")
+    logs = Path(log_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs, files = [], []
+    for i in range(n):
+        env = dict(os.environ, JAXPAR_COORDINATOR=f"127.0.0.1:{port}",
+                   JAXPAR_NUM_PROCESSES=str(n), JAXPAR_PROCESS_ID=str(i))
+        env.setdefault("JAX_PLATFORMS", "cpu")
+        if env["JAX_PLATFORMS"] == "cpu":
+            flags = [f for f in env.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count")]
+            env["XLA_FLAGS"] = " ".join(flags + [
+                f"--xla_force_host_platform_device_count={devices // n}"])
+        fh = open(logs / f"process_{i}.log", "w")
+        files.append(fh)
+        # own process group, so a stop reaches the job's children too
+        procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    if echo:
+        print(f"launched {n} processes (coordinator 127.0.0.1:{port}); logs in {logs}/",
+              flush=True)
+    deadline = time.monotonic() + timeout
+    code = 0
+    try:
+        while True:
+            states = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(states) if c not in (None, 0)]
+            if failed:
+                i, code = failed[0]
+                print(f"process {i} exited with {code}; stopping the group "
+                      f"(see {logs}/process_{i}.log)", file=sys.stderr)
+                break
+            if all(c == 0 for c in states):
+                break
+            if time.monotonic() > deadline:
+                print(f"timeout after {timeout:.0f} s; stopping the group", file=sys.stderr)
+                code = 124
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.wait()
+        for fh in files:
+            fh.close()
+    if echo and code == 0:
+        sys.stdout.write((logs / "process_0.log").read_text())
+    return code
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=2, help="processes")
+    ap.add_argument("--devices", type=int, default=8, help="CPU devices in all")
+    ap.add_argument("--log-dir", default="launch_logs")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole group")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run in each process")
+    args = ap.parse_args()
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("give the command after --, e.g. -- python -m jaxpar.train configs/demo.yaml")
+    return launch(cmd, args.n, devices=args.devices, log_dir=args.log_dir, timeout=args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
