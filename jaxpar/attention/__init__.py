@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpar.attention import layout
@@ -115,17 +116,58 @@ def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis
     zig = ring_size if impl == "hybrid" else total
     if causal:
         layout.check_zigzag(n, zig)
+    spec = P(_batch_axes(q_BNHD, mesh, axes, b), axes if len(axes) > 1 else axes[0])
+    args = [q_BNHD, k_BNKD, v_BNKD] + ([segment_ids] if segment_ids is not None else [])
+    run = _compiled(mesh, spec, impl, axes, causal, zig, ring_impl if impl == "hybrid" else None)
+    return run(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(mesh, spec, impl, axes, causal, zig, ring_impl):
+    """jit(reshard to `spec` -> shard_map(zigzag in, attention, zigzag out)), built once per
+    configuration: one compiled program when called eagerly, inlined under an outer jit."""
     kwargs = {"ring_impl": ring_impl} if impl == "hybrid" else {}
     fn = functools.partial(attention, impl=impl, axis=axes if impl == "hybrid" else axes[0],
                            causal=causal, **kwargs)
-    spec = P(None, axes if len(axes) > 1 else axes[0])
-    args = [q_BNHD, k_BNKD, v_BNKD] + ([segment_ids] if segment_ids is not None else [])
-    if causal:
-        args = [layout.to_zigzag(x, zig) for x in args]
-    args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in args]
+    sharding = NamedSharding(mesh, spec)
 
-    def local(q, k, v, *seg):
-        return fn(q, k, v, segment_ids=seg[0] if seg else None)
+    def local(*xs):
+        # causal: natural-order shards -> zigzag shards by collective permutes, and back
+        if causal:
+            xs = [layout.to_zigzag_local(x, axes, zig) for x in xs]
+        q, k, v, *seg = xs
+        out = fn(q, k, v, segment_ids=seg[0] if seg else None)
+        return layout.from_zigzag_local(out, axes, zig) if causal else out
 
-    out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
-    return layout.from_zigzag(out, zig) if causal else out
+    def run(*args):
+        args = [layout.put(x, sharding) for x in args]
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args),
+                             out_specs=spec)(*args)
+
+    return jax.jit(run)
+
+
+def _batch_axes(x, mesh, seq_axes, batch):
+    """Mesh axes the batch dim of x is sharded over, when known (Explicit axes, or a concrete
+    array on this mesh) and usable (not a sequence axis, divides B); else None (replicated)."""
+    entry = None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if sharding is not None and getattr(sharding, "spec", None) and sharding.spec[0]:
+        entry = sharding.spec[0]
+    elif isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        s = getattr(x, "sharding", None)
+        if (isinstance(s, NamedSharding) and s.spec and s.spec[0] is not None
+                and s.mesh.shape_tuple == mesh.shape_tuple
+                and np.array_equal(s.mesh.device_ids, mesh.device_ids)):
+            entry = s.spec[0]
+    if entry is None:
+        return None
+    names = entry if isinstance(entry, tuple) else (entry,)
+    size = 1
+    for a in names:
+        if a not in mesh.shape or a in seq_axes:
+            return None
+        size *= mesh.shape[a]
+    if batch % size:
+        return None
+    return entry
