@@ -208,7 +208,7 @@ class Run:
 
             def step(state: DiLoCoState, b):
                 loss_M, grads_M = grad(state.params, b)
-                norm_M = jax.vmap(optax.global_norm)(grads_M)
+                norm_M = jax.vmap(optax.tree.norm)(grads_M)
                 lr = self.schedule(state.step)
                 state = self.diloco.update(grads_M, state)
                 return state, {"loss": jnp.mean(loss_M), "grad_norm": jnp.mean(norm_M), "lr": lr}
@@ -218,7 +218,7 @@ class Run:
             loss, grads = jax.value_and_grad(self.loss)(state.params, b)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                        "lr": self.schedule(state.step)}
             return TrainState(state.step + 1, params, opt_state), metrics
         return step
