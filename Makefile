@@ -1,10 +1,13 @@
 # Two entry points: `make demo` and `make test`. Both create .venv and install jaxpar on first use.
+# The demo and benchmarks run on 8 simulated CPU devices unless JAX_PLATFORMS says otherwise.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+CPU8 := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)" JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu}
+
+.PHONY: demo test test-slow bench bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,7 +16,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo
+	$(CPU8) $(BIN)/python -m jaxpar.train configs/demo.yaml
+
+bench: $(STAMP)
 	$(BIN)/python scripts/bench_attention.py --quick
+
+bench-train: $(STAMP)
+	$(CPU8) $(BIN)/python scripts/bench_train.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
