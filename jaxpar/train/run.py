@@ -64,7 +64,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     peak = peak_tflops(cfg)
     n_dev = len(run.mesh.devices.flat)
     evals = run.eval_batches()
-    history = []
+    history, evals_seen = [], []
     busy, last_t, last_step = 0.0, time.perf_counter(), start
     steps = cfg.train.steps
     for step in range(start + 1, steps + 1):
@@ -90,6 +90,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
             loss = float(run.eval_loss(run.eval_params(state), evals))
             writer.write({"step": step, "eval_loss": loss, "eval_bpb": loss / math.log(2)})
+            evals_seen.append([step, loss])
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
             ckpt.save(step, state, {"data_step": step, "seed": cfg.train.seed})
         busy += time.perf_counter() - t0
@@ -105,6 +106,8 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     summary = {
         "steps": steps, "final_eval_loss": final_eval, "final_eval_bpb": final_eval / math.log(2),
         "tokens_per_s": float(np.median(rates)) if rates else None,
+        "step_time_s": run.tokens_per_step() / float(np.median(rates)) if rates else None,
+        "evals": evals_seen,  # [step, eval loss] of this process's run (after a resume: since)
         "comm_bytes_per_step": comm_bytes, "flops_per_token": flops_tok,
         "params": int(sum(x.size for x in jax.tree.leaves(final_params))),
         "sample": text, "machine": machine(),
