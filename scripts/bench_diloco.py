@@ -1,184 +1,181 @@
-"""Streaming DiLoCo experiment: data parallel vs DiLoCo vs Streaming DiLoCo (+τ=1, +FP4).
+"""Streaming DiLoCo experiment through the trainer: data parallel vs DiLoCo vs Streaming DiLoCo.
 
-A byte-level Llama-style LM on the bundled stdlib-docstring corpus, M replicas simulated as
-XLA host devices. Every method sees the same tokens: replica m at step t gets
-ByteData.batch(t, B, m); data parallel averages the M gradients every step.
+Every run is one `jaxpar.train.run.train(cfg)` call on a `Config` (the trainer's model, packed
+byte data, AdamW warmup-cosine inner optimizer, eval); this script only builds the configs,
+times the runs and prints the tables. M replicas are simulated as XLA host devices
+(devices[:M]); DiLoCo replicas sit on the `replica` mesh axis; data parallel is the trainer
+without DiLoCo on the same mesh (global batch B·M, sharded over replica).
 
-Prints (1) final eval loss, total bytes one replica sends, peak bytes of one sync; and (2) a
-simulated compute utilization vs bandwidth table from the measured step time: a blocking
-transfer of b bytes at bandwidth W costs b/W of idle compute; with overlap τ a fragment's
-transfer hides behind τ inner steps, so it costs max(0, b_p/W − τ·t_step).
+Prints (1) final eval loss, the mean of the last 4 evals (what the 2% target is judged on),
+total bytes one replica sends, peak bytes of one sync, wall; (2) the 2% target per seed; and
+(3) a simulated compute utilization vs bandwidth table from a measured step time t_step (a
+trainer run of one replica, batch B, on one host device). Exposed communication per step:
 
-    python scripts/bench_diloco.py --quick --json out.json --plot docs/diloco_loss.png
-    python scripts/bench_diloco.py --steps 1024 --methods dp fp4 --json long.json   # the long run
-    python scripts/bench_diloco.py --quick --methods fp4 --H 32 --reuse-dp out.json  # a variant
-    python scripts/bench_diloco.py --render out.json long.json --plot loss.png      # tables only
+* data parallel: its gradient all-reduce runs beside the backward pass (bucketed), as in
+  practice, so it is modelled as exposed max(0, b/W − f·t_step) with f = 2/3 (the backward
+  pass is ≈ 2/3 of a step's FLOPs) — an ASSUMPTION of ideal bucketing, not a measurement;
+* DiLoCo with overlap τ: a fragment's transfer hides behind τ inner steps, so it costs
+  max(0, b_p/W − τ·t_step) (τ = 0: fully exposed), summed over the fragments of H steps.
 
-Bytes: data parallel all-reduces 4-byte gradients every step (2(M−1)/M·4 bytes per value per
-step); FP4 sends 4.125 bits per value once per H steps through a reduce-scatter + all-gather
-(2(M−1)/M payloads; at M=2 one all-gather, the same bytes), so the ratio is ≈ 7.76·H for
-every M.
+Bytes: data parallel all-reduces fp32 gradients every step, 2(M−1)/M·4 bytes per param
+(`jaxpar.diloco.data_parallel_bytes`); DiLoCo's are the trainer's `diloco_bytes` report.
+
+    python scripts/bench_diloco.py --quick --replicas 2 --json /tmp/q.json
+    python scripts/bench_diloco.py --replicas 2 --seeds 0 --json docs/diloco_runs/trainer_M2_seed0.json
+    python scripts/bench_diloco.py --replicas 2 --seeds 1 --methods dp fp4 --json s1.json
+    python scripts/bench_diloco.py --render a.json b.json --plot docs/diloco_trainer_loss.png
+
+`--render` merges JSON files: a variant run (e.g. `--methods fp4 --H 32 --label H=32`) is
+compared with the data-parallel rows of another file with the same M, seed and steps.
+Data parallel evaluates on the same eval windows as DiLoCo (eval.batches = 8/M batches of
+B·M windows = 8 batches of B), so M must divide the eval batch count.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
-T0 = time.perf_counter()
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jaxpar.diloco import data_parallel_bytes, replica_grads, streaming_diloco  # noqa: E402
-from jaxpar.mesh import make_mesh  # noqa: E402
-from jaxpar.models.transformer import Transformer, TransformerConfig, lm_loss  # noqa: E402
-from jaxpar.data import ByteData  # noqa: E402
+from jaxpar.diloco import data_parallel_bytes  # noqa: E402
+from jaxpar.train.config import Config, parse_override  # noqa: E402
+from jaxpar.train.run import train  # noqa: E402
 
-METHODS = {  # name: streaming_diloco kwargs (None = data parallel); "P"/"alpha" come from settings
+DP_OVERLAP = 2 / 3  # f: share of a data-parallel step its all-reduce can hide behind (backward)
+LAST = 4            # the target is judged on the mean of the last LAST evals
+
+METHODS = {  # name: diloco section (None = data parallel); "P" / "alpha" come from settings
     "data parallel": None,
     "DiLoCo": dict(num_fragments=1, overlap_steps=0, alpha=0.0, quantize="none"),
     "Streaming DiLoCo": dict(num_fragments="P", overlap_steps=0, alpha=0.0, quantize="none"),
     "+ overlap τ=1": dict(num_fragments="P", overlap_steps=1, alpha="alpha", quantize="none"),
-    "+ FP4 (E3M0)": dict(num_fragments="P", overlap_steps=1, alpha="alpha", quantize="fp4_e3m0"),
+    "+ FP4 (E3M0)": dict(num_fragments="P", overlap_steps=1, alpha="alpha",
+                         quantize="fp4_e3m0"),
 }
 SHORT = {"dp": "data parallel", "diloco": "DiLoCo", "streaming": "Streaming DiLoCo",
          "overlap": "+ overlap τ=1", "fp4": "+ FP4 (E3M0)"}
 
 
 def settings(quick: bool) -> dict:
-    """One model and per-step batch for both modes; --quick only runs fewer steps."""
+    """One model and per-replica batch for every method; --quick only runs fewer steps."""
     s = dict(layers=4, embed=128, heads=4, kv_heads=2, head_dim=32, mlp=384, seq=64, batch=8,
-             steps=1024, H=16, P=4, eval_batches=8, lr=3e-3, outer_lr=0.7, outer_momentum=0.9, alpha=0.5)
+             steps=1024, H=16, P=4, eval_every=64, eval_batches=8, lr=3e-3, outer_lr=0.7,
+             outer_momentum=0.9, alpha=0.5)
     if quick:
         s["steps"] = 256
     return s
 
 
-def inner_optimizer(s):
-    sched = optax.warmup_cosine_decay_schedule(0.0, s["lr"], s["steps"] // 16, s["steps"], s["lr"] / 10)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.95, weight_decay=0.1))
-
-
-def build(s):
-    cfg = TransformerConfig(layers=s["layers"], embed=s["embed"], heads=s["heads"], kv_heads=s["kv_heads"],
-                            head_dim=s["head_dim"], mlp=s["mlp"])
-    model = Transformer(cfg)
-    data = ByteData.load(seq_len=s["seq"], seed=s.get("seed", 0))
-    params = model.init(jax.random.key(s.get("seed", 0)), jnp.zeros((1, s["seq"]), jnp.int32))["params"]
-    return model, data, params
-
-
-_EVAL = {}
-
-
-def _eval_fn(model, data, s):
-    """Mean loss over the fixed eval batches; one compiled function shared by every run."""
-    key = (id(model), id(data), s["batch"], s["eval_batches"])
-    if key not in _EVAL:
-        evals = jnp.asarray(data.eval_batches(s["batch"], s["eval_batches"]))
-        _EVAL[key] = jax.jit(lambda p: jnp.mean(jax.lax.map(lambda b: lm_loss(model, p, b), evals)))
-    return _EVAL[key]
-
-
-def run_method(name, kw, M, s, model, data, params, eval_every):
-    mesh = make_mesh(replica=M, devices=jax.devices()[:M])
-    loss = lambda p, b: lm_loss(model, p, b)
-    batch_sharding = NamedSharding(mesh, P("replica"))
-    eval_fn = _eval_fn(model, data, s)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    curve = []
-
-    if kw is None:  # data parallel: one optimizer, the gradient averaged over replicas every step
-        opt = inner_optimizer(s)
-        rep = NamedSharding(mesh, P())
-        state = jax.device_put((params, opt.init(params)), rep)
-
-        @jax.jit
-        def step(st, b_M):
-            p, o = st
-            g = jax.grad(lambda p: jnp.mean(jax.vmap(lambda b: loss(p, b))(b_M)))(p)
-            u, o = opt.update(g, o, p)
-            return optax.apply_updates(p, u), o
-
-        glob = lambda st: st[0]
-        bytes_info = {"total": data_parallel_bytes(n_params, M) * s["steps"],
-                      "peak_per_sync": data_parallel_bytes(n_params, M), "per_sync": None, "overlap": 0,
-                      "syncs_per_H": s["H"]}
+def make_config(s: dict, method: str | None, M: int, seed: int, run_dir: str,
+                overrides=()) -> Config:
+    """The trainer config of one run; method None = data parallel."""
+    kw = METHODS[method] if method else None
+    if kw is None:  # same tokens per step (B·M) and the same eval windows (8·B) as DiLoCo
+        if s["eval_batches"] % M:
+            sys.exit(f"eval batches {s['eval_batches']} must be divisible by M={M} so data "
+                     f"parallel evaluates the same windows")
+        batch, eval_batches, diloco = s["batch"] * M, s["eval_batches"] // M, {"enabled": False}
     else:
-        kw = dict(kw, num_fragments=s["P"] if kw["num_fragments"] == "P" else kw["num_fragments"],
-                  alpha=s["alpha"] if kw["alpha"] == "alpha" else kw["alpha"])
-        outer = optax.sgd(s["outer_lr"], momentum=s["outer_momentum"] or None, nesterov=s["outer_momentum"] > 0)
-        sd = streaming_diloco(inner_optimizer(s), num_replicas=M, sync_every=s["H"], mesh=mesh,
-                              outer_optimizer=outer, **kw)
-        grad = replica_grads(loss, mesh=mesh)
-        state = sd.init(params)
-        step = jax.jit(lambda st, b_M: sd.update(grad(st.params, b_M)[1], st))
-        finalize = jax.jit(sd.finalize)
-        glob = lambda st: finalize(st).global_params
-        rep = sd.bytes_report(params, s["steps"])
-        bytes_info = {"total": rep["total"], "peak_per_sync": rep["peak_per_sync"], "per_sync": rep["per_sync"],
-                      "overlap": kw["overlap_steps"], "syncs_per_H": kw["num_fragments"]}
+        batch, eval_batches = s["batch"], s["eval_batches"]
+        diloco = dict(enabled=True, sync_every=s["H"], outer_lr=s["outer_lr"],
+                      outer_momentum=s["outer_momentum"], quantize=kw["quantize"],
+                      num_fragments=s["P"] if kw["num_fragments"] == "P" else kw["num_fragments"],
+                      overlap_steps=kw["overlap_steps"],
+                      alpha=s["alpha"] if kw["alpha"] == "alpha" else kw["alpha"])
+    cfg = Config().replace(
+        mesh=dict(replica=M),
+        model=dict(layers=s["layers"], embed=s["embed"], heads=s["heads"],
+                   kv_heads=s["kv_heads"], head_dim=s["head_dim"], mlp=s["mlp"]),
+        diloco=diloco,
+        train=dict(steps=s["steps"], batch_size=batch, seq_len=s["seq"], lr=s["lr"], warmup=0,
+                   min_lr_ratio=0.1, weight_decay=0.1, b2=0.95, clip=1.0, seed=seed,
+                   run_dir=run_dir, log_every=s["eval_every"]),
+        eval=dict(every=s["eval_every"], batches=eval_batches, sample_bytes=0),
+        checkpoint=dict(every=0, keep=1))
+    extra: dict = {}
+    for item in overrides:
+        section, key, value = parse_override(item)
+        extra.setdefault(section, {})[key] = value
+    return cfg.replace(**extra) if extra else cfg
 
+
+def trainer_run(cfg: Config, devices) -> tuple[dict, float]:
+    """One trainer run in a fresh folder (a folder with checkpoints would resume)."""
+    run_dir = tempfile.mkdtemp(prefix="bench_diloco_")
+    cfg = cfg.replace(train={"run_dir": run_dir})
     t0 = time.perf_counter()
-    for t in range(1, s["steps"] + 1):
-        state = step(state, jax.device_put(data.replica_batches(t, s["batch"], M), batch_sharding))
-        if t % eval_every == 0 or t == s["steps"]:
-            curve.append((t, float(eval_fn(glob(state)))))
-    wall = time.perf_counter() - t0
-    print(f"  M={M} {name:18s} eval {curve[-1][1]:.4f}  ({wall:.0f}s)", flush=True)
-    return {"method": name, "M": M, "final_eval_loss": curve[-1][1], "curve": curve, "wall_s": wall,
-            "H": s["H"], "steps": s["steps"], **bytes_info}
+    try:
+        summary = train(cfg, devices=devices, quiet=True)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return summary, time.perf_counter() - t0
 
 
-def replica_step_time(s, model, data, params, reps=10):
-    """Wall time of one replica's inner step (forward, backward, AdamW) on one host device."""
-    opt = inner_optimizer(s)
-    st = (params, opt.init(params))
-
-    @jax.jit
-    def step(st, b):
-        p, o = st
-        g = jax.grad(lambda p: lm_loss(model, p, b))(p)
-        u, o = opt.update(g, o, p)
-        return optax.apply_updates(p, u), o
-
-    b = jnp.asarray(data.batch(0, s["batch"]))
-    st = jax.block_until_ready(step(st, b))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        st = jax.block_until_ready(step(st, b))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def replica_step_time(s: dict, overrides=(), steps: int = 96) -> float:
+    """Median step time of one replica (batch B, one host device), measured by the trainer."""
+    t = dict(s, steps=steps, eval_every=16)
+    cfg = make_config(t, None, 1, 0, "", overrides).replace(
+        eval={"every": 0, "batches": 1}, train={"log_every": 8})
+    summary, _ = trainer_run(cfg, jax.devices()[:1])
+    return summary["step_time_s"]
 
 
-def utilization(r, t_step, H, gbit):
+def run_method(name: str, M: int, seed: int, s: dict, overrides=()) -> dict:
+    cfg = make_config(s, name, M, seed, "", overrides)
+    summary, wall = trainer_run(cfg, jax.devices()[:M])
+    n = summary["params"]
+    if METHODS[name] is None:
+        per_step = data_parallel_bytes(n, M)
+        b = {"total": per_step * s["steps"], "peak_per_sync": per_step, "per_sync": None,
+             "overlap": 0}
+    else:
+        rep = summary["diloco_bytes"]
+        b = {"total": rep["total"], "peak_per_sync": rep["peak_per_sync"],
+             "per_sync": rep["per_sync"], "syncs": rep["syncs"],
+             "overlap": cfg.diloco.overlap_steps}
+    evals = summary["evals"]
+    r = {"method": name, "M": M, "seed": seed, "steps": s["steps"], "H": s["H"],
+         "final_eval_loss": summary["final_eval_loss"], "curve": evals,
+         "last_mean": float(np.mean([loss for _, loss in evals[-LAST:]])),
+         "last_steps": [st for st, _ in evals[-LAST:]], "wall_s": wall,
+         "run_step_time_s": summary["step_time_s"], "tokens_per_s": summary["tokens_per_s"],
+         "hlo_comm_bytes_per_step": summary["comm_bytes_per_step"], "params": n,
+         "machine": summary["machine"], "config": summary["config"], **b}
+    print(f"  M={M} seed {seed} {name:18s} eval {r['final_eval_loss']:.4f}  "
+          f"last-{LAST} mean {r['last_mean']:.4f}  ({wall:.0f} s)", flush=True)
+    return r
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def utilization(r: dict, t_step: float, gbit: float) -> float:
     """Fraction of time computing at `gbit` Gbit/s between replicas (see module doc)."""
     W = gbit * 1e9 / 8  # bytes/s
-    if r["per_sync"] is None:  # data parallel: a blocking all-reduce every step
-        return t_step / (t_step + r["peak_per_sync"] / W)
+    if r["per_sync"] is None:  # data parallel: all-reduce beside the backward pass
+        return t_step / (t_step + max(0.0, r["peak_per_sync"] / W - DP_OVERLAP * t_step))
     idle = sum(max(0.0, b / W - r["overlap"] * t_step) for b in r["per_sync"])
-    return H * t_step / (H * t_step + idle)
+    return r["H"] * t_step / (r["H"] * t_step + idle)
 
 
-def gbit_for(r, t_step, H, target=0.95):
+def gbit_for(r: dict, t_step: float, target: float = 0.95) -> float:
     lo, hi = 1e-9, 1e9
     for _ in range(200):  # bisection in log space; utilization grows with bandwidth
         mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if utilization(r, t_step, H, mid) < target else (lo, mid)
+        lo, hi = (mid, hi) if utilization(r, t_step, mid) < target else (lo, mid)
     return hi
 
 
-def fmt_bytes(b):
+def fmt_bytes(b: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if b < 1000:
             return f"{b:.1f} {unit}"
@@ -186,60 +183,100 @@ def fmt_bytes(b):
     return f"{b:.1f} PB"
 
 
-def print_tables(results, t_step):
-    Ms = sorted({r["M"] for r in results})
-    print("\n| M | method | final eval loss | vs DP | total bytes / replica | vs DP | peak bytes / sync | wall |")
+def _dp_of(r: dict, results: list) -> dict | None:
+    return next((d for d in results if d["per_sync"] is None and d["M"] == r["M"]
+                 and d["seed"] == r["seed"] and d["steps"] == r["steps"]), None)
+
+
+def _rel(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.2f}%"
+
+
+def print_tables(results: list, t_step: float) -> None:
+    label = lambda r: r.get("label") or r["method"]
+    print(f"\n| M | seed | method | final eval loss | mean last {LAST} evals | vs DP "
+          f"| total bytes / replica | vs DP | peak bytes / sync | wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(results, key=lambda r: (r["M"], r["seed"], r["steps"])):
+        dp = _dp_of(r, results)
+        rel = _rel(r["last_mean"], dp["last_mean"]) if dp else "n/a"
+        ratio = ("1×" if r is dp else f"{dp['total'] / r['total']:.0f}× fewer") if dp else "n/a"
+        print(f"| {r['M']} | {r['seed']} | {label(r)} | {r['final_eval_loss']:.4f} | "
+              f"{r['last_mean']:.4f} | {rel} | {fmt_bytes(r['total'])} | {ratio} | "
+              f"{fmt_bytes(r['peak_per_sync'])} | {r['wall_s']:.0f} s |")
+
+    print(f"\nTarget: within 2% of data parallel on the mean of the last {LAST} evals")
+    print("| M | steps | method | seed | method loss | DP loss | vs DP | within 2% |")
     print("|---|---|---|---|---|---|---|---|")
-    for M in Ms:
-        for r in (r for r in results if r["M"] == M):
-            dp = next((d for d in results if d["M"] == M and d["per_sync"] is None
-                       and d.get("steps") == r.get("steps")), None)
-            rel = f"{100 * (r['final_eval_loss'] / dp['final_eval_loss'] - 1):+.2f}%" if dp else "n/a"
-            ratio = ("1×" if r is dp else f"{dp['total'] / r['total']:.0f}× fewer") if dp else "n/a"
-            print(f"| {M} | {r.get('label', r['method'])} | {r['final_eval_loss']:.4f} | {rel} | {fmt_bytes(r['total'])} | "
-                  f"{ratio} | {fmt_bytes(r['peak_per_sync'])} | {r['wall_s']:.0f} s |")
+    keys = sorted({(r["M"], r["steps"], label(r)) for r in results if r["per_sync"]},
+                  key=lambda k: (k[0], k[1]))
+    for M, steps, lab in keys:
+        pairs = [(r, _dp_of(r, results)) for r in results
+                 if (r["M"], r["steps"], label(r)) == (M, steps, lab)]
+        pairs = sorted([(r, d) for r, d in pairs if d], key=lambda p: p[0]["seed"])
+        for r, d in pairs:
+            gap = r["last_mean"] / d["last_mean"] - 1
+            print(f"| {M} | {steps} | {lab} | {r['seed']} | {r['last_mean']:.4f} | "
+                  f"{d['last_mean']:.4f} | {100 * gap:+.2f}% | {'yes' if gap <= 0.02 else 'no'} |")
+        if len(pairs) > 1:
+            a = float(np.mean([r["last_mean"] for r, _ in pairs]))
+            b = float(np.mean([d["last_mean"] for _, d in pairs]))
+            seeds = ",".join(str(r["seed"]) for r, _ in pairs)
+            print(f"| {M} | {steps} | {lab} | mean ({seeds}) | {a:.4f} | {b:.4f} | "
+                  f"{100 * (a / b - 1):+.2f}% | {'yes' if a / b - 1 <= 0.02 else 'no'} |")
 
     gbits = [0.001, 0.01, 0.1, 1.0]
-    print(f"\nSimulated compute utilization (t_step = {t_step * 1e3:.1f} ms measured on this CPU); "
-          f"Gbit/s needed for 95%:")
-    print("| M | method | " + " | ".join(f"util @ {g} Gbit/s" for g in gbits) + " | Gbit/s for 95% |")
+    print(f"\nSimulated compute utilization (t_step = {t_step * 1e3:.1f} ms, one replica's "
+          f"trainer step on one host device); data parallel's all-reduce overlaps "
+          f"{DP_OVERLAP:.2f} of a step (assumed), DiLoCo's τ steps:")
+    print("| M | method | " + " | ".join(f"util @ {g} Gbit/s" for g in gbits)
+          + " | Gbit/s for 95% |")
     print("|---|---|" + "---|" * (len(gbits) + 1))
-    for r in results:
-        r["gbit_for_95"] = gbit_for(r, t_step, r["H"])
-        r["utilization"] = {g: utilization(r, t_step, r["H"], g) for g in gbits}
-        print(f"| {r['M']} | {r.get('label', r['method'])} | " + " | ".join(f"{100 * r['utilization'][g]:.1f}%" for g in gbits)
+    seen = set()
+    for r in sorted(results, key=lambda r: r["M"]):
+        key = (r["M"], label(r), r["H"])
+        if key in seen:  # bytes do not depend on the seed
+            continue
+        seen.add(key)
+        r["gbit_for_95"] = gbit_for(r, t_step)
+        r["utilization"] = {g: utilization(r, t_step, g) for g in gbits}
+        print(f"| {r['M']} | {label(r)} | "
+              + " | ".join(f"{100 * r['utilization'][g]:.1f}%" for g in gbits)
               + f" | {r['gbit_for_95']:.4g} |")
 
 
-def plot(results, path, title=""):
+def plot(results: list, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     Ms = sorted({r["M"] for r in results})
-    fig, axes = plt.subplots(1, len(Ms), figsize=(6 * len(Ms), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(Ms), figsize=(6.5 * len(Ms), 4.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(r.get("label") or r["method"] for r in results))
+    styles = ["-", "--", ":", "-."]
     for ax, M in zip(axes[0], Ms):
         for r in (r for r in results if r["M"] == M):
-            t, l = zip(*r["curve"])
-            ax.plot(t, l, label=r.get("label", r["method"]), marker="." if r["per_sync"] is None else None)
-        ax.set(title=f"M={M} replicas {title}", xlabel="inner step", ylabel="eval loss (nats/byte)")
-        ax.set_ylim(top=min(ax.get_ylim()[1], 3.5))
+            lab = r.get("label") or r["method"]
+            t, loss = zip(*r["curve"])
+            ax.plot(t, loss, color=colors[labels.index(lab) % len(colors)],
+                    linestyle=styles[r["seed"] % len(styles)], label=f"{lab}, seed {r['seed']}",
+                    marker="." if r["per_sync"] is None else None)
+        ax.set(title=f"M={M} replicas (trainer)", xlabel="inner step",
+               ylabel="eval loss (nats/byte)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 3.0))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 
-def _same_dp_setup(a, b):
-    keys = ("layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "seq", "batch", "steps", "lr", "eval_batches")
-    return all(a.get(k) == b.get(k) for k in keys) and a.get("seed", 0) == b.get("seed", 0)
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer steps (< 10 min on 2 cores)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="256 steps instead of 1024")
     ap.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--steps", type=int, help="override the number of inner steps")
     ap.add_argument("--H", type=int, help="override sync_every")
@@ -247,13 +284,14 @@ def main(argv=None):
     ap.add_argument("--outer-lr", type=float)
     ap.add_argument("--outer-momentum", type=float)
     ap.add_argument("--alpha", type=float, help="mixing of the τ=1 methods")
-    ap.add_argument("--methods", nargs="+", choices=list(SHORT), help="subset to run (default: all)")
-    ap.add_argument("--reuse-dp", help="take the data-parallel rows from this JSON (same model, data, "
-                                       "steps and lr; DP does not depend on H, P or the outer optimizer)")
-    ap.add_argument("--render", nargs="+", help="only print tables / plot from these JSON files")
-    ap.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
-    ap.add_argument("--label", help="suffix for the method names of this run's rows, e.g. 'H=32'")
-    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--methods", nargs="+", choices=list(SHORT), help="subset (default: all)")
+    ap.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                    help="train.seed: model init and data order (default 0)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                    help="extra trainer overrides for every run, e.g. train.lr=1e-3")
+    ap.add_argument("--label", help="suffix for this run's method names, e.g. 'H=32'")
+    ap.add_argument("--render", nargs="+", help="only print tables / plot from these JSONs")
+    ap.add_argument("--json", help="write all results here (rewritten after every run)")
     ap.add_argument("--plot", help="write the eval-loss curves (PNG) here")
     args = ap.parse_args(argv)
     if args.render:
@@ -264,49 +302,39 @@ def main(argv=None):
             plot(results, args.plot)
         return
     s = settings(args.quick)
-    s["seed"] = args.seed
-    for key, val in (("steps", args.steps), ("H", args.H), ("P", args.P), ("outer_lr", args.outer_lr),
-                     ("outer_momentum", args.outer_momentum), ("alpha", args.alpha)):
+    for key, val in (("steps", args.steps), ("H", args.H), ("P", args.P),
+                     ("outer_lr", args.outer_lr), ("outer_momentum", args.outer_momentum),
+                     ("alpha", args.alpha)):
         if val is not None:
             s[key] = val
-    methods = {SHORT[k]: METHODS[SHORT[k]] for k in (args.methods or SHORT)}
+    methods = [SHORT[k] for k in (args.methods or SHORT)]
     if jax.device_count() < max(args.replicas):
         sys.exit(f"need {max(args.replicas)} devices, have {jax.device_count()}; set XLA_FLAGS")
-    reused = []
-    if args.reuse_dp:
-        old = json.load(open(args.reuse_dp))
-        if not _same_dp_setup(old["settings"], s):
-            sys.exit(f"--reuse-dp {args.reuse_dp}: its settings {old['settings']} differ from {s}")
-        reused = [dict(r, reused_from=args.reuse_dp) for r in old["results"]
-                  if r["per_sync"] is None and r["M"] in args.replicas]
-        methods.pop("data parallel", None)
-    model, data, params = build(s)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model {n_params / 1e6:.2f}M params, {s['layers']} layers; batch {s['batch']}×{s['seq']} bytes per replica; "
-          f"{s['steps']} steps; H={s['H']} P={s['P']} outer lr {s['outer_lr']} μ {s['outer_momentum']} "
-          f"α {s['alpha']}; {jax.device_count()} {jax.devices()[0].platform} devices, "
-          f"{os.cpu_count()} cores", flush=True)
-    t_step = replica_step_time(s, model, data, params)
-    print(f"one replica inner step: {t_step * 1e3:.1f} ms", flush=True)
+    print(f"{s['layers']} layers, d={s['embed']}; batch {s['batch']}×{s['seq']} bytes per "
+          f"replica; {s['steps']} steps; H={s['H']} P={s['P']} outer lr {s['outer_lr']} "
+          f"μ {s['outer_momentum']} α {s['alpha']}; {jax.device_count()} "
+          f"{jax.devices()[0].platform} devices, {os.cpu_count()} cores", flush=True)
+    t0 = time.perf_counter()
+    t_step = replica_step_time(s, args.set)
+    print(f"one replica's trainer step: {t_step * 1e3:.1f} ms "
+          f"(measured in {time.perf_counter() - t0:.0f} s)", flush=True)
 
-    t_start = time.perf_counter()
-    results = []
+    results, t_start = [], time.perf_counter()
     for M in args.replicas:
-        results += [r for r in reused if r["M"] == M]
-        for name, kw in methods.items():
-            r = run_method(name, kw, M, s, model, data, params, eval_every=max(16, s["steps"] // 32))
-            r["label"] = f"{name} ({args.label})" if args.label else name
-            results.append(r)
-    total_wall = time.perf_counter() - t_start
+        for seed in args.seeds:
+            for name in methods:
+                r = run_method(name, M, seed, s, args.set)
+                if args.label:
+                    r["label"] = f"{name} ({args.label})"
+                results.append(r)
+                if args.json:
+                    with open(args.json, "w") as fh:
+                        json.dump({"settings": s, "t_step_s": t_step, "overrides": args.set,
+                                   "argv": sys.argv[1:], "machine": r["machine"],
+                                   "wall_s": time.perf_counter() - t_start,
+                                   "results": results}, fh, indent=1)
     print_tables(results, t_step)
-    print(f"\ntotal experiment wall time: {total_wall:.0f} s (without the reused data-parallel rows); "
-          f"whole script so far {time.perf_counter() - T0:.0f} s", flush=True)
-
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"settings": s, "n_params": n_params, "t_step_s": t_step, "wall_s": total_wall,
-                       "devices": f"{jax.device_count()} {jax.devices()[0].platform}", "cores": os.cpu_count(),
-                       "argv": sys.argv[1:], "results": results}, fh, indent=1)
+    print(f"\ntotal experiment wall time: {time.perf_counter() - t_start:.0f} s", flush=True)
     if args.plot:
         plot(results, args.plot)
 
