@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxpar import sharding
 from jaxpar.models.transformer import Parallel, Transformer, TransformerConfig
@@ -54,25 +56,70 @@ def transformer_config(cfg: Config) -> TransformerConfig:
                              rope_base=m.rope_base, dtype=m.dtype)
 
 
+def _close(word: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def import_factory(spec: str) -> Callable:
+    """The `factory` of `model.module=package.module:factory` (ConfigError if it is not
+    there)."""
     if ":" not in spec:
         raise ConfigError(f"model.module={spec!r} must look like package.module:factory")
     mod_name, attr = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ConfigError(f"model.module={spec!r}: cannot import {mod_name!r} ({e})") from None
+        raise ConfigError(f"model.module={spec!r}: cannot import {mod_name!r} ({e}); is its "
+                          f"folder on PYTHONPATH?") from None
     fn = getattr(mod, attr, None)
     if not callable(fn):
-        names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
-        raise ConfigError(f"model.module={spec!r}: {mod_name} has no callable {attr!r}; "
-                          f"callables there: {names[:8]}")
+        names = [n for n, v in vars(mod).items() if not n.startswith("_") and callable(v)
+                 and getattr(v, "__module__", None) == mod.__name__]
+        raise ConfigError(f"model.module={spec!r}: {mod_name} has no callable {attr!r}"
+                          f"{_close(attr, names)}; functions and classes defined there: "
+                          f"{names[:8]}")
     return fn
 
 
-def _linen(module: nn.Module, kind: str, name: str) -> ModelFns:
+def rule_overrides(cfg: Config) -> dict:
+    """The user factory's own rules (`factory.rules = {"mlp": None, "my_axis": "tensor"}`),
+    merged over `jaxpar.sharding.DEFAULT_RULES` by the run; {} for the built-in model."""
+    if not cfg.model.module:
+        return {}
+    over = getattr(import_factory(cfg.model.module), "rules", None) or {}
+    from jaxpar.mesh import AXES
+
+    if not isinstance(over, dict):
+        raise ConfigError(f"model.module={cfg.model.module!r}: factory.rules must be a dict "
+                          f"{{logical name: mesh axis | [mesh axes] | None}}, got {over!r}")
+    for k, v in over.items():
+        axes = (v,) if isinstance(v, str) else tuple(v or ())
+        bad = [a for a in axes if a not in AXES]
+        if not isinstance(k, str) or bad:
+            raise ConfigError(f"model.module={cfg.model.module!r}: factory.rules[{k!r}]={v!r} "
+                              f"must name mesh axes among {list(AXES)} (or None)")
+    return over
+
+
+def _warn_unknown_names(boxed, rules: sharding.Rules, name: str) -> None:
+    known = {k for k, _ in rules}
+    used = {n for spec in jax.tree.leaves(sharding.logical_axes(boxed),
+                                          is_leaf=lambda x: isinstance(x, P))
+            for entry in spec for n in ((entry,) if isinstance(entry, str) else entry or ())}
+    if unknown := sorted(used - known):
+        warnings.warn(f"{name}: logical axis names {unknown} are not in the rules "
+                      f"{sorted(known)}; those dimensions are replicated", stacklevel=2)
+
+
+def _linen(module: nn.Module, kind: str, name: str, rules: sharding.Rules) -> ModelFns:
     def init(rng, *inputs):
-        return module.init(rng, *inputs)["params"]
+        params = module.init(rng, *inputs)["params"]
+        if kind != "builtin":
+            _warn_unknown_names(params, rules, name)
+        return params
 
     def apply(params, *inputs):
         return module.apply({"params": params}, *inputs)
@@ -80,43 +127,81 @@ def _linen(module: nn.Module, kind: str, name: str) -> ModelFns:
     return ModelFns(init, apply, kind, name)
 
 
-def build(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> ModelFns:
-    """The run's model. Call under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
-    if not cfg.model.module:
-        module = Transformer(transformer_config(cfg), parallel=parallel(cfg, mesh, rules))
-        return _linen(module, "builtin", "jaxpar.models.transformer:Transformer")
-    factory = import_factory(cfg.model.module)
-    holder: dict[str, Any] = {}
+def _nnx_names(var) -> tuple | None:
+    """The logical names of an NNX variable (`out_sharding`; older Flax: `sharding_names`,
+    `sharding`), or None when it has none."""
+    meta = var.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = meta.get(key)
+        if names is not None:
+            if isinstance(names, jax.sharding.Sharding):
+                names = names.spec
+            return tuple(names)
+    return None
 
-    def probe():
-        obj = factory(cfg, mesh)
-        holder["obj"] = obj if isinstance(obj, nn.Module) else None
-        if isinstance(obj, nnx.Module):
-            graphdef, params, rest = nnx.split(obj, nnx.Param, ...)
-            holder["graphdef"] = graphdef
-            return params, rest
-        return None
 
-    jax.eval_shape(probe)
-    if holder["obj"] is not None:
-        return _linen(holder["obj"], "linen", cfg.model.module)
-    if "graphdef" not in holder:
-        raise ConfigError(f"model.module={cfg.model.module!r} returned neither a flax.linen."
-                          f"Module nor a flax.nnx.Module")
-    graphdef = holder["graphdef"]
+def _nested(flat) -> dict:
+    """{path tuple: leaf} -> nested dicts (NNX list indices stay int keys)."""
+    out: dict = {}
+    for path, leaf in flat:
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = leaf
+    return out
 
+
+def _nnx(factory: Callable, cfg: Config, mesh: Mesh, graphdef, rules: sharding.Rules
+         ) -> ModelFns:
+    """An NNX model as plain functions of a plain nested dict of arrays (the `nnx.Param`s,
+    keyed by attribute name / list index), so the optimizer, DiLoCo, checkpoints and the
+    param table see the same kind of tree as with Linen. Non-Param state (RNG streams,
+    batch statistics, ...) is created once and stays constant."""
     def split():
         _, params, rest = nnx.split(factory(cfg, mesh), nnx.Param, ...)
         return params, rest
 
-    # non-Param state (e.g. RNG counters) is created once, replicated, and kept constant
-    rest = jax.jit(lambda: split()[1])()
+    rest = jax.jit(lambda: split()[1], out_shardings=NamedSharding(mesh, P()))()
 
     def init(rng, *inputs):
         del rng, inputs  # the factory seeds its own nnx.Rngs (from cfg.train.seed)
-        return split()[0]
+        params, _ = split()
+        boxed = _nested(
+            (path, var.get_value() if (names := _nnx_names(var)) is None
+             else nn.LogicallyPartitioned(var.get_value(), names))
+            for path, var in nnx.to_flat_state(params))
+        _warn_unknown_names(boxed, rules, cfg.model.module)
+        return boxed
 
     def apply(params, *inputs):
         return nnx.merge(graphdef, params, rest)(*inputs)
 
     return ModelFns(init, apply, "nnx", cfg.model.module)
+
+
+def build(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> ModelFns:
+    """The run's model. Call under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`
+    (NNX variables with logical names are sharded as they are created, which needs both)."""
+    if not cfg.model.module:
+        module = Transformer(transformer_config(cfg), parallel=parallel(cfg, mesh, rules))
+        return _linen(module, "builtin", "jaxpar.models.transformer:Transformer", rules)
+    spec = cfg.model.module
+    factory = import_factory(spec)
+    holder: dict[str, Any] = {}
+
+    def probe():  # traced only: creates no arrays
+        obj = factory(cfg, mesh)
+        holder["obj"] = obj
+        if isinstance(obj, nnx.Module):
+            holder["graphdef"], params, _ = nnx.split(obj, nnx.Param, ...)
+            return params
+        return None
+
+    jax.eval_shape(probe)  # a bug in the user's model raises here, with its traceback
+    obj = holder["obj"]
+    if isinstance(obj, nn.Module):
+        return _linen(obj, "linen", spec, rules)
+    if isinstance(obj, nnx.Module):
+        return _nnx(factory, cfg, mesh, holder["graphdef"], rules)
+    raise ConfigError(f"model.module={spec!r} returned {type(obj).__name__}, neither a "
+                      f"flax.linen.Module nor a flax.nnx.Module")

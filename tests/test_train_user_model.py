@@ -1,0 +1,261 @@
+"""Users' own models (`model.module=package.module:factory`), Linen and NNX, through the
+trainer: sharded init, train steps equal to the same module run unsharded on one device,
+eval, checkpoint/restore, the param table, DiLoCo, the CLI and its bad-spec messages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import user_models
+from jaxpar.data import pack
+from jaxpar.diloco import replica_grads, streaming_diloco
+from jaxpar.train.__main__ import main
+from jaxpar.train.checkpoint import Checkpointer
+from jaxpar.train.config import Config
+from jaxpar.train.loop import Run, cross_entropy, inner_optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 3
+
+
+def small_config(tmp_path, kind, mesh, impl="dense", **sections) -> Config:
+    base = Config().replace(
+        model=dict(module=f"user_models:{kind}_factory", layers=2, embed=32, heads=4, mlp=64),
+        train=dict(steps=STEPS, batch_size=4, seq_len=32, lr=1e-2, warmup=1,
+                   run_dir=str(tmp_path)),
+        attention=dict(impl=impl), mesh=mesh, eval=dict(every=0, batches=2, sample_bytes=0))
+    return base.replace(**sections) if sections else base
+
+
+def host(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol),
+                 host(a), host(b))
+
+
+def reference(cfg, kind):
+    """(params, apply) of the same module on one device: no mesh, no rules, no sharding."""
+    dummy = np.zeros((1, cfg.train.seq_len), np.int32)
+    if kind == "linen":
+        module = user_models.linen_factory(cfg, None)
+        params = nn.unbox(module.init(jax.random.key(cfg.train.seed), dummy, dummy, dummy))
+        return params["params"], lambda p, *x: module.apply({"params": p}, *x)
+    with nnx.use_eager_sharding(False):  # logical names need a mesh to shard eagerly
+        module = user_models.nnx_factory(cfg, None)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return nnx.to_pure_dict(params), lambda p, *x: nnx.merge(graphdef, p, rest)(*x)
+
+
+def reference_loss(apply):
+    def loss(params, b):
+        return cross_entropy(apply(params, b["tokens"], b["positions"], b["segment_ids"]),
+                             b["targets"])
+    return loss
+
+
+def plain_losses(cfg, run, kind, steps=STEPS):
+    params, apply = reference(cfg, kind)
+    tx, _ = inner_optimizer(cfg)
+    opt = tx.init(params)
+    step_fn = jax.jit(jax.value_and_grad(reference_loss(apply)))
+    out = []
+    for step in range(1, steps + 1):
+        loss, g = step_fn(params, pack(run.data.batch(step, cfg.train.batch_size), zigzag=1))
+        u, opt = tx.update(g, opt, params)
+        params = optax.apply_updates(params, u)
+        out.append(float(loss))
+    return out, params
+
+
+def mlp_kernel(params, kind):
+    return params["layers_0"]["up"]["kernel"] if kind == "linen" else (
+        params["layers"][0]["up"]["kernel"])
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_user_model_sharded_run_equals_unsharded(kind, tmp_path):
+    cfg = small_config(tmp_path, kind, dict(data=4, tensor=2))
+    run = Run.create(cfg)
+    assert run.model.kind == kind
+    state = run.init_state()
+    init, _ = reference(cfg, kind)
+    close(state.params, init, rtol=1e-6, atol=1e-7)  # same init as one device
+
+    # the MLP kernel is really split over `tensor`: each device holds half of its columns
+    w = mlp_kernel(state.params, kind)
+    assert w.sharding.spec == P(None, "tensor")
+    assert {s.data.shape for s in w.addressable_shards} == {(32, 32)}
+    rows = {r["path"]: r for r in run.param_table(state.params)}
+    up = rows["layers_0/up/kernel" if kind == "linen" else "layers/0/up/kernel"]
+    assert up["logical"] == ["embed", "mlp"] and up["spec"] == "P(None, 'tensor')"
+    assert up["bytes_per_device"] == 32 * 64 * 4 // 2
+    emb = rows["embed/embedding"]
+    assert emb["logical"] == ["vocab", "embed"] and emb["bytes_per_device"] == 256 * 32 * 4 // 2
+    # 6·(non-embedding params), the attention term is the built-in model's only
+    n = sum(x.size for x in jax.tree.leaves(state.params)) - 256 * 32
+    assert run.flops_per_token(state.params) == 6 * n
+
+    ckpt = Checkpointer(tmp_path, keep=2)
+    losses = []
+    for step in range(1, STEPS + 1):
+        state, m = run.train_step(state, run.batch(step))
+        losses.append(float(m["loss"]))
+        if step == STEPS - 1:
+            ckpt.save(step, state, {"data_step": step})
+            ckpt.wait()
+    ref, ref_params = plain_losses(cfg, run, kind)
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+    assert losses[-1] < losses[0]
+    close(state.params, ref_params, rtol=1e-4, atol=1e-5)
+
+    ev = float(run.eval_loss(run.eval_params(state), run.eval_batches()))
+    assert np.isfinite(ev) and ev < losses[0]
+
+    # restore the step-2 checkpoint into a fresh state: step 3 gives the same loss and params
+    restored, meta = ckpt.restore(STEPS - 1, run.init_state())
+    ckpt.close()
+    assert meta["data_step"] == STEPS - 1
+    assert mlp_kernel(restored.params, kind).sharding.spec == P(None, "tensor")
+    again, m = run.train_step(restored, run.batch(STEPS))
+    np.testing.assert_allclose(float(m["loss"]), losses[-1], rtol=1e-6)
+    close(again.params, state.params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
+def test_user_model_zigzag_ring_equals_unsharded(kind, tmp_path):
+    """attention.impl=ring hands tokens over in the zigzag order (and sharded over seq); a
+    model whose mask comes from positions and segment ids gives the same losses."""
+    cfg = small_config(tmp_path, kind, dict(data=2, seq=2, tensor=2), impl="ring")
+    run = Run.create(cfg)
+    assert run.zigzag == 2
+    state = run.init_state()
+    losses = []
+    for step in range(1, STEPS + 1):
+        state, m = run.train_step(state, run.batch(step))
+        losses.append(float(m["loss"]))
+    ref, _ = plain_losses(cfg, run, kind)
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
+def test_user_model_diloco_equals_library_diloco(kind, tmp_path):
+    """replica 2 × data 2 × tensor 2, Streaming DiLoCo with 2 fragments (the user model's
+    two layers) against `streaming_diloco` without a mesh on the unsharded module."""
+    steps = 4
+    cfg = small_config(tmp_path, kind, dict(replica=2, data=2, tensor=2),
+                       diloco=dict(enabled=True, sync_every=2, num_fragments=2, alpha=0.5),
+                       train=dict(steps=steps))
+    run = Run.create(cfg)
+    state = run.init_state()
+    frags = run.diloco.fragments(state.global_params)
+    assert len(frags.layer_names) == 2, frags.layer_names
+    assert mlp_kernel(state.params, kind).sharding.spec == P("replica", None, "tensor")
+    losses = []
+    for step in range(1, steps + 1):
+        state, m = run.train_step(state, run.batch(step))
+        losses.append(float(m["loss"]))
+
+    d = cfg.diloco
+    g0, apply = reference(cfg, kind)
+    tx, _ = inner_optimizer(cfg)
+    sd = streaming_diloco(tx, num_replicas=2, sync_every=d.sync_every,
+                          num_fragments=d.num_fragments, alpha=d.alpha,
+                          outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+    grad = replica_grads(reference_loss(apply))
+    ref_state = sd.init(g0)
+
+    @jax.jit
+    def ref_step(s, b):
+        loss_M, g_M = grad(s.params, b)
+        return sd.update(g_M, s), loss_M.mean()
+
+    ref = []
+    for step in range(1, steps + 1):
+        b = pack(run.data.replica_batches(step, cfg.train.batch_size, 2), zigzag=1)
+        ref_state, loss = ref_step(ref_state, b)
+        ref.append(float(loss))
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+    close(state.global_params, ref_state.global_params, rtol=1e-4, atol=1e-5)
+
+
+def run_cli(tmp_path, *overrides, timeout=300):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(
+        [sys.executable, "-m", "jaxpar.train", str(ROOT / "configs/base.yaml"),
+         "mesh.data=4", "mesh.tensor=2", "model.layers=2", "model.embed=32", "model.heads=4",
+         "model.mlp=64", "train.batch_size=4", "train.seq_len=32", "train.log_every=1",
+         "eval.every=0", "eval.batches=1", "eval.sample_bytes=4", "checkpoint.every=2",
+         f"train.run_dir={tmp_path}", *overrides],
+        capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
+def test_cli_user_model(kind, tmp_path):
+    r = run_cli(tmp_path, f"model.module=user_models:{kind}_factory", "train.steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train] == [1, 2]
+    assert all(np.isfinite(x["loss"]) for x in train)
+    assert any("eval_loss" in x for x in lines)
+    table = (tmp_path / "params.txt").read_text()
+    up = "layers_0/up/kernel" if kind == "linen" else "layers/0/up/kernel"
+    row = next(x for x in table.splitlines() if x.startswith(up + " "))
+    assert "embed, mlp" in row and "P(None, 'tensor')" in row, table
+    assert "vocab, embed" in table
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["model"]["module"] == f"user_models:{kind}_factory"
+    if kind == "nnx":  # resume: the same command with more steps goes on from step 2
+        r = run_cli(tmp_path, f"model.module=user_models:{kind}_factory", "train.steps=3")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "resumed from" in r.stdout + r.stderr
+        lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("user_models", "must look like package.module:factory"),
+    ("no_such_module_xyz:factory", "cannot import 'no_such_module_xyz'"),
+    ("user_models:linen_factroy", "has no callable 'linen_factroy' (did you mean "
+                                  "'linen_factory'?)"),
+    ("user_models:not_a_module", "returned str, neither a flax.linen.Module nor a flax.nnx"),
+])
+def test_bad_model_module_is_exit_2_and_one_line(spec, words, tmp_path, capsys):
+    code = main([str(ROOT / "configs/base.yaml"), f"model.module={spec}", "mesh.data=8",
+                 f"train.run_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_bad_model_module_cli_subprocess(tmp_path):
+    r = run_cli(tmp_path, "model.module=user_models:nope", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "has no callable 'nope'" in r.stderr, r.stderr
+
+
+def test_factory_rules_override(tmp_path, monkeypatch):
+    """`factory.rules` changes where names go: the MLP replicated, 'embed' over tensor."""
+    monkeypatch.setattr(user_models.linen_factory, "rules", {"mlp": None, "embed": "tensor"},
+                        raising=False)
+    cfg = small_config(tmp_path, "linen", dict(data=4, tensor=2))
+    run = Run.create(cfg)
+    assert dict(run.rules)["mlp"] is None
+    params = run.init_params()
+    assert mlp_kernel(params, "linen").sharding.spec == P("tensor", None)  # embed, mlp
+    monkeypatch.setattr(user_models.linen_factory, "rules", {"mlp": "gpu"})
+    with pytest.raises(Exception, match="must name mesh axes"):
+        Run.create(cfg)
