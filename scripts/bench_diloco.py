@@ -21,7 +21,7 @@ Bytes: data parallel all-reduces fp32 gradients every step, 2(M−1)/M·4 bytes 
 (`jaxpar.diloco.data_parallel_bytes`); DiLoCo's are the trainer's `diloco_bytes` report.
 
     python scripts/bench_diloco.py --quick --replicas 2 --json /tmp/q.json
-    python scripts/bench_diloco.py --replicas 2 --seeds 0 --json docs/diloco_runs/trainer_M2_seed0.json
+    python scripts/bench_diloco.py --replicas 2 --seeds 0 --json trainer_M2_seed0.json
     python scripts/bench_diloco.py --replicas 2 --seeds 1 --methods dp fp4 --json s1.json
     python scripts/bench_diloco.py --render a.json b.json --plot docs/diloco_trainer_loss.png
 
