@@ -198,6 +198,10 @@ class Transformer(nn.Module):
             positions_BN = jnp.broadcast_to(jnp.arange(tokens_BN.shape[1]), tokens_BN.shape)
         if segment_ids_BN is None:
             segment_ids_BN = jnp.zeros(tokens_BN.shape, jnp.int32)
+        # attention and RoPE see tokens sharded like q/k/v (on `length`, heads on tensor):
+        # one small int gather here instead of one float gather per RoPE in every layer
+        positions_BN = nn.with_logical_constraint(positions_BN, ("batch", "length"))
+        segment_ids_BN = nn.with_logical_constraint(segment_ids_BN, ("batch", "length"))
         embed = nn.Embed(c.vocab, c.embed, name="embed", embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(1.0), ("vocab", "embed")))
         x_BNE = embed(tokens_BN).astype(c.dtype)
