@@ -215,11 +215,3 @@ class Transformer(nn.Module):
                             nn.initializers.normal(c.embed ** -0.5), ("embed", "vocab")))
         logits_BNV = head(x_BNE).astype(jnp.float32)
         return nn.with_logical_constraint(logits_BNV, ("batch", "length", "vocab"))
-
-
-def lm_loss(model: Transformer, params, tokens_BN1):
-    """Mean next-byte cross-entropy (nats) of windows tokens[B, N+1] (kept for scripts that
-    call the model directly; the trainer's loss is `jaxpar.train.loop.lm_loss`)."""
-    from jaxpar.train.loop import cross_entropy
-
-    return cross_entropy(model.apply({"params": params}, tokens_BN1[:, :-1]), tokens_BN1[:, 1:])
