@@ -11,7 +11,9 @@ Global-array entry point (builds the shard_map, zigzag reorder and its inverse f
 Shapes: q[B,N,H,D], k,v[B,N,K,D] (K divides H: GQA/MQA), segment_ids[B,N] int (packed
 documents: tokens attend only within their segment). Causal inputs to the per-device
 functions must be in the zigzag layout (`layout.to_zigzag`), which the data path applies
-once to token ids/positions/segment ids.
+once to token ids/positions/segment ids. `sequence_parallel_attention` takes any mesh with
+the named axes (Explicit or Auto axis types), inputs sharded or not, and reorders sharded
+data by collective permutes (`layout.to_zigzag_local`), never gathering the sequence.
 """
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ Split N tokens into 2P chunks of size c = N/(2P); device r holds chunks r and 2P
 Under a causal mask every device then has the same amount of unmasked work at every ring
 step. The reorder is a permutation of the token axis, applied once by the data path to
 token ids / positions / segment ids (not per layer); `from_zigzag` undoes it.
+
+`to_zigzag_local` / `from_zigzag_local` (inside a shard_map) and `to_zigzag_sharded` /
+`from_zigzag_sharded` (global arrays) do the same reorder on sequence-sharded data by
+collective permutes, each device sending whole pieces of its shard, nothing gathered.
 """
 from __future__ import annotations
 
