@@ -67,7 +67,7 @@ def _axis_tuple(axes) -> tuple:
 
 def zigzag_plan(n: int, p: int, devices: int, *, inverse: bool = False):
     """Static plan for the zigzag reorder of N tokens over `p` (2p chunks), sequence sharded
-    contiguously over `devices` shards (devices a multiple of p, e.g. ring × Ulysses).
+    contiguously over `devices` shards (any count dividing N; hybrid: ring × Ulysses).
 
     Each shard of L = N/devices tokens is cut into m pieces of s = gcd(N/2p, L) tokens, so
     every piece moves whole. Returns (s, m, moves): `moves` maps (src_slot, dst_slot) to the
