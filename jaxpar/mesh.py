@@ -12,6 +12,8 @@ import jax
 from jax.sharding import AxisType, Mesh
 
 AXES = ("replica", "data", "seq", "seq_inner", "tensor")
+# the names every module uses (defaults of `axis=` arguments, the rules table)
+REPLICA, DATA, SEQ, SEQ_INNER, TENSOR = AXES
 
 
 @dataclasses.dataclass(frozen=True)

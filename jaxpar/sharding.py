@@ -21,9 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpar.mesh import AXES
-
-REPLICA, DATA, SEQ, SEQ_INNER, TENSOR = AXES
+from jaxpar.mesh import DATA, REPLICA, SEQ, SEQ_INNER, TENSOR
 
 Rules = tuple[tuple[str, Any], ...]
 

@@ -35,9 +35,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpar.diloco import quantize as qz
+from jaxpar.mesh import REPLICA
 from jaxpar.diloco.fragments import Fragments, split_fragments, sync_phase
 
-REPLICA = "replica"
 # how a low-bit mean crosses the replicas (see `replica_mean`)
 LOW_BIT_COLLECTIVES = ("auto", "all_gather", "reduce_scatter")
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxpar.mesh import TENSOR
 from jaxpar.overlap import collective_matmul as cm
 from jaxpar.overlap import cost_model
 
@@ -58,7 +59,7 @@ def _leading_spec(ndim: int, batch_axes) -> tuple:
 class _TPDense(nn.Module):
     features: int
     mesh: Mesh
-    axis: str = "tensor"
+    axis: str = TENSOR
     overlap: str = "none"
     direction: str = "uni"
     use_bias: bool = False
@@ -93,9 +94,11 @@ class _TPDense(nn.Module):
         if x.ndim < 2:
             raise ValueError(f"{type(self).__name__}: x needs [..., N, {what}], got {x.shape}")
         if x.shape[-2] % p:
+            where = (f"axis {self.axis!r}" if not self.seq_axes
+                     else f"axes {(*self.seq_axes, self.axis)}")
             raise ValueError(f"{type(self).__name__}: sequence length N={x.shape[-2]} of "
-                             f"x{list(x.shape)} not divisible by size {p} of axes "
-                             f"{(*self.seq_axes, self.axis)}; pad N to a multiple of {p}")
+                             f"x{list(x.shape)} not divisible by size {p} of {where}; pad N "
+                             f"to a multiple of {p}")
 
 
 class ColumnParallelDense(_TPDense):
@@ -168,7 +171,7 @@ class ParallelMLP(nn.Module):
 
     mlp: int
     mesh: Mesh
-    axis: str = "tensor"
+    axis: str = TENSOR
     overlap: str = "none"
     direction: str = "uni"
     dtype: Any = None
