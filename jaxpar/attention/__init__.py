@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxpar.mesh import SEQ
 from jaxpar.attention import layout
 from jaxpar.attention.blockwise import attend, flash_attention, merge
 from jaxpar.attention.dense import dense_attention
@@ -51,7 +52,7 @@ def _check_impl(impl):
         raise ValueError(f"unknown attention impl={impl!r}; valid choices are {list(IMPLS)}")
 
 
-def attention(q_BLHD, k_BLKD, v_BLKD, *, impl: str, axis="seq", causal: bool = False,
+def attention(q_BLHD, k_BLKD, v_BLKD, *, impl: str, axis=SEQ, causal: bool = False,
               segment_ids=None, **kwargs):
     """Per-device dispatch: `impl` in ulysses, ring, tokenring, hybrid (axis=(ring, ulysses))."""
     _check_impl(impl)
@@ -92,7 +93,7 @@ def _check_global(q, k, v, segment_ids):
                          f"{tuple(q.shape[:2])}")
 
 
-def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis="seq",
+def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis=SEQ,
                                 causal: bool = False, segment_ids=None, ring_impl="ring"):
     """Attention on global arrays in natural token order; returns out[B,N,H,D] likewise.
 

@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxpar.mesh import SEQ
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 
@@ -141,14 +143,14 @@ def _sharded_fn(mesh, axes, p, axis, inverse):
     return jax.jit(run)
 
 
-def to_zigzag_sharded(x, mesh, axes="seq", p: int | None = None, axis: int = 1):
+def to_zigzag_sharded(x, mesh, axes=SEQ, p: int | None = None, axis: int = 1):
     """`to_zigzag(x, p)` for a global array, computed sharded over the mesh `axes` (shards
     exchanged by collective permutes, no gather); p defaults to the product of the axis sizes.
     The result is sharded over `axes` on `axis`."""
     return _sharded(False, x, mesh, axes, p, axis)
 
 
-def from_zigzag_sharded(x, mesh, axes="seq", p: int | None = None, axis: int = 1):
+def from_zigzag_sharded(x, mesh, axes=SEQ, p: int | None = None, axis: int = 1):
     """Inverse of `to_zigzag_sharded`: natural token order, sharded over `axes`."""
     return _sharded(True, x, mesh, axes, p, axis)
 
