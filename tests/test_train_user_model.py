@@ -169,6 +169,23 @@ def test_user_model_zigzag_ring_equals_unsharded(kind, tmp_path):
 
 
 @pytest.mark.slow
+def test_user_model_with_jaxpar_parallel_attention(tmp_path):
+    """A Linen model whose attention is `parallel_attention` (TokenRing here, inside one
+    shard_map) trains like the same params with plain masked attention on one device."""
+    cfg = small_config(tmp_path, "linen", dict(data=2, seq=2, tensor=2), impl="tokenring",
+                       model=dict(module="user_models:linen_sp_factory"))
+    run = Run.create(cfg)
+    state = run.init_state()
+    p0 = host(state.params)
+    losses = []
+    for step in range(1, STEPS + 1):
+        state, m = run.train_step(state, run.batch(step))
+        losses.append(float(m["loss"]))
+    ref, _ = plain_losses(cfg, run, "linen", start=p0)
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["linen", "nnx"])
 def test_user_model_diloco_equals_library_diloco(kind, tmp_path):
     """replica 2 × data 2 × tensor 2, Streaming DiLoCo with 2 fragments (the user model's

@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpar.models.transformer import Parallel, parallel_attention
+from jaxpar.train import model as train_model
+
 
 def causal_mask(positions_BN, segment_ids_BN):
     """[B, 1, N, N]: query n sees key m iff m is not later and in the same document."""
@@ -36,9 +39,10 @@ def _init(fan_in, names):
 class LinenBlock(nn.Module):
     heads: int
     mlp: int
+    parallel: Parallel | None = None  # set: attention is jaxpar's, sequence-parallel
 
     @nn.compact
-    def __call__(self, x_BNE, mask_B1NM):
+    def __call__(self, x_BNE, mask_B1NM, segment_ids_BN):
         B, N, E = x_BNE.shape
         H, D = self.heads, E // self.heads
         scale = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
@@ -46,7 +50,9 @@ class LinenBlock(nn.Module):
         w_E3HD = self.param("qkv", _init(E, ("embed", None, "heads", None)), (E, 3, H, D))
         q, k, v = jnp.unstack(jnp.einsum("bne,ethd->tbnhd", h, w_E3HD))
         w_HDE = self.param("out", _init(E, ("heads", None, "embed")), (H, D, E))
-        x_BNE = x_BNE + jnp.einsum("bnhd,hde->bne", attend(q, k, v, mask_B1NM), w_HDE)
+        o_BNHD = (attend(q, k, v, mask_B1NM) if self.parallel is None
+                  else parallel_attention(self.parallel, q, k, v, segment_ids_BN))
+        x_BNE = x_BNE + jnp.einsum("bnhd,hde->bne", o_BNHD, w_HDE)
         h = nn.LayerNorm(use_bias=False, scale_init=scale, name="ln2")(x_BNE)
         h = nn.gelu(nn.Dense(self.mlp, use_bias=False, name="up",
                              kernel_init=_init(E, ("embed", "mlp")))(h))
@@ -60,6 +66,7 @@ class LinenDecoder(nn.Module):
     layers: int
     heads: int
     mlp: int
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, tokens_BN, positions_BN, segment_ids_BN):
@@ -67,7 +74,8 @@ class LinenDecoder(nn.Module):
         x_BNE = nn.Embed(self.vocab, self.embed, name="embed", embedding_init=_init(
             1, ("vocab", "embed")))(tokens_BN)
         for i in range(self.layers):
-            x_BNE = LinenBlock(self.heads, self.mlp, name=f"layers_{i}")(x_BNE, mask)
+            x_BNE = LinenBlock(self.heads, self.mlp, self.parallel, name=f"layers_{i}")(
+                x_BNE, mask, segment_ids_BN)
         x_BNE = nn.LayerNorm(use_bias=False, name="ln_f", scale_init=nn.with_logical_partitioning(
             nn.initializers.ones, ("embed",)))(x_BNE)
         return nn.Dense(self.vocab, use_bias=False, name="head",
@@ -77,6 +85,14 @@ class LinenDecoder(nn.Module):
 def linen_factory(cfg, mesh):
     m = cfg.model
     return LinenDecoder(m.vocab, m.embed, m.layers, m.heads, m.mlp)
+
+
+def linen_sp_factory(cfg, mesh):
+    """The same params, attention through `jaxpar.models.transformer.parallel_attention`
+    (the configured attention.impl in one shard_map; zigzag-aware)."""
+    m = cfg.model
+    par = train_model.parallel(cfg, mesh, train_model.run_rules(cfg))
+    return LinenDecoder(m.vocab, m.embed, m.layers, m.heads, m.mlp, par)
 
 
 # ------------------------------------------------------------------ NNX

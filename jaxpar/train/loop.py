@@ -88,8 +88,7 @@ class Run:
         devices = list(devices) if devices is not None else jax.devices()
         validate(cfg, len(devices))
         mesh = make_mesh(MeshConfig(**dataclasses.asdict(cfg.mesh)), devices=devices)
-        rules = sharding.rules(diloco=cfg.diloco.enabled,
-                               overrides=model_lib.rule_overrides(cfg))
+        rules = model_lib.run_rules(cfg)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             model = model_lib.build(cfg, mesh, rules)
         data = ByteData.load(cfg.data.path, seq_len=cfg.train.seq_len, seed=cfg.train.seed,

@@ -104,6 +104,12 @@ def rule_overrides(cfg: Config) -> dict:
     return over
 
 
+def run_rules(cfg: Config) -> sharding.Rules:
+    """The run's rules table: DEFAULT_RULES, `batch` on `data` only with DiLoCo, then the
+    user factory's `rules`. A factory that builds shard_map layers can call this too."""
+    return sharding.rules(diloco=cfg.diloco.enabled, overrides=rule_overrides(cfg))
+
+
 def _warn_unknown_names(boxed, rules: sharding.Rules, name: str) -> None:
     known = {k for k, _ in rules}
     used = {n for spec in jax.tree.leaves(sharding.logical_axes(boxed),
