@@ -278,6 +278,16 @@ def test_bad_model_module_is_exit_2_and_one_line(spec, words, tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
 
 
+def test_indivisible_param_is_exit_2_and_one_line(tmp_path, capsys):
+    code = main([str(ROOT / "configs/base.yaml"), "model.module=user_models:nnx_factory",
+                 "mesh.data=4", "mesh.tensor=2", "model.mlp=255", "model.layers=1",
+                 f"train.run_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("param layers/0/down/kernel (255, 128) has dimension 0 ('mlp') of size 255, which "
+            "its mesh axes ('tensor',) (size 2) do not divide") in err, err
+
+
 def test_bad_model_module_cli_subprocess(tmp_path):
     r = run_cli(tmp_path, "model.module=user_models:nope", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import warnings
 from typing import Any, Callable
 
@@ -110,21 +111,46 @@ def run_rules(cfg: Config) -> sharding.Rules:
     return sharding.rules(diloco=cfg.diloco.enabled, overrides=rule_overrides(cfg))
 
 
-def _warn_unknown_names(boxed, rules: sharding.Rules, name: str) -> None:
+def _key(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def check_params(boxed, rules: sharding.Rules, mesh: Mesh, name: str) -> None:
+    """A user model's boxed params against the rules: a sharded dimension that its mesh
+    axes do not divide is a ConfigError naming the param; logical names that no rule
+    mentions are replicated, with a warning."""
     known = {k for k, _ in rules}
-    used = {n for spec in jax.tree.leaves(sharding.logical_axes(boxed),
-                                          is_leaf=lambda x: isinstance(x, P))
-            for entry in spec for n in ((entry,) if isinstance(entry, str) else entry or ())}
-    if unknown := sorted(used - known):
-        warnings.warn(f"{name}: logical axis names {unknown} are not in the rules "
+    unknown = set()
+    logical = sharding.logical_axes(boxed)
+    flat = jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P))
+    for (path, leaf), names in zip(flat, specs, strict=True):
+        unknown |= {n for n in names if isinstance(n, str) and n not in known}
+        shape = getattr(leaf, "value", leaf).shape
+        for dim, (n, entry) in enumerate(zip(shape, sharding.spec(names, rules))):
+            axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            size = math.prod(mesh.shape[a] for a in axes)
+            if n % size:
+                where = "/".join(_key(k) for k in path)
+                raise ConfigError(
+                    f"model.module={name!r}: param {where} {tuple(shape)} has dimension {dim} "
+                    f"({names[dim]!r}) of size {n}, which its mesh axes {axes} (size {size}) "
+                    f"do not divide; change the model size or the rules (factory.rules)")
+    if unknown:
+        warnings.warn(f"{name}: logical axis names {sorted(unknown)} are not in the rules "
                       f"{sorted(known)}; those dimensions are replicated", stacklevel=2)
 
 
-def _linen(module: nn.Module, kind: str, name: str, rules: sharding.Rules) -> ModelFns:
+def _linen(module: nn.Module, kind: str, name: str, mesh: Mesh, rules: sharding.Rules
+           ) -> ModelFns:
     def init(rng, *inputs):
         params = module.init(rng, *inputs)["params"]
         if kind != "builtin":
-            _warn_unknown_names(params, rules, name)
+            check_params(params, rules, mesh, name)
         return params
 
     def apply(params, *inputs):
@@ -176,7 +202,7 @@ def _nnx(factory: Callable, cfg: Config, mesh: Mesh, graphdef, rules: sharding.R
             (path, var.get_value() if (names := _nnx_names(var)) is None
              else nn.LogicallyPartitioned(var.get_value(), names))
             for path, var in nnx.to_flat_state(params))
-        _warn_unknown_names(boxed, rules, cfg.model.module)
+        check_params(boxed, rules, mesh, cfg.model.module)
         return boxed
 
     def apply(params, *inputs):
@@ -190,7 +216,7 @@ def build(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> ModelFns:
     (NNX variables with logical names are sharded as they are created, which needs both)."""
     if not cfg.model.module:
         module = Transformer(transformer_config(cfg), parallel=parallel(cfg, mesh, rules))
-        return _linen(module, "builtin", "jaxpar.models.transformer:Transformer", rules)
+        return _linen(module, "builtin", "jaxpar.models.transformer:Transformer", mesh, rules)
     spec = cfg.model.module
     factory = import_factory(spec)
     holder: dict[str, Any] = {}
@@ -206,7 +232,7 @@ def build(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> ModelFns:
     jax.eval_shape(probe)  # a bug in the user's model raises here, with its traceback
     obj = holder["obj"]
     if isinstance(obj, nn.Module):
-        return _linen(obj, "linen", spec, rules)
+        return _linen(obj, "linen", spec, mesh, rules)
     if isinstance(obj, nnx.Module):
         return _nnx(factory, cfg, mesh, holder["graphdef"], rules)
     raise ConfigError(f"model.module={spec!r} returned {type(obj).__name__}, neither a "
