@@ -6,16 +6,19 @@ call), bytes sent per device (from compiled HLO), and the HLO overlap fraction (
 bytes whose transfer has an independent matmul). On CPU, collective-permute is synchronous:
 the wall times show only what decomposition COSTS, never what overlap saves.
 
-Part 2 (model, not measured): predicted sublayer speedups for T-NLG-like and PaLM-like
-shapes at TP 4/8/16 on two link bandwidths, with assumed hardware numbers, and the token
-counts below which overlap stops paying.
+Part 2 (model): predicted sublayer speedups for T-NLG-like and PaLM-like shapes at TP
+4/8/16 on two link bandwidths, and the token counts below which overlap stops paying. The
+model's matmul times are measured on one H200 (whole and chunked); its links and contention
+are assumed (jaxpar/overlap/cost_model.py says which is which).
 
     python scripts/bench_collective_matmul.py --quick
     python scripts/bench_collective_matmul.py --json out.json
+    python scripts/bench_collective_matmul.py --model-only --json docs/overlap_bench.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -91,22 +94,59 @@ def measure(ps, tokens, embed, mlp, dtype, repeats):
     return rows
 
 
+LINKS = {cost_model.GPU_NVLINK.name: "NVLink", cost_model.GPU_PCIE.name: "PCIe"}
+TPS = (4, 8, 16)
+
+
 def model_tables():
-    rows = cost_model.sublayer_table()
-    print("\nModel (ASSUMED hardware, bidi decomposition; times per device, µs):")
-    print("| link | model | TP | sublayer | matmul | plain collective | plain total | "
-          "decomposed | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    """Print the cost-model tables of docs/overlap.md; return (sublayer rows, break-even rows)."""
+    hws = (cost_model.GPU_NVLINK, cost_model.GPU_PCIE)
+    print("Cost model: H200 matmuls MEASURED (whole and chunked, bf16), links and contention "
+          "ASSUMED. Presets:")
+    for hw in hws:
+        print(f"  {hw.name}: link {hw.link_bandwidth / 1e9:g} GB/s/direction, alpha "
+              f"{hw.link_latency * 1e6:g} µs, HBM {hw.hbm_bandwidth / 1e12:g} TB/s, launch "
+              f"{hw.launch_overhead * 1e6:g} µs, overlap slowdown {hw.overlap_slowdown:.0%}")
+    print("\nMeasured matmuls (H200, bf16): M × K × N | TFLOP/s whole | efficiency at c chunks")
+    for m in cost_model.GPU_NVLINK.matmuls:
+        print(f"  {m.m} × {m.k} × {m.n} | {m.tflops:.0f} | "
+              + ", ".join(f"c={c}: {e:.3f}" for c, e in m.chunk_efficiency))
+    rows = cost_model.sublayer_table(hws=hws, tps=TPS, direction="best")
+    by = {(r["hardware"], r["model"], r["tp"], r["sublayer"]): r for r in rows}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    subs = list(dict.fromkeys(r["sublayer"] for r in rows))
+    print("\nPredicted speedup, faster direction (u: uni, b: bidi); ✗: `auto` keeps `none` "
+          "(speedup < 1.05):")
+    print("| model | sublayer | " + " | ".join(f"{LINKS[hw.name]} TP{p}" for hw in hws
+                                            for p in TPS) + " |")
+    print("|---|---|" + "---|" * (len(hws) * len(TPS)))
+    for model in models:
+        for sub in subs:
+            cells = []
+            for hw in hws:
+                for p in TPS:
+                    r = by[(hw.name, model, p, sub)]
+                    cells.append(f"{r['speedup']:.2f} {r['direction'][0]}"
+                                 + (" ✗" if r["auto"] == "none" else ""))
+            print(f"| {model.split(' (')[0]} | {sub} | " + " | ".join(cells) + " |")
+    print("\nDetail at TP 8 (µs per device; chunks: kernels the matmul is cut into, eff.: "
+          "their measured efficiency):")
+    print("| link | model | sublayer | dir | matmul | plain collective | plain | chunks | eff. "
+          "| decomposed | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['hardware'].split(',')[1].strip().split(' (')[0]} | "
-              f"{r['model'].split(' (')[0]} | {r['tp']} | {r['sublayer']} | "
-              f"{r['compute_us']:.0f} | {r['comm_us']:.0f} | {r['plain_us']:.0f} | "
+        if r["tp"] != 8:
+            continue
+        print(f"| {LINKS[r['hardware']]} | {r['model'].split(' (')[0]} | {r['sublayer']} | "
+              f"{r['direction']} | {r['compute_us']:.0f} | {r['comm_us']:.0f} | "
+              f"{r['plain_us']:.0f} | {r['chunks']} | {r['chunk_efficiency']:.2f} | "
               f"{r['decomposed_us']:.0f} | {r['speedup']:.2f} |")
     breaks = []
-    print("\nBreak-even tokens per TP group (smallest power of two with predicted speedup > 1):")
+    print("\nBreak-even tokens per TP group (smallest power of two with predicted speedup > 1, "
+          "faster direction; never: not up to 2^20):")
     print("| link | model | sublayer | TP 4 | TP 8 | TP 16 |")
     print("|---|---|---|---|---|---|")
-    for hw in (cost_model.GPU_NVLINK, cost_model.GPU_PCIE):
+    for hw in hws:
         for shape in (cost_model.TNLG, cost_model.PALM):
             e, f = shape.embed, shape.mlp
             for name, op, k_of_p, n_of_p in [
@@ -114,14 +154,18 @@ def model_tables():
                     ("FC-2 (reduce-scatter)", "matmul_reduce_scatter", lambda p: f // p,
                      lambda p: e),
                     ("FC-2 (all-reduce)", "matmul_all_reduce", lambda p: f // p, lambda p: e)]:
-                ts = {p: cost_model.break_even_tokens(op, k_of_p, n_of_p, p, hw)
-                      for p in (4, 8, 16)}
+                ts = {p: cost_model.break_even_tokens(op, k_of_p, n_of_p, p, hw) for p in TPS}
                 breaks.append(dict(hardware=hw.name, model=shape.name, sublayer=name,
                                    **{f"tp{p}": t for p, t in ts.items()}))
-                print(f"| {hw.name.split(',')[1].strip().split(' (')[0]} | "
-                      f"{shape.name.split(' (')[0]} | {name} | "
-                      + " | ".join(str(ts[p]) if ts[p] else "never" for p in (4, 8, 16)) + " |")
+                print(f"| {LINKS[hw.name]} | {shape.name.split(' (')[0]} | {name} | "
+                      + " | ".join(str(ts[p]) if ts[p] else "never" for p in TPS) + " |")
     return rows, breaks
+
+
+def model_json(rows, breaks) -> dict:
+    hws = (cost_model.GPU_NVLINK, cost_model.GPU_PCIE)
+    return dict(model=rows, break_even=breaks,
+                hardware={hw.name: dataclasses.asdict(hw) for hw in hws})
 
 
 def main():
@@ -134,7 +178,23 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="small shapes, P=8 only, 3 repeats")
     ap.add_argument("--json", help="write all rows to this path")
+    ap.add_argument("--model-only", action="store_true",
+                    help="print only the cost-model tables (no jax devices, seconds); with "
+                         "--json, replace the model keys of that file and keep its "
+                         "measured rows")
     args = ap.parse_args()
+    if args.model_only:
+        rows, breaks = model_tables()
+        if args.json:
+            data = {}
+            if os.path.exists(args.json):
+                with open(args.json) as f:
+                    data = json.load(f)
+            data.update(model_json(rows, breaks))
+            with open(args.json, "w") as f:
+                json.dump(data, f, indent=1, default=str)
+            print(f"\nupdated the model keys of {args.json}")
+        return
     if args.quick:
         args.ps, args.tokens, args.embed, args.mlp, args.repeats = [8], 512, 128, 512, 3
     devices = jax.devices()
@@ -150,14 +210,12 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     measured = measure(args.ps, args.tokens, args.embed, args.mlp, jnp.dtype(args.dtype),
                        args.repeats)
+    print()
     model_rows, breaks = model_tables()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine, jax=jax.__version__, measured=measured,
-                           model=model_rows, break_even=breaks,
-                           hardware={hw.name: hw.__dict__ for hw in
-                                     (cost_model.GPU_NVLINK, cost_model.GPU_PCIE)}),
-                      f, indent=1, default=str)
+                           **model_json(model_rows, breaks)), f, indent=1, default=str)
         print(f"\nwrote {args.json}")
 
 

@@ -3,11 +3,14 @@
 Times are for one device of a P-way tensor-parallel group, bf16 by default.
 
   transfer of b bytes over one link direction:   alpha + b / link_bandwidth
-  matmul [m, k] @ [k, n] (one kernel):            launch + max(2mkn / (peak · eff),
-                                                               (mk + kn + mn) · bytes / hbm)
-The roofline term is what makes chunking cost something: a chunk of m/P rows re-reads the
-whole [k, n] weight, so small chunks turn memory-bound; every chunk also pays a launch.
-Measured per-chunk efficiencies (from a GPU benchmark) can replace it: `chunk_efficiency`.
+  matmul [m, k] @ [k, n], unsplit:               max(F / throughput(F), launch + bytes / hbm)
+  the same matmul as c sequential row chunks:    (its unsplit time) / efficiency(F, c)
+with F = 2mkn. On the GPU presets, throughput(F) and efficiency(F, c) come from a MEASURED
+table (`H200_BF16_MATMULS`, below): a bf16 matmul timed whole and split into c = 2, 4, 8,
+16 row chunks on one H200. Chunking costs something because a chunk re-reads the whole
+[k, n] weight and pays a kernel launch; the table measures that cost instead of assuming it.
+Without a table (`matmuls=()`) the model falls back to a roofline,
+launch + max(F / (peak · eff), bytes / hbm) per kernel.
 
 Plain (ring collectives over both link directions, as NCCL builds rings both ways; no overlap):
   all-gather / reduce-scatter of S bytes:  (P−1)·(alpha + S/P / (2·bw))
@@ -20,8 +23,10 @@ with t_c the step's matmul(s) and t_x the step's hop; `overlap_slowdown` is the 
 slowdown while a transfer shares the memory system (T3 reports this contention).
 A backend that cannot overlap (CPU: synchronous collective-permute) pays t_c + t_x.
 
-The hardware numbers below are ASSUMED datasheet-style values, not measurements (no GPU was
-available when this was written); the docs label every table computed from them.
+What is measured and what is not: the matmul numbers of the GPU presets are measured (one
+H200). The link bandwidths and latencies, HBM bandwidth, launch overhead and overlap
+slowdown are still ASSUMED (no multi-GPU machine was available); the docs label every table
+computed from them.
 """
 from __future__ import annotations
 
@@ -32,29 +37,64 @@ OPS = ("all_gather_matmul", "matmul_reduce_scatter", "matmul_all_reduce")
 
 
 @dataclasses.dataclass(frozen=True)
+class MatmulMeasurement:
+    """One measured bf16 matmul [m, k] @ [k, n]: whole, and split into row chunks."""
+    m: int
+    k: int
+    n: int
+    tflops: float                                     # the unsplit matmul, TFLOP/s
+    chunk_efficiency: tuple[tuple[int, float], ...]   # (c, time(whole) / time(c chunks))
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.k * self.n
+
+
+# MEASURED on one NVIDIA H200, bf16, jax 0.11.2, 2026-11-26 (shared/measurements/README.md,
+# "Matmul split into n sequential row chunks"; raw data in
+# shared/measurements/h200-attention-and-chunking.json, key "chunking"). Copied here because
+# the package cannot read ../shared at run time. Efficiency = time(whole) / time(the same
+# matmul run as c sequential [m/c, k] @ [k, n] chunks); > 1 means the chunks were faster.
+H200_BF16_MATMULS = (
+    MatmulMeasurement(16384, 8192, 4096, 540.8, ((2, 0.872), (4, 0.866), (8, 1.016), (16, 0.932))),
+    MatmulMeasurement(8192, 4096, 2048, 266.6, ((2, 1.310), (4, 0.971), (8, 0.717), (16, 0.916))),
+    MatmulMeasurement(4096, 4096, 1024, 247.8, ((2, 0.665), (4, 0.611), (8, 0.545), (16, 0.243))),
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Hardware:
     name: str
     link_bandwidth: float        # bytes/s, one direction of one ring link
     link_latency: float          # s per hop (alpha)
-    peak_flops: float            # matmul FLOP/s at the model's dtype
-    matmul_efficiency: float     # fraction of peak a large matmul reaches
+    peak_flops: float            # matmul FLOP/s at the model's dtype (roofline fallback)
+    matmul_efficiency: float     # fraction of peak a large matmul reaches (roofline fallback)
     hbm_bandwidth: float         # bytes/s
     launch_overhead: float       # s per kernel
     overlap_slowdown: float = 0.0  # compute slowdown while overlapped with a transfer
     can_overlap: bool = True
-    # Measured {chunks n: efficiency relative to the unsplit matmul}; overrides the roofline.
-    chunk_efficiency: tuple[tuple[int, float], ...] = ()
-    assumed: bool = True
+    # Measured matmuls (whole and chunked); when given they replace peak · efficiency and
+    # the roofline's chunking loss. Empty: roofline only.
+    matmuls: tuple[MatmulMeasurement, ...] = ()
+    assumed: bool = True         # True when any number above is not measured
 
     def replace(self, **kw) -> "Hardware":
+        """A copy with fields changed. Setting `peak_flops` or `matmul_efficiency` describes
+        other compute than the measured card's, so it drops the measured `matmuls` table
+        (unless `matmuls=` is passed too)."""
+        if ("peak_flops" in kw or "matmul_efficiency" in kw) and "matmuls" not in kw:
+            kw["matmuls"] = ()
         return dataclasses.replace(self, **kw)
 
 
-# ASSUMED: H100-SXM-like compute (989 TFLOP/s dense bf16 at 70 %, 3.35 TB/s HBM) with an
-# NVLink-class link (300 GB/s per direction) or a PCIe-class link (32 GB/s per direction).
-GPU_NVLINK = Hardware("H100-like, NVLink-class 300 GB/s (assumed)", 300e9, 5e-6, 989e12, 0.7,
-                      3.35e12, 4e-6, overlap_slowdown=0.05)
-GPU_PCIE = GPU_NVLINK.replace(name="H100-like, PCIe-class 32 GB/s (assumed)",
+# Compute: the H200 measurements above (989 TFLOP/s dense bf16 datasheet peak; the largest
+# measured matmul reaches 541, i.e. 0.547 of it). ASSUMED: HBM 4.8 TB/s (datasheet), 4 µs
+# per launch, 5 % compute slowdown under overlap, and the links: an NVLink-class link
+# (300 GB/s per direction, 5 µs) or a PCIe-class link (32 GB/s per direction, 10 µs).
+GPU_NVLINK = Hardware("H200 matmuls (measured), NVLink-class 300 GB/s link (assumed)", 300e9,
+                      5e-6, 989e12, 0.547, 4.8e12, 4e-6, overlap_slowdown=0.05,
+                      matmuls=H200_BF16_MATMULS)
+GPU_PCIE = GPU_NVLINK.replace(name="H200 matmuls (measured), PCIe-class 32 GB/s link (assumed)",
                               link_bandwidth=32e9, link_latency=10e-6)
 # The simulated host devices: collectives are synchronous, nothing overlaps.
 CPU_HOST = Hardware("CPU host devices (synchronous collectives)", 10e9, 20e-6, 50e9, 0.5,
@@ -70,6 +110,55 @@ def default_hardware(backend: str | None = None) -> Hardware:
 
 
 # ------------------------------------------------------------------------------ pieces
+#
+# Interpolating the measured table. Across shapes: by FLOPs of the unsplit matmul, linear
+# in log(FLOPs) between the measured shapes, clamped (nearest) outside them. FLOPs because
+# the three shapes shrink M, K and N together (so no single dimension separates them) and
+# because total work is what decides whether a kernel, and each of its chunks, fills the
+# GPU; log because the shapes are 4–8× apart and throughput grows with size, not linearly.
+# Across chunk counts: linear in log(c) between the measured c (c = 1 is 1.0 by definition);
+# beyond the largest measured c, each chunk is charged the same fixed overhead as at that c
+# (time(c) = whole + c · overhead), so the loss grows with the number of chunks instead of
+# freezing. Measured efficiencies above 1 (1.31 at 8192×4096×2048 split in 2, 1.02 at
+# 16384×8192×4096 split in 8) are capped at 1: they say the unsplit kernel was a poor pick
+# at that shape, which the plain path could equally avoid, not that splitting creates
+# compute, so decomposition gets no credit for them.
+
+
+def _log_interp(x: float, pts: list[tuple[float, float]]) -> float:
+    """y at x, linear in log(x) between sorted points (x > 0), clamped outside them."""
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return pts[-1][1]
+
+
+def _shape_efficiency(meas: MatmulMeasurement, chunks: int) -> float:
+    pts = [(1.0, 1.0)] + [(float(c), min(e, 1.0)) for c, e in sorted(meas.chunk_efficiency)]
+    c_max, e_max = pts[-1]
+    if chunks <= c_max:
+        return _log_interp(chunks, pts)
+    overhead = 1.0 / e_max - 1.0           # per-chunk fixed cost, in units of time(whole)/c_max
+    return 1.0 / (1.0 + overhead * chunks / c_max)
+
+
+def matmul_throughput(flops: float, hw: Hardware) -> float:
+    """FLOP/s of one unsplit matmul of `flops`: measured table, else peak · efficiency."""
+    if not hw.matmuls:
+        return hw.peak_flops * hw.matmul_efficiency
+    pts = sorted((m.flops, m.tflops * 1e12) for m in hw.matmuls)
+    return _log_interp(flops, pts)
+
+
+def chunk_efficiency(flops: float, chunks: int, hw: Hardware) -> float:
+    """time(whole) / time(c sequential row chunks) for a matmul of `flops` (1.0 if unmeasured)."""
+    if not hw.matmuls or chunks <= 1:
+        return 1.0
+    pts = sorted((m.flops, _shape_efficiency(m, chunks)) for m in hw.matmuls)
+    return _log_interp(flops, pts)
+
 
 def transfer_time(nbytes: float, hw: Hardware) -> float:
     return hw.link_latency + nbytes / hw.link_bandwidth
@@ -77,23 +166,17 @@ def transfer_time(nbytes: float, hw: Hardware) -> float:
 
 def matmul_time(m: float, k: float, n: float, hw: Hardware, dtype_bytes: int = 2,
                 chunks: int = 1) -> float:
-    """Time of ONE kernel [m, k] @ [k, n], m being a 1/chunks slice of a larger matmul."""
+    """Time of ONE kernel [m, k] @ [k, n] that is one of `chunks` equal pieces of a matmul
+    `chunks` times larger (chunks=1: an unsplit matmul)."""
     flops = 2.0 * m * k * n
-    compute = flops / (hw.peak_flops * hw.matmul_efficiency)
-    if hw.chunk_efficiency and chunks > 1:
-        return hw.launch_overhead + compute / _interp_efficiency(hw.chunk_efficiency, chunks)
     memory = (m * k + k * n + m * n) * dtype_bytes / hw.hbm_bandwidth
-    return hw.launch_overhead + max(compute, memory)
-
-
-def _interp_efficiency(table, n: int) -> float:
-    pts = sorted(table)
-    if n <= pts[0][0]:
-        return pts[0][1]
-    for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
-        if n <= n1:
-            return e0 + (e1 - e0) * (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
-    return pts[-1][1]
+    if not hw.matmuls:
+        return hw.launch_overhead + max(flops / matmul_throughput(flops, hw), memory)
+    whole = flops * chunks
+    compute = whole / matmul_throughput(whole, hw) / (chunks * chunk_efficiency(whole, chunks,
+                                                                                  hw))
+    # The measurements include launches; the roofline floor matters only below the table.
+    return max(compute, hw.launch_overhead + memory)
 
 
 def collective_time(nbytes_per_block: float, p: int, hw: Hardware) -> float:
@@ -142,7 +225,12 @@ def predict(op: str, m: int, k: int, n: int, p: int, hw: Hardware, *,
     whole = matmul_time(m, k, n, hw, dtype_bytes)
     ways = 2 if direction == "bidi" else 1
     block_rows = m / p
-    piece = lambda rows, cols: matmul_time(rows, k, cols, hw, dtype_bytes, chunks=p * ways)  # noqa: E731
+
+    def piece(rows, cols):
+        # One kernel of the decomposition, as a 1/c piece of the unsplit [m, k] @ [k, n]
+        # (the all-reduce's column halves are counted like row chunks: c = 2·P·ways).
+        return matmul_time(rows, k, cols, hw, dtype_bytes, chunks=round(m * n / (rows * cols)))
+
     if op == "all_gather_matmul":
         block_bytes = block_rows * k * dtype_bytes
         comm = collective_time(block_bytes, p, hw)
@@ -181,11 +269,17 @@ def choose(op: str, m: int, k: int, n: int, p: int, hw: Hardware | None = None, 
     hw = hw or default_hardware()
     if p <= 1:
         return "none", "uni"
-    best = max(("uni", "bidi"),
-               key=lambda d: predict(op, m, k, n, p, hw, direction=d,
-                                     dtype_bytes=dtype_bytes).speedup)
-    speedup = predict(op, m, k, n, p, hw, direction=best, dtype_bytes=dtype_bytes).speedup
-    return ("collective_matmul", best) if speedup >= min_speedup else ("none", "uni")
+    best, pr = predict_best(op, m, k, n, p, hw, dtype_bytes=dtype_bytes)
+    return ("collective_matmul", best) if pr.speedup >= min_speedup else ("none", "uni")
+
+
+def predict_best(op: str, m: int, k: int, n: int, p: int, hw: Hardware, *,
+                 direction: str = "best", dtype_bytes: int = 2) -> tuple[str, Prediction]:
+    """(direction, prediction) for one direction, or for the faster of the two ('best')."""
+    dirs = ("uni", "bidi") if direction == "best" else (direction,)
+    preds = [(d, predict(op, m, k, n, p, hw, direction=d, dtype_bytes=dtype_bytes))
+             for d in dirs]
+    return max(preds, key=lambda dp: dp[1].speedup)
 
 
 # --------------------------------------------------------------------- transformer tables
@@ -216,14 +310,19 @@ def sublayers(shape: ModelShape, p: int) -> list[tuple[str, str, int, int, int]]
 
 
 def sublayer_table(shapes=(TNLG, PALM), tps=(4, 8, 16), hws=(GPU_NVLINK, GPU_PCIE),
-                   direction: str = "bidi") -> list[dict]:
+                   direction: str = "best") -> list[dict]:
+    """Predicted times per sublayer; direction 'uni', 'bidi' or 'best' (the faster one)."""
     rows = []
     for hw in hws:
         for shape in shapes:
             for p in tps:
                 for name, op, m, k, n in sublayers(shape, p):
-                    pr = predict(op, m, k, n, p, hw, direction=direction)
+                    d, pr = predict_best(op, m, k, n, p, hw, direction=direction)
                     rows.append(dict(hardware=hw.name, model=shape.name, tp=p, sublayer=name,
+                                     direction=d, auto=choose(op, m, k, n, p, hw)[0],
+                                     chunks=_chunks(op, p, d),
+                                     chunk_efficiency=chunk_efficiency(
+                                         2.0 * m * k * n, _chunks(op, p, d), hw),
                                      compute_us=pr.compute_s * 1e6, comm_us=pr.comm_s * 1e6,
                                      plain_us=pr.plain_s * 1e6,
                                      decomposed_us=pr.decomposed_s * 1e6,
@@ -231,12 +330,22 @@ def sublayer_table(shapes=(TNLG, PALM), tps=(4, 8, 16), hws=(GPU_NVLINK, GPU_PCI
     return rows
 
 
+def _chunks(op: str, p: int, direction: str) -> int:
+    """How many kernels the decomposition cuts the matmul into."""
+    return p * (2 if direction == "bidi" else 1) * (2 if op == "matmul_all_reduce" else 1)
+
+
 def break_even_tokens(op: str, k_of_p, n_of_p, p: int, hw: Hardware, *,
-                      direction: str = "bidi", candidates=None) -> int | None:
-    """Smallest token count (power of two) at which decomposition predicts a speedup > 1."""
-    for t in candidates or [2 ** i for i in range(4, 21)]:
+                      direction: str = "best", candidates=None) -> int | None:
+    """Smallest candidate token count (powers of two, 16 to 2^20) from which on decomposition
+    predicts a speedup > 1 at every larger candidate too ('best': in the faster direction);
+    None if it does not pay at the largest. The measured table makes speedup non-monotone
+    in the token count, so an isolated small count that pays is not a break-even point."""
+    found = None
+    for t in sorted(candidates or [2 ** i for i in range(4, 21)], reverse=True):
         if t % p:
             continue
-        if predict(op, t, k_of_p(p), n_of_p(p), p, hw, direction=direction).speedup > 1.0:
-            return t
-    return None
+        if predict_best(op, t, k_of_p(p), n_of_p(p), p, hw, direction=direction)[1].speedup <= 1:
+            break
+        found = t
+    return found
