@@ -27,7 +27,8 @@ def check_zigzag(n: int, p: int) -> None:
         ok = 2 * p
         raise ValueError(
             f"causal sequence parallelism uses the zigzag layout, which needs sequence length "
-            f"N={n} divisible by 2·P={2 * p}; use N a multiple of {ok} (e.g. {ok * max(1, n // ok)} "
+            f"N={n} divisible by 2·P={2 * p}; use N a multiple of {ok} "
+            f"(e.g. {ok * max(1, n // ok)} "
             f"or {ok * (n // ok + 1)}), or causal=False"
         )
 

@@ -44,7 +44,8 @@ def load_bytes(path: str | os.PathLike | None = None, separator: bytes = b"\n\n"
 
 @dataclasses.dataclass(frozen=True)
 class ByteData:
-    """Deterministic batches of byte windows: tokens[B, N+1] (inputs are [:, :-1], targets [:, 1:])."""
+    """Deterministic batches of byte windows: tokens[B, N+1] (inputs [:, :-1], targets
+    [:, 1:])."""
     train: np.ndarray
     eval: np.ndarray
     seq_len: int
@@ -55,7 +56,8 @@ class ByteData:
              separator: bytes = b"\n\n") -> "ByteData":
         data = load_bytes(path, separator)
         if len(data) < 20 * (seq_len + 1):
-            raise ValueError(f"corpus has {len(data)} bytes; need at least {20 * (seq_len + 1)} for seq_len={seq_len}")
+            raise ValueError(f"corpus has {len(data)} bytes; need at least "
+                             f"{20 * (seq_len + 1)} for seq_len={seq_len}")
         cut = int(len(data) * (1 - eval_fraction))
         return cls(data[:cut], data[cut:], seq_len, seed)
 

@@ -1,4 +1,5 @@
-"""Streaming DiLoCo: M replicas train alone, syncing P staggered fragments of low-bit outer gradients."""
+"""Streaming DiLoCo: M replicas train alone, syncing P staggered fragments of low-bit outer
+gradients."""
 from jaxpar.diloco.fragments import Fragments, split_fragments, sync_phase
 from jaxpar.diloco.outer import (
     DiLoCoState,

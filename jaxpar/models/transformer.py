@@ -136,8 +136,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BNE):
-        scale_E = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                             (x_BNE.shape[-1],))
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+        scale_E = self.param("scale", init, (x_BNE.shape[-1],))
         x = x_BNE.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return (x * scale_E).astype(x_BNE.dtype)
@@ -202,8 +202,9 @@ class Transformer(nn.Module):
         # one small int gather here instead of one float gather per RoPE in every layer
         positions_BN = nn.with_logical_constraint(positions_BN, ("batch", "length"))
         segment_ids_BN = nn.with_logical_constraint(segment_ids_BN, ("batch", "length"))
-        embed = nn.Embed(c.vocab, c.embed, name="embed", embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("vocab", "embed")))
+        embed = nn.Embed(c.vocab, c.embed, name="embed",
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(1.0), ("vocab", "embed")))
         x_BNE = embed(tokens_BN).astype(c.dtype)
         x_BNE = nn.with_logical_constraint(x_BNE, ("batch", "act_length", "embed"))
         for i in range(c.layers):

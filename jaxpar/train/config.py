@@ -341,7 +341,8 @@ def validate(cfg: Config, device_count: int) -> None:
                                                                              * m.tensor):
         unit = zig * m.seq_inner * m.tensor
         raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by {unit} for the causal "
-                          f"zigzag layout (2·mesh.seq={zig} chunks, each split over seq_inner·tensor)"
+                          f"zigzag layout (2·mesh.seq={zig} chunks, each split over "
+                          f"seq_inner·tensor)"
                           f"; e.g. train.seq_len={unit * max(1, t.seq_len // unit)}")
     batch_shards = m.data * (1 if d.enabled else m.replica)
     if t.batch_size % batch_shards:

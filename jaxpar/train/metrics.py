@@ -29,7 +29,8 @@ class MetricsWriter:
             except ImportError:
                 pass
         self.tty = enabled and sys.stdout.isatty()
-        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True) if self.tty else None
+        self.bar = (tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+                    if self.tty else None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
