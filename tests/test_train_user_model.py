@@ -21,7 +21,7 @@ from jaxpar.data import pack
 from jaxpar.diloco import replica_grads, streaming_diloco
 from jaxpar.train.__main__ import main
 from jaxpar.train.checkpoint import Checkpointer
-from jaxpar.train.config import Config
+from jaxpar.train.config import Config, load_config
 from jaxpar.train.loop import Run, cross_entropy, inner_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -309,3 +309,87 @@ def test_factory_rules_override(tmp_path, monkeypatch):
     monkeypatch.setattr(user_models.linen_factory, "rules", {"mlp": "gpu"})
     with pytest.raises(Exception, match="must name mesh axes"):
         Run.create(cfg)
+
+
+# ------------------------------------------------------------------ docs/sharding.md
+
+DOC = ROOT / "docs" / "sharding.md"
+
+
+def doc_block(marker: str) -> str:
+    """The fenced block right after `<!-- marker -->` in docs/sharding.md."""
+    text = DOC.read_text()
+    at = text.index(f"<!-- {marker} -->")
+    start = text.index("\n", text.index("```", at)) + 1
+    return text[start:text.index("```", start)]
+
+
+def doc_command(marker: str) -> tuple[dict, list[str]]:
+    """(environment, argv after `python -m jaxpar.train`) of a command block of the doc."""
+    words = doc_block(marker).replace("\\\n", " ").split()
+    i = words.index("python")
+    env = dict(w.split("=", 1) for w in words[:i])
+    assert words[i + 1: i + 3] == ["-m", "jaxpar.train"], words
+    return env, words[i + 3:]
+
+
+def table_lines(text: str) -> list[str]:
+    lines = text.splitlines()
+    first = next(k for k, x in enumerate(lines) if x.startswith("param "))
+    last = next(k for k, x in enumerate(lines) if x.startswith("total"))
+    return [x for x in lines[first:last + 1] if x != "..."]
+
+
+def assert_in_order(doc_lines, real_lines):
+    rest = iter(real_lines)
+    for line in doc_lines:
+        assert any(line == r for r in rest), (
+            f"docs/sharding.md has {line!r}, which the code does not give (in this order):\n"
+            + "\n".join(real_lines))
+
+
+def abstract_table(cfg) -> str:
+    """The param table of a run, from abstract shapes (nothing compiled, no arrays)."""
+    run = Run.create(cfg)
+    dummy = np.zeros((run.batch_rows(), cfg.train.seq_len), np.int32)
+    with run.scope():
+        boxed = jax.eval_shape(run.model.init, jax.random.key(0), dummy, dummy, dummy)
+        params = jax.eval_shape(nn.unbox, boxed)
+    logical = sharding.logical_axes(boxed)
+    specs = sharding.mesh_specs(logical, run.rules)
+    return sharding.format_table(sharding.param_table(params, specs, logical, run.mesh))
+
+
+def test_sharding_doc_is_current(tmp_path, monkeypatch):
+    """The doc's mymodel.py is docs/examples/mymodel.py, its rules block is the source's,
+    and its param tables are what the code gives for its command now."""
+    assert doc_block("file: docs/examples/mymodel.py") == (
+        ROOT / "docs/examples/mymodel.py").read_text()
+    assert doc_block("rules: jaxpar/sharding.py") in (ROOT / "jaxpar/sharding.py").read_text()
+    monkeypatch.syspath_prepend(str(ROOT / "docs/examples"))
+    env, argv = doc_command("command: linen_factory")
+    assert env["PYTHONPATH"] == "docs/examples" and argv[0] == "configs/base.yaml"
+    tables = {}
+    for factory in ("linen_factory", "fsdp_factory", "nnx_factory"):
+        cfg = load_config(ROOT / argv[0], argv[1:] + [f"model.module=mymodel:{factory}",
+                                                      f"train.run_dir={tmp_path}"])
+        tables[factory] = abstract_table(cfg)
+    for factory in ("linen_factory", "fsdp_factory"):
+        assert_in_order(table_lines(doc_block(f"table: {factory}")),
+                        tables[factory].splitlines())
+    # "the same table with NNX paths"
+    assert tables["nnx_factory"] == tables["linen_factory"].replace("layers_", "layers/")
+
+
+@pytest.mark.slow
+def test_sharding_doc_command_runs(tmp_path):
+    """The doc's command (2 steps) trains and writes the doc's param table."""
+    env, argv = doc_command("command: linen_factory")
+    env = dict(os.environ, **env)
+    r = subprocess.run([sys.executable, "-m", "jaxpar.train", *argv, "train.steps=2",
+                        "eval.sample_bytes=0", f"train.run_dir={tmp_path}"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_in_order(table_lines(doc_block("table: linen_factory")),
+                    (tmp_path / "params.txt").read_text().splitlines())
+    assert table_lines(doc_block("table: linen_factory")) == table_lines(r.stdout)
