@@ -130,6 +130,19 @@ def parse_hlo(hlo_text: str) -> HloModule:
     return HloModule(comps, entry, int(parts.group(1)) if parts else 1)
 
 
+def trip_count(ins: HloInstruction) -> int | None:
+    """XLA's `known_trip_count` of a while instruction, None if it has none."""
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.line)
+    return int(m.group(1)) if m else None
+
+
+def shape_dims(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of each array in an HLO shape string, e.g. 'f32[2,16]{1,0}' ->
+    [('f32', (2, 16))]; a tuple gives one entry per element."""
+    return [(dtype, tuple(int(d) for d in filter(None, dims.split(","))))
+            for dtype, dims in _ARRAY.findall(shape)]
+
+
 def computation_weights(module: HloModule) -> dict[str, float]:
     """Executions of each computation reachable from the entry per run of the module: a while
     body runs `known_trip_count` times, each of P conditional branches 1/P."""
@@ -138,11 +151,11 @@ def computation_weights(module: HloModule) -> dict[str, float]:
         for ins in body.values():
             if ins.opcode == "while":
                 loop = ins.called("body")[0]
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.line)
+                trips = trip_count(ins)
                 if trips is None:
                     raise ValueError(f"while loop {loop} has no known trip count; its "
                                      f"collectives cannot be counted")
-                edges[comp].append((loop, float(trips.group(1))))
+                edges[comp].append((loop, float(trips)))
             edges[comp] += [(c, 1.0) for c in ins.called("calls", "to_apply", "true_computation",
                                                           "false_computation")]
             branches = ins.called("branch_computations")
