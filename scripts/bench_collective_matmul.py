@@ -44,8 +44,9 @@ VARIANTS = (("plain", "uni"), ("decomposed", "uni"), ("decomposed", "bidi"))
 
 
 
-def build(op, variant, direction, p, tokens, embed, mlp, dtype):
-    """(fwd, fwd+bwd, args): the op as it sits in a Megatron-SP MLP on a P-way tensor mesh."""
+def build(op, variant, direction, p, tokens, embed, mlp, dtype, abstract=False):
+    """(fwd, fwd+bwd, args): the op as it sits in a Megatron-SP MLP on a P-way tensor mesh
+    (abstract: args are ShapeDtypeStructs, for compiling without allocating)."""
     mesh = make_mesh(tensor=p, devices=jax.devices()[:p])
     if op == "all_gather_matmul":  # FC-1: x[tokens, E] seq-sharded, w[E, F] column-sharded
         shapes, specs, out_spec = ((tokens, embed), (embed, mlp)), (P(T, None), P(None, T)), \
@@ -54,8 +55,12 @@ def build(op, variant, direction, p, tokens, embed, mlp, dtype):
         shapes, specs = ((tokens, mlp), (mlp, embed)), (P(None, T), P(T, None))
         out_spec = P(T, None) if op == "matmul_reduce_scatter" else P(T)
     keys = jax.random.split(jax.random.key(0), 2)
-    args = [jax.device_put(jax.random.normal(k, s, dtype), NamedSharding(mesh, sp))
-            for k, s, sp in zip(keys, shapes, specs)]
+    if abstract:
+        args = [jax.ShapeDtypeStruct(s, dtype, sharding=NamedSharding(mesh, sp))
+                for s, sp in zip(shapes, specs)]
+    else:
+        args = [jax.device_put(jax.random.normal(k, s, dtype), NamedSharding(mesh, sp))
+                for k, s, sp in zip(keys, shapes, specs)]
     impl = getattr(cm, op if variant == "decomposed" else "plain_" + op)
     local = lambda x, w: impl(x, w, axis_name=T, direction=direction)  # noqa: E731
 
@@ -91,6 +96,38 @@ def measure(ps, tokens, embed, mlp, dtype, repeats):
                       f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bytes'] / 2**20:.2f} | "
                       f"{r['fwd_bwd_bytes'] / 2**20:.2f} | {r['collectives']} | "
                       f"{r['overlap_fraction']:.0%} |", flush=True)
+    return rows
+
+
+def hidden_table(ps, tokens, embed, mlp, dtype):
+    """hlo_report of the compiled forward at these shapes (compiled, not run): per hop, the
+    FLOPs beside it and how much of it they hide on each GPU preset."""
+    hws = (cost_model.GPU_NVLINK, cost_model.GPU_PCIE)
+    print("| op | P | variant | direction | transfers | KiB per transfer (max) | beside MFLOP "
+          "per transfer (mean) | " + " | ".join(f"hidden, {LINKS[hw.name]}" for hw in hws)
+          + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(hws))
+    rows = []
+    for op in OPS:
+        for p in ps:
+            for variant, direction in VARIANTS:
+                fwd, _, args = build(op, variant, direction, p, tokens, embed, mlp, dtype,
+                                     abstract=True)
+                hlo = fwd.lower(*args).compile().as_text()
+                reps = [hlo_report(hlo, hw) for hw in hws]
+                cs = reps[0].collectives
+                per_hop = max(c.bytes_per_device for c in cs) / 2**10
+                flops = sum(c.beside_flops for c in cs) / len(cs) / 1e6
+                rows.append(dict(op=op, p=p, variant=variant, direction=direction,
+                                 transfers=len(cs), kib_per_transfer=per_hop,
+                                 beside_mflop=flops,
+                                 **{f"hidden_{LINKS[hw.name]}": r.hidden_fraction
+                                    for hw, r in zip(hws, reps)}))
+                print(f"| {op} | {p} | {variant} | "
+                      f"{direction if variant != 'plain' else '-'} | {len(cs)} | "
+                      f"{per_hop:.0f} | {flops:.0f} | "
+                      + " | ".join(f"{r.hidden_fraction:.0%}" for r in reps) + " |",
+                      flush=True)
     return rows
 
 
@@ -182,7 +219,14 @@ def main():
                     help="print only the cost-model tables (no jax devices, seconds); with "
                          "--json, replace the model keys of that file and keep its "
                          "measured rows")
+    ap.add_argument("--hidden-only", action="store_true",
+                    help="compile (not run) the forward at --ps/--tokens/--embed/--mlp/"
+                         "--dtype and print hlo_report's FLOPs beside each hop and the "
+                         "hidden fraction on the GPU presets")
     args = ap.parse_args()
+    if args.hidden_only:
+        hidden_table(args.ps, args.tokens, args.embed, args.mlp, jnp.dtype(args.dtype))
+        return
     if args.model_only:
         rows, breaks = model_tables()
         if args.json:
