@@ -1,12 +1,16 @@
 """Sequence-parallel attention.
 
 Per-device functions (call inside your own `shard_map`, sequence sharded on `axis`):
-    attention(q, k, v, *, impl, axis, causal=False, segment_ids=None)
+    attention(q, k, v, *, impl, axis, causal=False, segment_ids=None, kernel="auto")
     ulysses_attention / ring_attention / tokenring_attention / hybrid_attention
 
 Global-array entry point (builds the shard_map, zigzag reorder and its inverse for you):
     sequence_parallel_attention(q, k, v, *, mesh, impl, axis="seq", causal=False,
-                                segment_ids=None)
+                                segment_ids=None, kernel="auto")
+
+`kernel` picks the block-pair kernel every schedule computes with (`kernels`): "auto"
+(Pallas flash kernel on a CUDA GPU, pure JAX elsewhere), "xla", "pallas_gpu", or a
+`kernels.BlockKernel` instance.
 
 Shapes: q[B,N,H,D], k,v[B,N,K,D] (K divides H: GQA/MQA), segment_ids[B,N] int (packed
 documents: tokens attend only within their segment). Causal inputs to the per-device
@@ -24,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpar.mesh import SEQ
-from jaxpar.attention import layout
+from jaxpar.attention import kernels, layout
 from jaxpar.attention.blockwise import attend, flash_attention, merge
 from jaxpar.attention.dense import dense_attention
 from jaxpar.attention.hybrid import hybrid_attention
@@ -43,7 +47,7 @@ IMPLS = ("dense", *PER_DEVICE)
 __all__ = [
     "IMPLS", "attention", "sequence_parallel_attention", "ulysses_attention", "ring_attention",
     "tokenring_attention", "hybrid_attention", "dense_attention", "flash_attention", "attend",
-    "merge", "layout",
+    "merge", "layout", "kernels",
 ]
 
 
@@ -53,14 +57,15 @@ def _check_impl(impl):
 
 
 def attention(q_BLHD, k_BLKD, v_BLKD, *, impl: str, axis=SEQ, causal: bool = False,
-              segment_ids=None, **kwargs):
-    """Per-device dispatch: `impl` in ulysses, ring, tokenring, hybrid (axis=(ring, ulysses))."""
+              segment_ids=None, kernel="auto", **kwargs):
+    """Per-device dispatch: `impl` in ulysses, ring, tokenring, hybrid (axis=(ring, ulysses));
+    `kernel` the block kernel (see `kernels`)."""
     _check_impl(impl)
     if impl == "dense":
         raise ValueError("impl='dense' is the global-array reference, not a per-device "
                          "function; use sequence_parallel_attention or dense_attention")
     return PER_DEVICE[impl](q_BLHD, k_BLKD, v_BLKD, axis_name=axis, causal=causal,
-                            segment_ids_BL=segment_ids, **kwargs)
+                            segment_ids_BL=segment_ids, kernel=kernel, **kwargs)
 
 
 def _axes(impl, axis, mesh):
@@ -94,12 +99,14 @@ def _check_global(q, k, v, segment_ids):
 
 
 def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis=SEQ,
-                                causal: bool = False, segment_ids=None, ring_impl="ring"):
+                                causal: bool = False, segment_ids=None, ring_impl="ring",
+                                kernel="auto"):
     """Attention on global arrays in natural token order; returns out[B,N,H,D] likewise.
 
     impl: "dense" (single-device reference), "ulysses", "ring", "tokenring", or "hybrid"
     with axis=(ring_axis, ulysses_axis), e.g. ("seq", "seq_inner"), and ring_impl "ring" or
-    "tokenring" for the outer axis.
+    "tokenring" for the outer axis. kernel: the block kernel ("auto", "xla", "pallas_gpu"
+    or a `kernels.BlockKernel`; ignored by "dense").
     """
     _check_impl(impl)
     _check_global(q_BNHD, k_BNKD, v_BNKD, segment_ids)
@@ -121,17 +128,18 @@ def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis
         layout.check_zigzag(n, zig)
     spec = P(_batch_axes(q_BNHD, mesh, axes, b), axes if len(axes) > 1 else axes[0])
     args = [q_BNHD, k_BNKD, v_BNKD] + ([segment_ids] if segment_ids is not None else [])
-    run = _compiled(mesh, spec, impl, axes, causal, zig, ring_impl if impl == "hybrid" else None)
+    run = _compiled(mesh, spec, impl, axes, causal, zig, ring_impl if impl == "hybrid" else None,
+                    kernels.resolve(kernel))
     return run(*args)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(mesh, spec, impl, axes, causal, zig, ring_impl):
+def _compiled(mesh, spec, impl, axes, causal, zig, ring_impl, kernel):
     """jit(reshard to `spec` -> shard_map(zigzag in, attention, zigzag out)), built once per
     configuration: one compiled program when called eagerly, inlined under an outer jit."""
     kwargs = {"ring_impl": ring_impl} if impl == "hybrid" else {}
     fn = functools.partial(attention, impl=impl, axis=axes if impl == "hybrid" else axes[0],
-                           causal=causal, **kwargs)
+                           causal=causal, kernel=kernel, **kwargs)
     sharding = NamedSharding(mesh, spec)
 
     def local(*xs):
@@ -144,8 +152,9 @@ def _compiled(mesh, spec, impl, axes, causal, zig, ring_impl):
 
     def run(*args):
         args = [layout.put(x, sharding) for x in args]
+        # check_vma is off only for kernels that cannot run under it (Pallas interpret mode)
         return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * len(args),
-                             out_specs=spec)(*args)
+                             out_specs=spec, check_vma=kernel.check_vma)(*args)
 
     return jax.jit(run)
 

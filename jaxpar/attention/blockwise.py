@@ -11,8 +11,12 @@ lse_S = log Σ_{j∈S} exp(s_j). Two partials merge exactly:
   lse = logaddexp(lse_1, lse_2),   out = e^{lse_1−lse} out_1 + e^{lse_2−lse} out_2.
 Rows whose keys are all masked have lse = −inf and out = 0, and merge as the identity.
 
-Shapes: q[B,Lq,H,D], k,v[B,Lk,K,D] with H = K·G (GQA), mask[B,Lq,Lk] (True = attend),
-out[B,Lq,H,D] fp32, lse[B,Lq,H] fp32.
+Shapes: q[B,Lq,H,D], k,v[B,Lk,K,D] with H = K·G (GQA), mask[B,Lq,Lk] (True = attend;
+None = nothing masked), out[B,Lq,H,D] fp32, lse[B,Lq,H] fp32.
+
+Below them, the pure-JAX tiled kernel ("xla" in `kernels`): `tiled_fwd`/`tiled_bwd` (any
+token positions) and `block_fwd`/`block_bwd` (the block-pair interface of `kernels`:
+causal = query i sees key j ≤ i of an equally long block).
 """
 from __future__ import annotations
 
@@ -23,18 +27,20 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar._spmd import varying_like
-from jaxpar.attention.layout import shard_positions
 
 NEG_INF = -jnp.inf
 
 
 def make_mask(q_pos_L, k_pos_M, q_seg_BL=None, k_seg_BM=None, *, causal: bool):
-    """bool[B or 1, L, M]: query i may attend key j (same segment; j ≤ i when causal)."""
-    mask = jnp.ones((1, q_pos_L.shape[-1], k_pos_M.shape[-1]), bool)
+    """bool[B or 1, L, M]: query i may attend key j (same segment; j ≤ i when causal), or
+    None when nothing is masked (positions are only read when causal)."""
+    mask = None
     if causal:
-        mask = mask & (q_pos_L[..., :, None] >= k_pos_M[..., None, :])
+        mask = q_pos_L[..., :, None] >= k_pos_M[..., None, :]
+        mask = mask[None] if mask.ndim == 2 else mask
     if q_seg_BL is not None:
-        mask = mask & (q_seg_BL[:, :, None] == k_seg_BM[:, None, :])
+        same = q_seg_BL[:, :, None] == k_seg_BM[:, None, :]
+        mask = same if mask is None else mask & same
     return mask
 
 
@@ -51,6 +57,8 @@ def _scores(q_BLHD, k_BMKD, mask_BLM):
     scale = q_BLHD.shape[-1] ** -0.5
     s_BKGLM = jnp.einsum("blkgd,bmkd->bkglm", q_BLKGD, k_BMKD,
                          preferred_element_type=jnp.float32) * scale
+    if mask_BLM is None:
+        return s_BKGLM
     return jnp.where(mask_BLM[:, None, None], s_BKGLM, NEG_INF)
 
 
@@ -123,18 +131,21 @@ def delta(out_BLHD, dout_BLHD):
 
 
 # ---------------------------------------------------------------------------------------
-# Tiled attention: the same tile primitives looped over [block × block] tiles, so no more
-# than one score tile per head is live, and causally empty tiles are skipped with
-# `lax.cond`. The ring schedules run it on each shard pair; Ulysses and the single-device
-# baseline (`flash_attention`) run it on the whole sequence.
+# Tiled attention: the tile primitives above looped over [query tile × key tile] pairs so
+# that no more than one score tile per head is live. Key tiles are the only `lax.scan`;
+# query tiles are Q_TILE_FACTOR times longer and processed all at once (one einsum over
+# the whole query tile), so a shard of up to Q_TILE_FACTOR·DEFAULT_TILE queries is a single
+# scan over its keys. Longer query ranges run their query tiles one after the other
+# (`lax.scan`), keeping the live score tile at most [q tile × key tile] per head.
 
 
-DEFAULT_TILE = 512  # tile length of the tiled kernels; read at trace time
+DEFAULT_TILE = 1024  # key-tile length; read at trace time
+Q_TILE_FACTOR = 4  # query tile = Q_TILE_FACTOR × key tile
 
 
-def _tile_counts(lq, lk, block):
+def _tile_lens(lq, lk, block):
     block = block or DEFAULT_TILE
-    return lq // math.gcd(lq, block), lk // math.gcd(lk, block)
+    return math.gcd(lq, Q_TILE_FACTOR * block), math.gcd(lk, block)
 
 
 def _tiles(x, n):
@@ -143,6 +154,10 @@ def _tiles(x, n):
         return None
     b, length = x.shape[:2]
     return jnp.moveaxis(x.reshape(b, n, length // n, *x.shape[2:]), 1, 0)
+
+
+def _pos_tiles(pos, n):
+    return None if pos is None else pos.reshape(n, -1)
 
 
 def _untiles(x):
@@ -162,14 +177,15 @@ def _maybe_skip(causal, q_pos, k_pos, work, skip, operand):
 
 
 def tiled_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, block=None):
-    """(out, lse) of queries q[B,Lq,H,D] at positions q_pos over keys k, v[B,Lk,K,D]."""
-    nq, nk = _tile_counts(q.shape[1], k.shape[1], block)
-    if nq == nk == 1:
-        return attend(q, k, v, make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal))
-    kv_tiles = (_tiles(k, nk), _tiles(v, nk), k_pos.reshape(nk, -1), _tiles(k_seg, nk))
+    """(out, lse) of queries q[B,Lq,H,D] at positions q_pos over keys k, v[B,Lk,K,D] at k_pos
+    (positions are read only when causal; key tiles no query of a tile sees are skipped)."""
+    tq, tk = _tile_lens(q.shape[1], k.shape[1], block)
+    nq, nk = q.shape[1] // tq, k.shape[1] // tk
+    kv_tiles = (_tiles(k, nk), _tiles(v, nk), _pos_tiles(k_pos, nk), _tiles(k_seg, nk))
 
-    def one_query_tile(qa):
-        q_t, qpos_t, qseg_t = qa
+    def one_query_tile(q_t, qpos_t, qseg_t):
+        if nk == 1:
+            return attend(q_t, k, v, make_mask(qpos_t, k_pos, qseg_t, k_seg, causal=causal))
 
         def step(carry, kv):
             k_t, v_t, kpos_t, kseg_t = kv
@@ -177,54 +193,136 @@ def tiled_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, block=None):
             work = lambda c: merge(*c, *attend(q_t, k_t, v_t, mask))  # noqa: E731
             return _maybe_skip(causal, qpos_t, kpos_t, work, lambda c: c, carry), None
 
-        partial, _ = jax.lax.scan(step, empty_partial(q_t, k, v), kv_tiles)
-        return partial
+        return jax.lax.scan(step, empty_partial(q_t, k, v), kv_tiles)[0]
 
-    out, lse = jax.lax.map(one_query_tile,
-                           (_tiles(q, nq), q_pos.reshape(nq, -1), _tiles(q_seg, nq)))
+    if nq == 1:
+        return one_query_tile(q, q_pos, q_seg)
+    out, lse = jax.lax.map(lambda a: one_query_tile(*a),
+                           (_tiles(q, nq), _pos_tiles(q_pos, nq), _tiles(q_seg, nq)))
     return _untiles(out), _untiles(lse)
 
 
 def tiled_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, dout, dlt, *, causal, block=None):
     """(dq, dk, dv) in fp32 given the final lse and delta = Σ dout·out of these queries."""
-    nq, nk = _tile_counts(q.shape[1], k.shape[1], block)
-    if nq == nk == 1:
-        mask = make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
-        return attend_bwd(q, k, v, mask, lse, dout, dlt)
-    bq = q.shape[1] // nq
-    q_tiles = (jnp.arange(nq), _tiles(q, nq), q_pos.reshape(nq, -1), _tiles(q_seg, nq),
-               _tiles(lse, nq), _tiles(dout, nq), _tiles(dlt, nq))
+    tq, tk = _tile_lens(q.shape[1], k.shape[1], block)
+    nq, nk = q.shape[1] // tq, k.shape[1] // tk
+    kv_tiles = (_tiles(k, nk), _tiles(v, nk), _pos_tiles(k_pos, nk), _tiles(k_seg, nk))
 
-    def one_key_tile(dq, ka):
-        # dK/dV of this key tile accumulate over query tiles; dQ accumulates in place in the
-        # carried full-size buffer (FlashAttention-2 order), so no per-tile dQ copies live.
-        k_t, v_t, kpos_t, kseg_t = ka
+    def one_query_tile(q_t, qpos_t, qseg_t, lse_t, do_t, dl_t):
+        """This query tile's dq and its contribution to every key's dk, dv."""
+        if nk == 1:
+            mask = make_mask(qpos_t, k_pos, qseg_t, k_seg, causal=causal)
+            return attend_bwd(q_t, k, v, mask, lse_t, do_t, dl_t)
+        refs = (q_t, k, v, lse_t, do_t, dl_t)
 
-        def step(carry, qa):
-            i, q_t, qpos_t, qseg_t, lse_t, do_t, dl_t = qa
+        def step(dq, kv):
+            k_t, v_t, kpos_t, kseg_t = kv
             mask = make_mask(qpos_t, kpos_t, qseg_t, kseg_t, causal=causal)
 
-            def work(c):
-                dq, dk_acc, dv_acc = c
-                dq_t, dk_t, dv_t = attend_bwd(q_t, k_t, v_t, mask, lse_t, do_t, dl_t)
-                dq = jax.lax.dynamic_update_slice_in_dim(
-                    dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dq_t, i * bq, axis=1)
-                return dq, dk_acc + dk_t, dv_acc + dv_t
+            def work(dq):
+                dq_s, dk_s, dv_s = attend_bwd(q_t, k_t, v_t, mask, lse_t, do_t, dl_t)
+                return dq + dq_s, (dk_s, dv_s)
 
-            return _maybe_skip(causal, qpos_t, kpos_t, work, lambda c: c, carry), None
+            def skip(dq):
+                return dq, (zeros_like_f32(k_t, *refs), zeros_like_f32(v_t, *refs))
 
-        zeros = zeros_like_f32(k_t, q, dout)
-        (dq, dk_t, dv_t), _ = jax.lax.scan(step, (dq, zeros, zeros), q_tiles)
-        return dq, (dk_t, dv_t)
+            return _maybe_skip(causal, qpos_t, kpos_t, work, skip, dq)
 
-    dq, (dk, dv) = jax.lax.scan(
-        one_key_tile, zeros_like_f32(q, k, v, dout),
-        (_tiles(k, nk), _tiles(v, nk), k_pos.reshape(nk, -1), _tiles(k_seg, nk)))
-    return dq, _untiles(dk), _untiles(dv)
+        dq, (dk, dv) = jax.lax.scan(step, zeros_like_f32(q_t, *refs), kv_tiles)
+        return dq, _untiles(dk), _untiles(dv)
+
+    if nq == 1:
+        return one_query_tile(q, q_pos, q_seg, lse, dout, dlt)
+
+    def query_step(carry, qa):  # dK/dV accumulate over query tiles; dQ tiles are outputs
+        dq_t, dk_t, dv_t = one_query_tile(*qa)
+        return (carry[0] + dk_t, carry[1] + dv_t), dq_t
+
+    refs = (q, k, v, lse, dout, dlt)
+    (dk, dv), dq = jax.lax.scan(
+        query_step, (zeros_like_f32(k, *refs), zeros_like_f32(v, *refs)),
+        (_tiles(q, nq), _pos_tiles(q_pos, nq), _tiles(q_seg, nq), _tiles(lse, nq),
+         _tiles(dout, nq), _tiles(dlt, nq)))
+    return _untiles(dq), dk, dv
+
+
+# ---------------------------------------------------------------------------------------
+# The block-pair interface of `kernels` ("xla"): non-causal = every key, causal = query i
+# sees key j ≤ i of an equally long block. A causal block is cut in halves: the two
+# diagonal halves are one causal call on a batch twice as large ([B, 2h] -> [2B, h] is a
+# free reshape), the lower-left quarter one full call; recursing down to one tile computes
+# only the lower triangle (plus half of the diagonal tiles), with every call vectorized.
+
+
+def _fold(x):
+    return None if x is None else x.reshape(2 * x.shape[0], x.shape[1] // 2, *x.shape[2:])
+
+
+def _unfold(x):
+    return x.reshape(x.shape[0] // 2, 2 * x.shape[1], *x.shape[2:])
+
+
+def _half(x, which):
+    if x is None:
+        return None
+    h = x.shape[1] // 2
+    return jax.lax.slice_in_dim(x, which * h, (which + 1) * h, axis=1)
+
+
+def _diagonal_only(n, block):
+    return n <= (block or DEFAULT_TILE) or n % 2
+
+
+def block_fwd(q, k, v, q_seg, k_seg, *, causal, block=None):
+    """(out fp32, lse fp32) of one block pair (see `kernels.BlockKernel.fwd`)."""
+    if not causal:
+        return tiled_fwd(q, k, v, None, None, q_seg, k_seg, causal=False, block=block)
+    n = q.shape[1]
+    if k.shape[1] != n:
+        raise ValueError(f"a causal block pair needs equal lengths; got {n} and {k.shape[1]}")
+    if _diagonal_only(n, block):
+        pos = jnp.arange(n, dtype=jnp.int32)
+        return tiled_fwd(q, k, v, pos, pos, q_seg, k_seg, causal=True, block=block)
+    out, lse = block_fwd(_fold(q), _fold(k), _fold(v), _fold(q_seg), _fold(k_seg), causal=True,
+                         block=block)
+    out, lse = _unfold(out), _unfold(lse)
+    o_x, l_x = tiled_fwd(_half(q, 1), _half(k, 0), _half(v, 0), None, None, _half(q_seg, 1),
+                         _half(k_seg, 0), causal=False, block=block)
+    o1, l1 = merge(_half(out, 1), _half(lse, 1), o_x, l_x)
+    return (jnp.concatenate([_half(out, 0), o1], axis=1),
+            jnp.concatenate([_half(lse, 0), l1], axis=1))
+
+
+def block_bwd(q, k, v, q_seg, k_seg, lse, dout, dlt, *, causal, block=None):
+    """(dq, dk, dv) fp32 of one block pair from the global lse and delta."""
+    if not causal:
+        return tiled_bwd(q, k, v, None, None, q_seg, k_seg, lse, dout, dlt, causal=False,
+                         block=block)
+    n = q.shape[1]
+    if _diagonal_only(n, block):
+        pos = jnp.arange(n, dtype=jnp.int32)
+        return tiled_bwd(q, k, v, pos, pos, q_seg, k_seg, lse, dout, dlt, causal=True,
+                         block=block)
+    dq, dk, dv = (_unfold(g) for g in block_bwd(
+        _fold(q), _fold(k), _fold(v), _fold(q_seg), _fold(k_seg), _fold(lse), _fold(dout),
+        _fold(dlt), causal=True, block=block))
+    dq_x, dk_x, dv_x = tiled_bwd(
+        _half(q, 1), _half(k, 0), _half(v, 0), None, None, _half(q_seg, 1), _half(k_seg, 0),
+        _half(lse, 1), _half(dout, 1), _half(dlt, 1), causal=False, block=block)
+    cat = functools.partial(jnp.concatenate, axis=1)
+    return (cat([_half(dq, 0), _half(dq, 1) + dq_x]), cat([_half(dk, 0) + dk_x, _half(dk, 1)]),
+            cat([_half(dv, 0) + dv_x, _half(dv, 1)]))
+
+
+# ---------------------------------------------------------------------------------------
+# Single-device flash attention with its own backward (the one-device baseline; the
+# schedules use `kernels`, which wraps the same block functions as kernel="xla").
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _flash(q, k, v, pos_N, seg_BN, causal, block):
+    if pos_N is None:
+        return block_fwd(q, k, v, seg_BN, seg_BN, causal=causal, block=block)
     return tiled_fwd(q, k, v, pos_N, pos_N, seg_BN, seg_BN, causal=causal, block=block)
 
 
@@ -235,9 +333,15 @@ def _flash_fwd(q, k, v, pos_N, seg_BN, causal, block):
 
 def _flash_bwd(causal, block, res, cts):
     q, k, v, pos_N, seg_BN, out, lse = res
-    dout, _ = cts  # the lse output is a by-product; callers only differentiate `out`
-    dq, dk, dv = tiled_bwd(q, k, v, pos_N, pos_N, seg_BN, seg_BN, lse, dout, delta(out, dout),
-                           causal=causal, block=block)
+    dout, dlse = cts
+    # d lse / d s = p, so an lse cotangent enters exactly like delta: ds = p ⊙ (dp − δ + dlse)
+    dlt = delta(out, dout) - dlse
+    if pos_N is None:
+        dq, dk, dv = block_bwd(q, k, v, seg_BN, seg_BN, lse, dout, dlt, causal=causal,
+                               block=block)
+    else:
+        dq, dk, dv = tiled_bwd(q, k, v, pos_N, pos_N, seg_BN, seg_BN, lse, dout, dlt,
+                               causal=causal, block=block)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -246,77 +350,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q_BNHD, k_BNKD, v_BNKD, *, positions_N=None, segment_ids_BN=None,
                     causal: bool = False, block: int | None = None):
-    """Memory-bounded attention on one device, with its own flash backward. Tiles are
-    gcd(N, block) long; `positions_N` (default arange) gives each token's position, so any
-    token order works (Ulysses passes the zigzag order). Returns (out fp32, lse fp32).
+    """Memory-bounded attention on one device, with its own flash backward (pure JAX).
+    Key tiles are gcd(N, block) long, query tiles gcd(N, Q_TILE_FACTOR·block). Natural
+    token order by default; `positions_N` gives each token's position, so any order works
+    (causal tiles are then masked, and skipped only where a whole tile is invisible).
+    Returns (out fp32, lse fp32); both are differentiable.
     """
-    n = q_BNHD.shape[1]
-    if positions_N is None:
-        positions_N = jnp.arange(n, dtype=jnp.int32)
     return _flash(q_BNHD, k_BNKD, v_BNKD, positions_N, segment_ids_BN, causal, block)
-
-
-# ---------------------------------------------------------------------------------------
-# Shard pairs: the unit of work of ring and TokenRing — the query shard of device q_idx
-# against the key/value shard of device kv_idx. Non-causal: one full tile. Causal (zigzag
-# layout, shard = [chunk i ; chunk 2P−1−i]): for kv_idx < q_idx only the first kv chunk is
-# visible, to all queries; for kv_idx > q_idx only the second query chunk sees anything,
-# and it sees all keys. Either way half the tile — the masked half is never computed.
-# The diagonal pair (same shard) is a full tile under the causal mask.
-
-
-def _pair_inputs(q_idx, kv_idx, local_len, num_shards, causal):
-    q_pos = shard_positions(q_idx, local_len, num_shards, zigzag=causal)
-    k_pos = shard_positions(kv_idx, local_len, num_shards, zigzag=causal)
-    return q_pos, k_pos
-
-
-def _halves(x, axis=1):
-    h = x.shape[axis] // 2
-    return jax.lax.slice_in_dim(x, 0, h, axis=axis), jax.lax.slice_in_dim(x, h, 2 * h, axis=axis)
-
-
-def _seg_half(seg, which):
-    return None if seg is None else _halves(seg)[which]
-
-
-def pair_fwd(q, k, v, q_seg, k_seg, q_idx, kv_idx, *, num_shards, causal, diagonal):
-    """Partial (out, lse) of query shard q_idx over key shard kv_idx. `diagonal` is static."""
-    q_pos, k_pos = _pair_inputs(q_idx, kv_idx, q.shape[1], num_shards, causal)
-    if not causal or diagonal:
-        return tiled_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal)
-
-    def kv_first_half(_):  # kv_idx < q_idx: all queries × first kv chunk, nothing masked
-        k0, v0, kp0 = _halves(k)[0], _halves(v)[0], _halves(k_pos, 0)[0]
-        return tiled_fwd(q, k0, v0, q_pos, kp0, q_seg, _seg_half(k_seg, 0), causal=False)
-
-    def q_second_half(_):  # kv_idx > q_idx: second query chunk × all keys
-        q1, qp1 = _halves(q)[1], _halves(q_pos, 0)[1]
-        o1, l1 = tiled_fwd(q1, k, v, qp1, k_pos, _seg_half(q_seg, 1), k_seg, causal=False)
-        o0, l0 = empty_partial(_halves(q)[0], o1)
-        return jnp.concatenate([o0, o1], 1), jnp.concatenate([l0, l1], 1)
-
-    return jax.lax.cond(kv_idx < q_idx, kv_first_half, q_second_half, None)
-
-
-def pair_bwd(q, k, v, q_seg, k_seg, q_idx, kv_idx, lse, dout, dlt, *, num_shards, causal,
-             diagonal):
-    """(dq, dk, dv) in fp32 of one shard pair — the same halves as `pair_fwd`."""
-    q_pos, k_pos = _pair_inputs(q_idx, kv_idx, q.shape[1], num_shards, causal)
-    if not causal or diagonal:
-        return tiled_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, dout, dlt, causal=causal)
-
-    def kv_first_half(_):
-        k0, v0 = _halves(k)[0], _halves(v)[0]
-        dq, dk0, dv0 = tiled_bwd(q, k0, v0, q_pos, _halves(k_pos, 0)[0], q_seg,
-                                 _seg_half(k_seg, 0), lse, dout, dlt, causal=False)
-        zeros = zeros_like_f32(dk0)
-        return dq, jnp.concatenate([dk0, zeros], 1), jnp.concatenate([dv0, zeros], 1)
-
-    def q_second_half(_):
-        q1, lse1, do1, dl1 = (_halves(x)[1] for x in (q, lse, dout, dlt))
-        dq1, dk, dv = tiled_bwd(q1, k, v, _halves(q_pos, 0)[1], k_pos, _seg_half(q_seg, 1),
-                                k_seg, lse1, do1, dl1, causal=False)
-        return jnp.concatenate([zeros_like_f32(dq1), dq1], 1), dk, dv
-
-    return jax.lax.cond(kv_idx < q_idx, kv_first_half, q_second_half, None)

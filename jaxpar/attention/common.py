@@ -30,19 +30,20 @@ def check_local_shapes(q, k, v, seg, axis_name, causal):
 
 
 def ring_custom_vjp(forward, backward):
-    """The custom_vjp shared by ring and TokenRing: f(q, k, v, seg, axis_name, causal).
+    """The custom_vjp shared by ring and TokenRing: f(q, k, v, seg, axis_name, causal, kernel).
 
-    `forward(q, k, v, seg, axis_name, causal) -> (out fp32, lse)`; the residuals are only the
-    local q, k, v, seg, out and lse, and `backward(axis_name, causal, residuals, dout)` is the
-    schedule's own second ring pass.
+    `forward(q, k, v, seg, axis_name, causal, kernel) -> (out fp32, lse)`; the residuals are
+    only the local q, k, v, seg, out and lse, and `backward(axis_name, causal, kernel,
+    residuals, dout)` is the schedule's own second ring pass, whose block backward uses the
+    global (out, lse). `kernel` is a resolved `kernels.BlockKernel` (hashable, static).
     """
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-    def fn(q, k, v, seg, axis_name, causal):
-        return forward(q, k, v, seg, axis_name, causal)[0].astype(q.dtype)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+    def fn(q, k, v, seg, axis_name, causal, kernel):
+        return forward(q, k, v, seg, axis_name, causal, kernel)[0].astype(q.dtype)
 
-    def fn_fwd(q, k, v, seg, axis_name, causal):
-        out, lse = forward(q, k, v, seg, axis_name, causal)
+    def fn_fwd(q, k, v, seg, axis_name, causal, kernel):
+        out, lse = forward(q, k, v, seg, axis_name, causal, kernel)
         return out.astype(q.dtype), (q, k, v, seg, out, lse)
 
     fn.defvjp(fn_fwd, backward)

@@ -24,8 +24,9 @@ RING_IMPLS = {"ring": ring_attention, "tokenring": tokenring_attention}
 
 
 def hybrid_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
-                     segment_ids_BL=None, ring_impl: str = "ring"):
-    """Per-device 2-D attention; `axis_name=(ring_axis, ulysses_axis)`."""
+                     segment_ids_BL=None, ring_impl: str = "ring", kernel="auto"):
+    """Per-device 2-D attention; `axis_name=(ring_axis, ulysses_axis)`. `kernel`: the
+    ring's block-pair kernel (`kernels.KERNEL_NAMES` or a `kernels.BlockKernel`)."""
     if not (isinstance(axis_name, (tuple, list)) and len(axis_name) == 2):
         raise ValueError(f"hybrid attention needs axis_name=(ring_axis, ulysses_axis); "
                          f"got {axis_name!r}")
@@ -45,5 +46,5 @@ def hybrid_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
     out = RING_IMPLS[ring_impl](
         seq_to_heads(q_BLHD, ulysses_axis), seq_to_heads(k_BLKD, ulysses_axis),
         seq_to_heads(v_BLKD, ulysses_axis), axis_name=ring_axis, causal=causal,
-        segment_ids_BL=seg)
+        segment_ids_BL=seg, kernel=kernel)
     return heads_to_seq(out, ulysses_axis)

@@ -14,19 +14,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpar.attention import blockwise
+from jaxpar.attention import blockwise, kernels
 from jaxpar._spmd import axis_size, shift
 from jaxpar.attention.common import check_local_shapes, ring_custom_vjp
 
 
 def ring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
-                   segment_ids_BL=None):
+                   segment_ids_BL=None, kernel="auto"):
     """Per-device ring attention; call inside `shard_map` with the sequence on `axis_name`.
 
     Inputs are this device's shard (zigzag layout when causal). Returns out[B,L,H,D].
+    `kernel`: the block-pair kernel (`kernels.KERNEL_NAMES` or a `kernels.BlockKernel`).
     """
     check_local_shapes(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal)
-    return _ring(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal)
+    return _ring(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal,
+                 kernels.resolve(kernel))
 
 
 def _middle_steps(body, carry, p):
@@ -37,13 +39,13 @@ def _middle_steps(body, carry, p):
     return jax.lax.scan(lambda c, s: (body(c, s), None), carry, jnp.arange(1, p - 1))[0]
 
 
-def _ring_forward(q, k, v, seg, axis_name, causal):
+def _ring_forward(q, k, v, seg, axis_name, causal, kernel):
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
 
     def attend_block(kv, s, diagonal=False):
-        return blockwise.pair_fwd(q, kv[0], kv[1], seg, kv[2], r, (r - s) % p, num_shards=p,
-                                  causal=causal, diagonal=diagonal)
+        return kernels.pair_fwd(kernel, q, kv[0], kv[1], seg, kv[2], r, (r - s) % p,
+                                causal=causal, diagonal=diagonal)
 
     # Step 0 (own block) and every middle step send the block on *before* attending to it:
     # the transfer and the compute have no data dependence, so they can overlap.
@@ -63,7 +65,7 @@ def _ring_forward(q, k, v, seg, axis_name, causal):
     return blockwise.merge(out, lse, *attend_block(kv, p - 1))  # last block: nothing to send
 
 
-def _ring_bwd(axis_name, causal, res, dout):
+def _ring_bwd(axis_name, causal, kernel, res, dout):
     q, k, v, seg, out, lse = res
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
@@ -76,8 +78,8 @@ def _ring_bwd(axis_name, causal, res, dout):
     # XLA:CPU's pipeline, a distinct permutation does. dK/dV ride with their block and are
     # home after the P-th hop.
     def grads_of_block(kv, s, diagonal=False):
-        return blockwise.pair_bwd(q, kv[0], kv[1], seg, kv[2], r, (r + s) % p, lse, dout, dlt,
-                                  num_shards=p, causal=causal, diagonal=diagonal)
+        return kernels.pair_bwd(kernel, q, kv[0], kv[1], seg, kv[2], r, (r + s) % p, lse, dout,
+                                dlt, causal=causal, diagonal=diagonal)
 
     def accumulate(dq, dkv, grads):
         dq_s, dk_s, dv_s = grads

@@ -17,17 +17,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpar.attention import blockwise
+from jaxpar.attention import blockwise, kernels
 from jaxpar._spmd import axis_size, shift
 from jaxpar.attention.common import check_local_shapes, ring_custom_vjp
 
 
 def tokenring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
-                        segment_ids_BL=None):
+                        segment_ids_BL=None, kernel="auto"):
     """Per-device TokenRing attention; call inside `shard_map` with the sequence on
-    `axis_name` (zigzag layout when causal). Returns out[B,L,H,D]."""
+    `axis_name` (zigzag layout when causal). Returns out[B,L,H,D]. `kernel`: the block-pair
+    kernel (`kernels.KERNEL_NAMES` or a `kernels.BlockKernel`)."""
     check_local_shapes(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal)
-    return _tokenring(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal)
+    return _tokenring(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal,
+                      kernels.resolve(kernel))
 
 
 def send_home(part, s, axis_name, direction=+1):
@@ -42,17 +44,16 @@ def send_home(part, s, axis_name, direction=+1):
     return jax.lax.switch(s - 1, branches, part)
 
 
-def _tokenring_forward(q, k, v, seg, axis_name, causal):
+def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
 
     def partial_for(visiting, s):  # queries of owner (r + s) mod P against the local K/V
-        return blockwise.pair_fwd(visiting[0], k, v, visiting[1], seg, (r + s) % p, r,
-                                  num_shards=p, causal=causal, diagonal=False)
+        return kernels.pair_fwd(kernel, visiting[0], k, v, visiting[1], seg, (r + s) % p, r,
+                                causal=causal, diagonal=False)
 
     visiting = (q, seg)
-    out, lse = blockwise.pair_fwd(q, k, v, seg, seg, r, r, num_shards=p, causal=causal,
-                                  diagonal=True)
+    out, lse = kernels.pair_fwd(kernel, q, k, v, seg, seg, r, r, causal=causal, diagonal=True)
     if p == 1:
         return out, lse
     visiting = shift(visiting, axis_name, -1)
@@ -75,7 +76,7 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal):
     return blockwise.merge(out, lse, *send_home(part, p - 1, axis_name))  # flush the last
 
 
-def _tokenring_bwd(axis_name, causal, res, dout):
+def _tokenring_bwd(axis_name, causal, kernel, res, dout):
     q, k, v, seg, out, lse = res
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
@@ -86,11 +87,11 @@ def _tokenring_bwd(axis_name, causal, res, dout):
     # (which would keep every visiting query block alive until the backward).
     def grads_for(visiting, s):  # queries of owner (r − s) mod P against the local K/V
         vq, vseg, vlse, vdout, vdlt = visiting
-        return blockwise.pair_bwd(vq, k, v, vseg, seg, (r - s) % p, r, vlse, vdout, vdlt,
-                                  num_shards=p, causal=causal, diagonal=False)
+        return kernels.pair_bwd(kernel, vq, k, v, vseg, seg, (r - s) % p, r, vlse, vdout, vdlt,
+                                causal=causal, diagonal=False)
 
-    dq, dk, dv = blockwise.pair_bwd(q, k, v, seg, seg, r, r, lse, dout, dlt, num_shards=p,
-                                    causal=causal, diagonal=True)
+    dq, dk, dv = kernels.pair_bwd(kernel, q, k, v, seg, seg, r, r, lse, dout, dlt,
+                                  causal=causal, diagonal=True)
     if p > 1:
         visiting = shift((q, seg, lse, dout, dlt), axis_name, +1)
         dq_s, dk_s, dv_s = grads_for(visiting, 1)

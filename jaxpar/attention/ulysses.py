@@ -1,22 +1,23 @@
 """DeepSpeed-Ulysses: all-to-all from sequence shards to head shards and back.
 
   q[B, L, H, D] --all-to-all--> q[B, N, H/P, D]   (every token, H/P heads)
-  full attention on H/P heads (memory-bounded flash kernel, causally empty tiles skipped)
+  full attention on H/P heads: one call of the block kernel (`kernels`) over the whole
+  sequence, in natural order (causal: the gathered zigzag order is undone, and redone on
+  the output, by a static chunk permutation)
   out[B, N, H/P, D] --all-to-all--> out[B, L, H, D]
 
 Bytes per device ≈ (P−1)/P · B·L·D·(2H + 2K)·bytes: constant when N and P grow together.
 GQA: when K is not a multiple of P, each K/V head is replicated P/K times before the
 all-to-all so every device gets the K/V head its query heads use (needs P % K == 0).
-Autodiff gives the backward: the transpose of an all-to-all is an all-to-all.
+Autodiff gives the backward around the kernel's own: the transpose of an all-to-all is an
+all-to-all.
 """
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxpar.attention import blockwise, layout
+from jaxpar.attention import kernels
 from jaxpar._spmd import axis_size, divisors
 from jaxpar.attention.common import check_local_shapes
 
@@ -33,10 +34,20 @@ def check_ulysses_heads(num_heads, num_kv_heads, p, axis_name):
             f"{[d for d in divisors(num_heads) if d % num_kv_heads == 0 or num_kv_heads % d == 0]}")
 
 
-def _flash_block(n, p, causal):
-    # Tiles must not straddle zigzag chunks (size N/2P) or causal skipping finds nothing.
-    unit = n // (2 * p) if causal else n
-    return math.gcd(unit, blockwise.DEFAULT_TILE)
+def zigzag_to_natural(x_BN, p):
+    """Gathered shards in zigzag order (chunks 0, 2P−1, 1, 2P−2, …) -> natural order."""
+    b, n = x_BN.shape[:2]
+    x = x_BN.reshape(b, p, 2, n // (2 * p), *x_BN.shape[2:])
+    first, second = x[:, :, 0], jnp.flip(x[:, :, 1], axis=1)
+    return jnp.concatenate([first, second], axis=1).reshape(x_BN.shape)
+
+
+def natural_to_zigzag(x_BN, p):
+    """Inverse of `zigzag_to_natural`."""
+    b, n = x_BN.shape[:2]
+    x = x_BN.reshape(b, 2 * p, n // (2 * p), *x_BN.shape[2:])
+    first, second = x[:, :p], jnp.flip(x[:, p:], axis=1)
+    return jnp.stack([first, second], axis=2).reshape(x_BN.shape)
 
 
 def seq_to_heads(x_BLHD, axis_name):
@@ -48,9 +59,10 @@ def heads_to_seq(x_BNhD, axis_name):
 
 
 def ulysses_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
-                      segment_ids_BL=None):
+                      segment_ids_BL=None, kernel="auto"):
     """Per-device Ulysses attention; call inside `shard_map` with the sequence on
-    `axis_name` (zigzag layout when causal, like the ring impls). Returns out[B,L,H,D]."""
+    `axis_name` (zigzag layout when causal, like the ring impls). Returns out[B,L,H,D].
+    `kernel`: the block kernel (`kernels.KERNEL_NAMES` or a `kernels.BlockKernel`)."""
     check_local_shapes(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, axis_name, causal)
     p = axis_size(axis_name)
     h, kh = q_BLHD.shape[2], k_BLKD.shape[2]
@@ -61,13 +73,15 @@ def ulysses_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False
     q_BNhD = seq_to_heads(q_BLHD, axis_name)
     k_BNkD = seq_to_heads(k_BLKD, axis_name)
     v_BNkD = seq_to_heads(v_BLKD, axis_name)
-    n = q_BNhD.shape[1]
-    # Gathered token order = shard order, so positions are the (static) layout permutation.
-    positions_N = jnp.asarray(layout.zigzag_indices(n, p) if causal else range(n), jnp.int32)
     seg_BN = None
     if segment_ids_BL is not None:
         seg_BN = jax.lax.all_gather(segment_ids_BL, axis_name, axis=1, tiled=True)
-    out_BNhD, _ = blockwise.flash_attention(q_BNhD, k_BNkD, v_BNkD, positions_N=positions_N,
-                                            segment_ids_BN=seg_BN, causal=causal,
-                                            block=_flash_block(n, p, causal))
+    # Gathered token order = shard order: zigzag when causal. The kernel's causal mask is
+    # index-based, so attend in natural order and put the output back.
+    order = (lambda x: zigzag_to_natural(x, p)) if causal else (lambda x: x)  # noqa: E731
+    out_BNhD, _ = kernels.local_attention(
+        order(q_BNhD), order(k_BNkD), order(v_BNkD),
+        segment_ids=None if seg_BN is None else order(seg_BN), causal=causal, kernel=kernel)
+    if causal:
+        out_BNhD = natural_to_zigzag(out_BNhD, p)
     return heads_to_seq(out_BNhD.astype(q_BLHD.dtype), axis_name)
