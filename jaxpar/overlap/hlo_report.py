@@ -29,9 +29,11 @@ How much each transfer can be hidden, at a link bandwidth and a matmul throughpu
 A plain all_gather → dot has no independent matmul; a collective matmul has one block
 beside every hop (a half block for `bidi`, whose hop carries half the bytes).
 `independent_flops` is the looser bound: every independent matmul, shared or not.
-Transfers in flight at the same time on different links (the two directions of a `bidi`
-step) could share the same compute; the pairing does not credit that, so it is
-conservative there. All of this says overlap is *possible*; whether a backend's scheduler
+Transfers in flight at the same time could share the same compute: on different links
+(the two directions of a `bidi` step), or one after the other beside one long kernel (a
+ring attention step's K hop and V hop beside its block computation, where the second finds
+the step's kernel taken). The pairing hands out whole kernels and credits neither, so it
+is conservative there. All of this says overlap is *possible*; whether a backend's scheduler
 realizes it is a runtime question (measured on an accelerator, not here).
 """
 from __future__ import annotations
