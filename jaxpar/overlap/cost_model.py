@@ -140,7 +140,7 @@ def _shape_efficiency(meas: MatmulMeasurement, chunks: int) -> float:
     c_max, e_max = pts[-1]
     if chunks <= c_max:
         return _log_interp(chunks, pts)
-    overhead = 1.0 / e_max - 1.0           # per-chunk fixed cost, in units of time(whole)/c_max
+    overhead = 1.0 / e_max - 1.0  # extra time of c_max chunks / time(whole); / c_max per chunk
     return 1.0 / (1.0 + overhead * chunks / c_max)
 
 
