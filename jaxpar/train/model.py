@@ -1,16 +1,20 @@
 """Which model a run trains: the built-in decoder, or a user's Flax module (Linen or NNX).
 
-The factory protocol (`model.module=package.module:factory`):
+The factory protocol (`model.module=package.module:factory`; docs/sharding.md in full):
 
     def factory(cfg: jaxpar.train.Config, mesh: jax.sharding.Mesh):
         return MyLinenModule(...)          # a flax.linen.Module, params not yet created
         # or
         return MyNnxModule(..., rngs=nnx.Rngs(cfg.train.seed))   # a flax.nnx.Module
+    factory.rules = {"mlp": None}          # optional: overrides of the rules table
 
 and the module is called as `module(tokens_BN, positions_BN, segment_ids_BN) -> logits_BNV`.
-Params carry logical axis names (Linen `nn.with_logical_partitioning`, NNX `sharding=`);
-the run's rules (`jaxpar.sharding`) place them. An NNX factory is called under `jit`, so its
-params are created already sharded. Tokens arrive in the zigzag order when
+Params carry logical axis names (Linen `nn.with_logical_partitioning`, NNX
+`nnx.with_partitioning` / `out_sharding=` metadata); the run's rules (`run_rules`) place
+them, and init runs under `jit` with those out shardings, so params are created already
+sharded. Linen: only the `params` collection. NNX: the factory is called (traced) under the
+mesh and the rules; its `nnx.Param`s become a plain nested dict (list items as int keys),
+everything else is created once and kept constant. Tokens arrive in the zigzag order when
 `attention.impl` is a sequence-parallel impl: build causal masks and RoPE from
 `positions_BN` (the model may use `jaxpar.models.transformer.parallel_attention`), never from
 the index.
@@ -231,8 +235,8 @@ def build(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> ModelFns:
 
     jax.eval_shape(probe)  # a bug in the user's model raises here, with its traceback
     obj = holder["obj"]
-    if isinstance(obj, nn.Module):
-        return _linen(obj, "linen", spec, mesh, rules)
+    if isinstance(obj, nn.Module):  # built again outside the trace: no leaked tracers
+        return _linen(factory(cfg, mesh), "linen", spec, mesh, rules)
     if isinstance(obj, nnx.Module):
         return _nnx(factory, cfg, mesh, holder["graphdef"], rules)
     raise ConfigError(f"model.module={spec!r} returned {type(obj).__name__}, neither a "
