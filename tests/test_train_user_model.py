@@ -288,6 +288,17 @@ def test_indivisible_param_is_exit_2_and_one_line(tmp_path, capsys):
             "its mesh axes ('tensor',) (size 2) do not divide") in err, err
 
 
+def test_diloco_more_fragments_than_layers_is_exit_2_and_one_line(tmp_path, capsys):
+    code = main([str(ROOT / "configs/base.yaml"), "model.module=user_models:linen_factory",
+                 "model.layers=2", "mesh.replica=2", "mesh.data=4", "diloco.enabled=true",
+                 "diloco.num_fragments=3", "diloco.sync_every=6", f"train.run_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "diloco.num_fragments=3 with model.module='user_models:linen_factory'" in err
+    assert "found 2 layers (layers_0 ... layers_1)" in err, err
+    assert "Valid num_fragments: [1, 2]" in err, err
+
+
 def test_bad_model_module_cli_subprocess(tmp_path):
     r = run_cli(tmp_path, "model.module=user_models:nope", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr

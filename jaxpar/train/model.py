@@ -122,10 +122,12 @@ def _key(k) -> str:
     return str(k)
 
 
-def check_params(boxed, rules: sharding.Rules, mesh: Mesh, name: str) -> None:
+def check_params(boxed, rules: sharding.Rules, mesh: Mesh, name: str,
+                 cfg: Config | None = None) -> None:
     """A user model's boxed params against the rules: a sharded dimension that its mesh
-    axes do not divide is a ConfigError naming the param; logical names that no rule
-    mentions are replicated, with a warning."""
+    axes do not divide is a ConfigError naming the param, and so are DiLoCo fragments the
+    layers cannot fill; logical names that no rule mentions are replicated, with a
+    warning."""
     known = {k for k, _ in rules}
     unknown = set()
     logical = sharding.logical_axes(boxed)
@@ -144,17 +146,27 @@ def check_params(boxed, rules: sharding.Rules, mesh: Mesh, name: str) -> None:
                     f"model.module={name!r}: param {where} {tuple(shape)} has dimension {dim} "
                     f"({names[dim]!r}) of size {n}, which its mesh axes {axes} (size {size}) "
                     f"do not divide; change the model size or the rules (factory.rules)")
+    if cfg is not None and cfg.diloco.enabled and cfg.diloco.num_fragments > 1:
+        from jaxpar.diloco import split_fragments
+
+        plain = jax.tree.map(lambda b: getattr(b, "value", b), boxed,
+                             is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        try:
+            split_fragments(plain, cfg.diloco.num_fragments, cfg.diloco.sync_every)
+        except ValueError as e:
+            raise ConfigError(f"diloco.num_fragments={cfg.diloco.num_fragments} with "
+                              f"model.module={name!r}: {e}") from None
     if unknown:
         warnings.warn(f"{name}: logical axis names {sorted(unknown)} are not in the rules "
                       f"{sorted(known)}; those dimensions are replicated", stacklevel=2)
 
 
-def _linen(module: nn.Module, kind: str, name: str, mesh: Mesh, rules: sharding.Rules
-           ) -> ModelFns:
+def _linen(module: nn.Module, kind: str, name: str, mesh: Mesh, rules: sharding.Rules,
+           cfg: Config) -> ModelFns:
     def init(rng, *inputs):
         params = module.init(rng, *inputs)["params"]
         if kind != "builtin":
-            check_params(params, rules, mesh, name)
+            check_params(params, rules, mesh, name, cfg)
         return params
 
     def apply(params, *inputs):
@@ -206,7 +218,7 @@ def _nnx(factory: Callable, cfg: Config, mesh: Mesh, graphdef, rules: sharding.R
             (path, var.get_value() if (names := _nnx_names(var)) is None
              else nn.LogicallyPartitioned(var.get_value(), names))
             for path, var in nnx.to_flat_state(params))
-        check_params(boxed, rules, mesh, cfg.model.module)
+        check_params(boxed, rules, mesh, cfg.model.module, cfg)
         return boxed
 
     def apply(params, *inputs):
@@ -220,7 +232,8 @@ def build(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> ModelFns:
     (NNX variables with logical names are sharded as they are created, which needs both)."""
     if not cfg.model.module:
         module = Transformer(transformer_config(cfg), parallel=parallel(cfg, mesh, rules))
-        return _linen(module, "builtin", "jaxpar.models.transformer:Transformer", mesh, rules)
+        return _linen(module, "builtin", "jaxpar.models.transformer:Transformer", mesh, rules,
+                      cfg)
     spec = cfg.model.module
     factory = import_factory(spec)
     holder: dict[str, Any] = {}
@@ -236,7 +249,7 @@ def build(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> ModelFns:
     jax.eval_shape(probe)  # a bug in the user's model raises here, with its traceback
     obj = holder["obj"]
     if isinstance(obj, nn.Module):  # built again outside the trace: no leaked tracers
-        return _linen(factory(cfg, mesh), "linen", spec, mesh, rules)
+        return _linen(factory(cfg, mesh), "linen", spec, mesh, rules, cfg)
     if isinstance(obj, nnx.Module):
         return _nnx(factory, cfg, mesh, holder["graphdef"], rules)
     raise ConfigError(f"model.module={spec!r} returned {type(obj).__name__}, neither a "
