@@ -404,3 +404,26 @@ def test_sharding_doc_command_runs(tmp_path):
     assert_in_order(table_lines(doc_block("table: linen_factory")),
                     (tmp_path / "params.txt").read_text().splitlines())
     assert table_lines(doc_block("table: linen_factory")) == table_lines(r.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_init_creates_only_each_devices_shards(kind, tmp_path, monkeypatch):
+    """The compiled init of a 52 MB model cut 8 ways (`embed` over data too) needs about
+    2 × its 1/8 share of device memory, not the whole model on any device."""
+    factory = getattr(user_models, f"{kind}_factory")
+    monkeypatch.setattr(factory, "rules", {"embed": "data"}, raising=False)
+    cfg = small_config(tmp_path, kind, dict(data=4, tensor=2),
+                       model=dict(layers=1, embed=1024, mlp=4096))
+    run = Run.create(cfg)
+    dummy = np.zeros((run.batch_rows(), cfg.train.seq_len), np.int32)
+    with run.scope():
+        boxed = jax.eval_shape(run.model.init, jax.random.key(0), dummy, dummy, dummy)
+        specs = sharding.mesh_specs(sharding.logical_axes(boxed), run.rules)
+        init = jax.jit(lambda *a: nn.unbox(run.model.init(*a)),
+                       out_shardings=sharding.named(specs, run.mesh))
+        mem = init.lower(jax.random.key(0), dummy, dummy, dummy).compile().memory_analysis()
+    full = sum(x.size * 4 for x in jax.tree.leaves(jax.eval_shape(nn.unbox, boxed)))
+    assert full > 50e6
+    assert mem.output_size_in_bytes < full / 7
+    assert mem.temp_size_in_bytes < full / 3, (mem.temp_size_in_bytes, full)
