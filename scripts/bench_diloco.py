@@ -192,12 +192,17 @@ def _rel(a: float, b: float) -> str:
     return f"{100 * (a / b - 1):+.2f}%"
 
 
+def _order(r: dict) -> tuple:
+    return (r["M"], r["seed"], r["steps"], list(METHODS).index(r["method"]), r.get("label", ""))
+
+
 def print_tables(results: list, t_step: float) -> None:
     label = lambda r: r.get("label") or r["method"]
+    results = sorted(results, key=_order)
     print(f"\n| M | seed | method | final eval loss | mean last {LAST} evals | vs DP "
           f"| total bytes / replica | vs DP | peak bytes / sync | wall |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(results, key=lambda r: (r["M"], r["seed"], r["steps"])):
+    for r in results:
         dp = _dp_of(r, results)
         rel = _rel(r["last_mean"], dp["last_mean"]) if dp else "n/a"
         ratio = ("1×" if r is dp else f"{dp['total'] / r['total']:.0f}× fewer") if dp else "n/a"
@@ -208,8 +213,9 @@ def print_tables(results: list, t_step: float) -> None:
     print(f"\nTarget: within 2% of data parallel on the mean of the last {LAST} evals")
     print("| M | steps | method | seed | method loss | DP loss | vs DP | within 2% |")
     print("|---|---|---|---|---|---|---|---|")
-    keys = sorted({(r["M"], r["steps"], label(r)) for r in results if r["per_sync"]},
-                  key=lambda k: (k[0], k[1]))
+    keys = list(dict.fromkeys((r["M"], r["steps"], label(r))
+                              for r in sorted(results, key=lambda r: (r["M"], r["steps"]))
+                              if r["per_sync"]))
     for M, steps, lab in keys:
         pairs = [(r, _dp_of(r, results)) for r in results
                  if (r["M"], r["steps"], label(r)) == (M, steps, lab)]
@@ -233,7 +239,7 @@ def print_tables(results: list, t_step: float) -> None:
           + " | Gbit/s for 95% |")
     print("|---|---|" + "---|" * (len(gbits) + 1))
     seen = set()
-    for r in sorted(results, key=lambda r: r["M"]):
+    for r in results:
         key = (r["M"], label(r), r["H"])
         if key in seen:  # bytes do not depend on the seed
             continue
