@@ -260,6 +260,7 @@ def plot(results: list, path: str) -> None:
     Ms = sorted({r["M"] for r in results})
     fig, axes = plt.subplots(1, len(Ms), figsize=(6.5 * len(Ms), 4.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    results = sorted(results, key=_order)
     labels = list(dict.fromkeys(r.get("label") or r["method"] for r in results))
     styles = ["-", "--", ":", "-."]
     for ax, M in zip(axes[0], Ms):
