@@ -2,8 +2,9 @@
 
 Models name the axes of their params and activations (`batch`, `length`, `embed`, `heads`,
 ...) with Flax's own logical partitioning (Linen `nn.with_logical_partitioning` /
-`nn.with_logical_constraint`, NNX `sharding=` metadata); this table says where each name
-lives on the mesh. Changing how a model is sharded is editing data, not code:
+`nn.with_logical_constraint`, NNX `nnx.with_partitioning` / `out_sharding` metadata, which
+`jaxpar.train.model` turns into the same boxed tree as Linen's); this table says where each
+name lives on the mesh. Changing how a model is sharded is editing data, not code:
 
     rules = sharding.rules(diloco=False, overrides={"mlp": None})  # replicate the MLP
 
@@ -77,8 +78,8 @@ def shard_count(spec_: P, mesh: Mesh) -> int:
 
 
 def logical_axes(boxed_tree) -> Any:
-    """Tree of logical-name PartitionSpecs (P() where a param has no annotation), for Linen
-    variables (boxed `LogicallyPartitioned`) or an NNX state with `sharding` metadata."""
+    """Tree of logical-name PartitionSpecs (P() where a param has no annotation) of boxed
+    (`LogicallyPartitioned`) params."""
     return nn.get_partition_spec(boxed_tree)
 
 
