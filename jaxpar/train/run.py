@@ -98,7 +98,9 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     ckpt.close()
 
     final_params = run.eval_params(state)
-    final_eval = evals_seen[-1][1]  # the loop evaluates the last step
+    # the loop evaluates the last step; a finished run started again evaluates here
+    final_eval = (evals_seen[-1][1] if evals_seen
+                  else float(run.eval_loss(final_params, evals)))
     text = ""
     if cfg.eval.sample_bytes:
         text = sample(run, final_params, cfg.eval.prompt, cfg.eval.sample_bytes)
