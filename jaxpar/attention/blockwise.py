@@ -132,20 +132,32 @@ def delta(out_BLHD, dout_BLHD):
 
 # ---------------------------------------------------------------------------------------
 # Tiled attention: the tile primitives above looped over [query tile × key tile] pairs so
-# that no more than one score tile per head is live. Key tiles are the only `lax.scan`;
-# query tiles are Q_TILE_FACTOR times longer and processed all at once (one einsum over
-# the whole query tile), so a shard of up to Q_TILE_FACTOR·DEFAULT_TILE queries is a single
-# scan over its keys. Longer query ranges run their query tiles one after the other
-# (`lax.scan`), keeping the live score tile at most [q tile × key tile] per head.
+# that no more than one score tile per head is live. Within a query tile every query is
+# processed at once (one einsum), the key tiles are a `lax.scan`; query tiles (when there
+# are several) run one after the other, also a `lax.scan`. Tile sizes are per backend:
+# GPUs want big tiles (an H200 ran 2-2.7× faster with 2048 than with 512 tiles), a CPU
+# wants cache-sized ones (256² measured fastest of 128..1024 here, docs/kernels.md).
 
 
-DEFAULT_TILE = 1024  # key-tile length; read at trace time
-Q_TILE_FACTOR = 4  # query tile = Q_TILE_FACTOR × key tile
+DEFAULT_TILE: int | None = None  # key-tile length (None: per backend); read at trace time
+Q_TILE_FACTOR: int | None = None  # query tile = factor × key tile (None: per backend)
+BACKEND_TILES = {"cpu": (256, 1)}  # backend -> (key tile, query-tile factor)
+OTHER_TILES = (1024, 4)  # GPU, TPU: 4096 × 1024 score tiles per head and step
+# Causal blocks by halving (below) or by skipping invisible tiles with `lax.cond`: the same
+# work on CPU, where halving compiles 3× slower; elsewhere halving avoids a cond per tile.
+CAUSAL_HALVING = {"cpu": False}  # backend -> bool (default True)
+
+
+def tile_sizes(block=None):
+    """(query tile, key tile) upper bounds: `block` or DEFAULT_TILE or the backend's."""
+    key_tile, factor = BACKEND_TILES.get(jax.default_backend(), OTHER_TILES)
+    key_tile = block or DEFAULT_TILE or key_tile
+    return (Q_TILE_FACTOR or factor) * key_tile, key_tile
 
 
 def _tile_lens(lq, lk, block):
-    block = block or DEFAULT_TILE
-    return math.gcd(lq, Q_TILE_FACTOR * block), math.gcd(lk, block)
+    q_tile, k_tile = tile_sizes(block)
+    return math.gcd(lq, q_tile), math.gcd(lk, k_tile)
 
 
 def _tiles(x, n):
@@ -248,10 +260,11 @@ def tiled_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, dout, dlt, *, causal, bl
 
 # ---------------------------------------------------------------------------------------
 # The block-pair interface of `kernels` ("xla"): non-causal = every key, causal = query i
-# sees key j ≤ i of an equally long block. A causal block is cut in halves: the two
-# diagonal halves are one causal call on a batch twice as large ([B, 2h] -> [2B, h] is a
-# free reshape), the lower-left quarter one full call; recursing down to one tile computes
-# only the lower triangle (plus half of the diagonal tiles), with every call vectorized.
+# sees key j ≤ i of an equally long block. Causal by halving: the two diagonal halves are
+# one causal call on a batch twice as large ([B, 2h] -> [2B, h] is a free reshape), the
+# lower-left quarter one full call; recursing down to one tile computes only the lower
+# triangle (plus half of the diagonal tiles), every call vectorized, no per-tile branch.
+# Or (CPU default) one tiled call that skips the invisible tiles with `lax.cond`.
 
 
 def _fold(x):
@@ -269,22 +282,25 @@ def _half(x, which):
     return jax.lax.slice_in_dim(x, which * h, (which + 1) * h, axis=1)
 
 
-def _diagonal_only(n, block):
-    return n <= (block or DEFAULT_TILE) or n % 2
+def _diagonal_only(n, block, halving):
+    if halving is None:
+        halving = CAUSAL_HALVING.get(jax.default_backend(), True)
+    return not halving or n <= tile_sizes(block)[1] or n % 2
 
 
-def block_fwd(q, k, v, q_seg, k_seg, *, causal, block=None):
-    """(out fp32, lse fp32) of one block pair (see `kernels.BlockKernel.fwd`)."""
+def block_fwd(q, k, v, q_seg, k_seg, *, causal, block=None, halving=None):
+    """(out fp32, lse fp32) of one block pair (see `kernels.BlockKernel.fwd`). `halving`:
+    causal by halving (True) or by tile skipping (False); None: per backend."""
     if not causal:
         return tiled_fwd(q, k, v, None, None, q_seg, k_seg, causal=False, block=block)
     n = q.shape[1]
     if k.shape[1] != n:
         raise ValueError(f"a causal block pair needs equal lengths; got {n} and {k.shape[1]}")
-    if _diagonal_only(n, block):
+    if _diagonal_only(n, block, halving):
         pos = jnp.arange(n, dtype=jnp.int32)
         return tiled_fwd(q, k, v, pos, pos, q_seg, k_seg, causal=True, block=block)
     out, lse = block_fwd(_fold(q), _fold(k), _fold(v), _fold(q_seg), _fold(k_seg), causal=True,
-                         block=block)
+                         block=block, halving=halving)
     out, lse = _unfold(out), _unfold(lse)
     o_x, l_x = tiled_fwd(_half(q, 1), _half(k, 0), _half(v, 0), None, None, _half(q_seg, 1),
                          _half(k_seg, 0), causal=False, block=block)
@@ -293,19 +309,19 @@ def block_fwd(q, k, v, q_seg, k_seg, *, causal, block=None):
             jnp.concatenate([_half(lse, 0), l1], axis=1))
 
 
-def block_bwd(q, k, v, q_seg, k_seg, lse, dout, dlt, *, causal, block=None):
+def block_bwd(q, k, v, q_seg, k_seg, lse, dout, dlt, *, causal, block=None, halving=None):
     """(dq, dk, dv) fp32 of one block pair from the global lse and delta."""
     if not causal:
         return tiled_bwd(q, k, v, None, None, q_seg, k_seg, lse, dout, dlt, causal=False,
                          block=block)
     n = q.shape[1]
-    if _diagonal_only(n, block):
+    if _diagonal_only(n, block, halving):
         pos = jnp.arange(n, dtype=jnp.int32)
         return tiled_bwd(q, k, v, pos, pos, q_seg, k_seg, lse, dout, dlt, causal=True,
                          block=block)
     dq, dk, dv = (_unfold(g) for g in block_bwd(
         _fold(q), _fold(k), _fold(v), _fold(q_seg), _fold(k_seg), _fold(lse), _fold(dout),
-        _fold(dlt), causal=True, block=block))
+        _fold(dlt), causal=True, block=block, halving=halving))
     dq_x, dk_x, dv_x = tiled_bwd(
         _half(q, 1), _half(k, 0), _half(v, 0), None, None, _half(q_seg, 1), _half(k_seg, 0),
         _half(lse, 1), _half(dout, 1), _half(dlt, 1), causal=False, block=block)
@@ -351,7 +367,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def flash_attention(q_BNHD, k_BNKD, v_BNKD, *, positions_N=None, segment_ids_BN=None,
                     causal: bool = False, block: int | None = None):
     """Memory-bounded attention on one device, with its own flash backward (pure JAX).
-    Key tiles are gcd(N, block) long, query tiles gcd(N, Q_TILE_FACTOR·block). Natural
+    Key tiles are gcd(N, block) long, query tiles gcd(N, factor·block) (`tile_sizes`). Natural
     token order by default; `positions_N` gives each token's position, so any order works
     (causal tiles are then masked, and skipped only where a whole tile is invisible).
     Returns (out fp32, lse fp32); both are differentiable.

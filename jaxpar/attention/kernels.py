@@ -85,19 +85,22 @@ def _check_pair(q, k, v, q_seg, k_seg, causal):
 @dataclasses.dataclass(frozen=True)
 class XlaKernel(BlockKernel):
     """The pure-JAX tiled kernel (`blockwise.block_fwd/block_bwd`). `tile`: key-tile length
-    (default `blockwise.DEFAULT_TILE`, read at trace time); query tiles are
-    `blockwise.Q_TILE_FACTOR` times longer and processed at once."""
+    (default per backend, `blockwise.tile_sizes`, read at trace time); each query tile is
+    processed at once. `halving`: causal blocks by halving recursion (True) or by skipping
+    invisible tiles (False); default per backend (`blockwise.CAUSAL_HALVING`)."""
 
     tile: int | None = None
+    halving: bool | None = None
     name = "xla"
 
     def fwd(self, q, k, v, q_seg, k_seg, *, causal):
         _check_pair(q, k, v, q_seg, k_seg, causal)
-        return blockwise.block_fwd(q, k, v, q_seg, k_seg, causal=causal, block=self.tile)
+        return blockwise.block_fwd(q, k, v, q_seg, k_seg, causal=causal, block=self.tile,
+                                   halving=self.halving)
 
     def bwd(self, q, k, v, q_seg, k_seg, lse, dout, dlt, *, causal):
         return blockwise.block_bwd(q, k, v, q_seg, k_seg, lse, dout, dlt, causal=causal,
-                                   block=self.tile)
+                                   block=self.tile, halving=self.halving)
 
 
 # ---------------------------------------------------------------------------------------
