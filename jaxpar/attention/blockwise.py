@@ -218,44 +218,49 @@ def tiled_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, dout, dlt, *, causal, bl
     """(dq, dk, dv) in fp32 given the final lse and delta = Σ dout·out of these queries."""
     tq, tk = _tile_lens(q.shape[1], k.shape[1], block)
     nq, nk = q.shape[1] // tq, k.shape[1] // tk
-    kv_tiles = (_tiles(k, nk), _tiles(v, nk), _pos_tiles(k_pos, nk), _tiles(k_seg, nk))
+    if nq == nk == 1:
+        mask = make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
+        return attend_bwd(q, k, v, mask, lse, dout, dlt)
+    refs = (q, k, v, lse, dout, dlt)
+    q_tiles = (jnp.arange(nq), _tiles(q, nq), _pos_tiles(q_pos, nq), _tiles(q_seg, nq),
+               _tiles(lse, nq), _tiles(dout, nq), _tiles(dlt, nq))
 
-    def one_query_tile(q_t, qpos_t, qseg_t, lse_t, do_t, dl_t):
-        """This query tile's dq and its contribution to every key's dk, dv."""
-        if nk == 1:
-            mask = make_mask(qpos_t, k_pos, qseg_t, k_seg, causal=causal)
-            return attend_bwd(q_t, k, v, mask, lse_t, do_t, dl_t)
-        refs = (q_t, k, v, lse_t, do_t, dl_t)
-
-        def step(dq, kv):
-            k_t, v_t, kpos_t, kseg_t = kv
-            mask = make_mask(qpos_t, kpos_t, qseg_t, kseg_t, causal=causal)
+    def one_key_tile(dq, ka):
+        # dK/dV of this key tile accumulate over query tiles; dQ accumulates in place in the
+        # carried full-size buffer (FlashAttention-2 order), so no per-tile dQ copies live.
+        k_t, v_t, kpos_t, kseg_t = ka
+        zeros = zeros_like_f32(k_t, *refs)
+        if nq == 1:  # every query at once against this key tile
+            mask = make_mask(q_pos, kpos_t, q_seg, kseg_t, causal=causal)
 
             def work(dq):
-                dq_s, dk_s, dv_s = attend_bwd(q_t, k_t, v_t, mask, lse_t, do_t, dl_t)
-                return dq + dq_s, (dk_s, dv_s)
+                dq_s, dk_t, dv_t = attend_bwd(q, k_t, v_t, mask, lse, dout, dlt)
+                return dq + dq_s, (dk_t, dv_t)
 
-            def skip(dq):
-                return dq, (zeros_like_f32(k_t, *refs), zeros_like_f32(v_t, *refs))
+            return _maybe_skip(causal, q_pos, kpos_t, work, lambda dq: (dq, (zeros, zeros)),
+                               dq)
 
-            return _maybe_skip(causal, qpos_t, kpos_t, work, skip, dq)
+        def step(carry, qa):
+            i, q_t, qpos_t, qseg_t, lse_t, do_t, dl_t = qa
+            mask = make_mask(qpos_t, kpos_t, qseg_t, kseg_t, causal=causal)
 
-        dq, (dk, dv) = jax.lax.scan(step, zeros_like_f32(q_t, *refs), kv_tiles)
-        return dq, _untiles(dk), _untiles(dv)
+            def work(c):
+                dq, dk_acc, dv_acc = c
+                dq_t, dk_t, dv_t = attend_bwd(q_t, k_t, v_t, mask, lse_t, do_t, dl_t)
+                dq = jax.lax.dynamic_update_slice_in_dim(
+                    dq, jax.lax.dynamic_slice_in_dim(dq, i * tq, tq, axis=1) + dq_t, i * tq,
+                    axis=1)
+                return dq, dk_acc + dk_t, dv_acc + dv_t
 
-    if nq == 1:
-        return one_query_tile(q, q_pos, q_seg, lse, dout, dlt)
+            return _maybe_skip(causal, qpos_t, kpos_t, work, lambda c: c, carry), None
 
-    def query_step(carry, qa):  # dK/dV accumulate over query tiles; dQ tiles are outputs
-        dq_t, dk_t, dv_t = one_query_tile(*qa)
-        return (carry[0] + dk_t, carry[1] + dv_t), dq_t
+        (dq, dk_t, dv_t), _ = jax.lax.scan(step, (dq, zeros, zeros), q_tiles)
+        return dq, (dk_t, dv_t)
 
-    refs = (q, k, v, lse, dout, dlt)
-    (dk, dv), dq = jax.lax.scan(
-        query_step, (zeros_like_f32(k, *refs), zeros_like_f32(v, *refs)),
-        (_tiles(q, nq), _pos_tiles(q_pos, nq), _tiles(q_seg, nq), _tiles(lse, nq),
-         _tiles(dout, nq), _tiles(dlt, nq)))
-    return _untiles(dq), dk, dv
+    dq, (dk, dv) = jax.lax.scan(one_key_tile, zeros_like_f32(q, *refs),
+                                (_tiles(k, nk), _tiles(v, nk), _pos_tiles(k_pos, nk),
+                                 _tiles(k_seg, nk)))
+    return dq, _untiles(dk), _untiles(dv)
 
 
 # ---------------------------------------------------------------------------------------
