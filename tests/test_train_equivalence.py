@@ -12,11 +12,11 @@ import optax
 import pytest
 
 from jaxpar.data import pack
-from jaxpar.diloco import replica_grads, streaming_diloco
 from jaxpar.models.transformer import Transformer
 from jaxpar.train.config import Config
 from jaxpar.train.loop import Run, cross_entropy, inner_optimizer
 from jaxpar.train.model import transformer_config
+from train_helpers import reference_diloco
 
 STEPS = 3
 MESHES = {  # impl -> mesh (8 devices)
@@ -115,26 +115,8 @@ def test_diloco_run_equals_library_diloco_on_one_device(tmp_path):
         state, m = run.train_step(state, run.batch(step))
         losses.append(float(m["loss"]))
 
-    d = cfg.diloco
     _, loss_fn = reference_loss(cfg)
-    tx, _ = inner_optimizer(cfg)
-    sd = streaming_diloco(tx, num_replicas=2, sync_every=d.sync_every,
-                          num_fragments=d.num_fragments, overlap_steps=d.overlap_steps,
-                          alpha=d.alpha, outer_optimizer=optax.sgd(0.7, momentum=0.9,
-                                                                   nesterov=True))
-    grad = replica_grads(loss_fn)
-    ref_state = sd.init(g0)
-
-    @jax.jit
-    def ref_step(s, b):
-        loss_M, g_M = grad(s.params, b)
-        return sd.update(g_M, s), loss_M.mean()
-
-    ref = []
-    for step in range(1, steps + 1):
-        b = pack(run.data.replica_batches(step, cfg.train.batch_size, 2), zigzag=1)
-        ref_state, loss = ref_step(ref_state, b)
-        ref.append(float(loss))
+    ref, ref_state = reference_diloco(cfg, run, loss_fn, g0, steps)
     np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
     assert int(state.step) == steps and int(state.pending_fragment) == 0  # fragment 0 synced at t=6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),

@@ -16,9 +16,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import user_models
+from train_helpers import reference_diloco
 from jaxpar import sharding
 from jaxpar.data import pack
-from jaxpar.diloco import replica_grads, streaming_diloco
 from jaxpar.train.__main__ import main
 from jaxpar.train.checkpoint import Checkpointer
 from jaxpar.train.config import Config, load_config
@@ -204,25 +204,8 @@ def test_user_model_diloco_equals_library_diloco(kind, tmp_path):
         state, m = run.train_step(state, run.batch(step))
         losses.append(float(m["loss"]))
 
-    d = cfg.diloco
     g0, apply = reference(cfg, kind)
-    tx, _ = inner_optimizer(cfg)
-    sd = streaming_diloco(tx, num_replicas=2, sync_every=d.sync_every,
-                          num_fragments=d.num_fragments, alpha=d.alpha,
-                          outer_optimizer=optax.sgd(0.7, momentum=0.9, nesterov=True))
-    grad = replica_grads(reference_loss(apply))
-    ref_state = sd.init(g0)
-
-    @jax.jit
-    def ref_step(s, b):
-        loss_M, g_M = grad(s.params, b)
-        return sd.update(g_M, s), loss_M.mean()
-
-    ref = []
-    for step in range(1, steps + 1):
-        b = pack(run.data.replica_batches(step, cfg.train.batch_size, 2), zigzag=1)
-        ref_state, loss = ref_step(ref_state, b)
-        ref.append(float(loss))
+    ref, ref_state = reference_diloco(cfg, run, reference_loss(apply), g0, steps)
     np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
     close(state.global_params, ref_state.global_params, rtol=1e-4, atol=1e-5)
 
