@@ -26,8 +26,9 @@ MESHES = {  # impl -> mesh (8 devices)
     "tokenring": dict(data=2, seq=2, tensor=2),
     "hybrid": dict(seq=2, seq_inner=2, tensor=2),
 }
-FAST = {("dense", "collective_matmul"), ("ulysses", "auto"), ("ring", "none"),
-        ("tokenring", "collective_matmul"), ("hybrid", "none")}
+# the default run: each overlap mode once, and the schedules through TokenRing, Ulysses
+# and the hybrid (whose outer axis is a ring); the other 12 cases are slow
+FAST = {("ulysses", "auto"), ("tokenring", "collective_matmul"), ("hybrid", "none")}
 
 
 def small_config(tmp_path, impl, overlap, mesh, **sections) -> Config:

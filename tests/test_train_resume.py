@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from jaxpar.train.config import load_config
+from jaxpar.train.run import train
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
 
@@ -76,6 +79,7 @@ def check_resume(tmp_path, extra):
         assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_with_diloco(tmp_path):
     # τ=1: a checkpoint at step 4 (fragment 1 synced at t=4) holds a pending merge
     check_resume(tmp_path, ["mesh.replica=2", "mesh.seq=2", "mesh.tensor=2",
@@ -89,3 +93,27 @@ def test_resume_after_sigkill_with_diloco(tmp_path):
 def test_resume_after_sigkill(tmp_path):
     check_resume(tmp_path, ["mesh.data=2", "mesh.seq=2", "mesh.tensor=2",
                             "attention.impl=tokenring", "overlap.mode=collective_matmul"])
+
+
+def test_resume_in_process_from_a_pending_diloco_merge(tmp_path):
+    """The default-run version: a finished run loses its last checkpoint, and the same
+    config resumes from step 4 — where a DiLoCo merge is pending (τ=1) — and recomputes
+    steps 5 and 6 exactly."""
+    args = [a for a in command(tmp_path, [])[4:] if not a.startswith("train.steps")]
+    args += ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3", "eval.every=0",
+             "mesh.replica=2", "mesh.data=4", "attention.impl=dense",
+             "diloco.enabled=true", "diloco.sync_every=4", "diloco.num_fragments=2",
+             "diloco.overlap_steps=1", "diloco.alpha=0.5", "diloco.quantize=fp4_e3m0"]
+    cfg = load_config(ROOT / "configs" / "base.yaml", args)
+    first = train(cfg, quiet=False)
+    before = train_losses(tmp_path)
+    assert sorted(before) == list(range(1, 7))
+    assert finished_checkpoints(tmp_path) == [2, 4, 6]
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    second = train(cfg)
+    after = train_losses(tmp_path)
+    assert sorted(after) == list(range(1, 7))
+    for step in (5, 6):
+        assert abs(before[step] - after[step]) <= 1e-6, (step, before[step], after[step])
+    assert abs(first["final_eval_loss"] - second["final_eval_loss"]) <= 1e-6
