@@ -26,7 +26,8 @@ Bytes: data parallel all-reduces fp32 gradients every step, 2(M−1)/M·4 bytes 
     python scripts/bench_diloco.py --render a.json b.json --plot docs/diloco_trainer_loss.png
 
 `--render` merges JSON files: a variant run (e.g. `--methods fp4 --H 32 --label H=32`) is
-compared with the data-parallel rows of another file with the same M, seed and steps.
+compared with the data-parallel rows of another file with the same M, seed and steps; the
+utilization table uses the smallest t_step of the files (other jobs only inflate it).
 Data parallel evaluates on the same eval windows as DiLoCo (eval.batches = 8/M batches of
 B·M windows = 8 batches of B), so M must divide the eval batch count.
 """
