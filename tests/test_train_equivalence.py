@@ -16,7 +16,7 @@ from jaxpar.models.transformer import Transformer
 from jaxpar.train.config import Config
 from jaxpar.train.loop import Run, cross_entropy, inner_optimizer
 from jaxpar.train.model import transformer_config
-from train_helpers import reference_diloco
+from train_helpers import reference_diloco, run_steps
 
 STEPS = 3
 MESHES = {  # impl -> mesh (8 devices)
@@ -77,10 +77,7 @@ def test_sharded_run_equals_unsharded(impl, overlap, tmp_path):
     assert tuple(q_spec) == (None, "tensor")       # the run really is tensor-sharded
     assert state.params["layers_0"]["q"]["kernel"].sharding.spec == q_spec
 
-    losses = []
-    for step in range(1, STEPS + 1):
-        state, m = run.train_step(state, run.batch(step))
-        losses.append(float(m["loss"]))
+    state, losses = run_steps(run, state, STEPS)
 
     _, loss_fn = reference_loss(cfg)
     tx, _ = inner_optimizer(cfg)
@@ -111,10 +108,7 @@ def test_diloco_run_equals_library_diloco_on_one_device(tmp_path):
     run = Run.create(cfg)
     state = run.init_state()
     g0 = host(state.global_params)
-    losses = []
-    for step in range(1, steps + 1):
-        state, m = run.train_step(state, run.batch(step))
-        losses.append(float(m["loss"]))
+    state, losses = run_steps(run, state, steps)
 
     _, loss_fn = reference_loss(cfg)
     ref, ref_state = reference_diloco(cfg, run, loss_fn, g0, steps)

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import user_models
-from train_helpers import reference_diloco
+from train_helpers import reference_diloco, run_steps
 from jaxpar import sharding
 from jaxpar.data import pack
 from jaxpar.train.__main__ import main
@@ -160,10 +160,7 @@ def test_user_model_zigzag_ring_equals_unsharded(kind, tmp_path):
     run = Run.create(cfg)
     assert run.zigzag == 2
     state = run.init_state()
-    losses = []
-    for step in range(1, STEPS + 1):
-        state, m = run.train_step(state, run.batch(step))
-        losses.append(float(m["loss"]))
+    state, losses = run_steps(run, state, STEPS)
     ref, _ = plain_losses(cfg, run, kind)
     np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
 
@@ -177,10 +174,7 @@ def test_user_model_with_jaxpar_parallel_attention(tmp_path):
     run = Run.create(cfg)
     state = run.init_state()
     p0 = host(state.params)
-    losses = []
-    for step in range(1, STEPS + 1):
-        state, m = run.train_step(state, run.batch(step))
-        losses.append(float(m["loss"]))
+    state, losses = run_steps(run, state, STEPS)
     ref, _ = plain_losses(cfg, run, "linen", start=p0)
     np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
 
@@ -199,10 +193,7 @@ def test_user_model_diloco_equals_library_diloco(kind, tmp_path):
     frags = run.diloco.fragments(state.global_params)
     assert len(frags.layer_names) == 2, frags.layer_names
     assert mlp_kernel(state.params, kind).sharding.spec == P("replica", None, "tensor")
-    losses = []
-    for step in range(1, steps + 1):
-        state, m = run.train_step(state, run.batch(step))
-        losses.append(float(m["loss"]))
+    state, losses = run_steps(run, state, steps)
 
     g0, apply = reference(cfg, kind)
     ref, ref_state = reference_diloco(cfg, run, reference_loss(apply), g0, steps)

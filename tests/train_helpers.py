@@ -29,3 +29,12 @@ def reference_diloco(cfg, run, loss_fn, params0, steps):
         state, loss = step(state, b)
         losses.append(float(loss))
     return losses, state
+
+
+def run_steps(run, state, steps):
+    """(state, per-step losses) of the trainer's compiled step over steps 1..steps."""
+    losses = []
+    for step in range(1, steps + 1):
+        state, m = run.train_step(state, run.batch(step))
+        losses.append(float(m["loss"]))
+    return state, losses

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpar.diloco import quantize as qz
+from jaxpar._spmd import divisors
 from jaxpar.mesh import REPLICA
 from jaxpar.diloco.fragments import Fragments, split_fragments, sync_phase
 
@@ -80,7 +81,7 @@ class StreamingDiLoCo:
         if M < 1 or H < 1 or Pf < 1:
             raise ValueError(f"num_replicas={M}, sync_every={H}, num_fragments={Pf} must all be ≥ 1")
         if H % Pf:
-            divs = [d for d in range(1, H + 1) if H % d == 0]
+            divs = divisors(H)
             raise ValueError(f"sync_every={H} must be divisible by num_fragments={Pf}; valid num_fragments: {divs}")
         if not 0 <= tau < H // Pf:
             raise ValueError(

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from jaxpar._spmd import divisors
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key and the valid choices."""
@@ -263,10 +265,6 @@ def dump(cfg: Config) -> str:
 # ------------------------------------------------------------------------- semantics
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _positive(cfg: Config):
     for key in ("mesh.replica", "mesh.data", "mesh.seq", "mesh.seq_inner", "mesh.tensor",
                 "model.layers", "model.embed", "model.heads", "model.kv_heads", "model.mlp",
@@ -354,7 +352,7 @@ def validate(cfg: Config, device_count: int) -> None:
         if d.sync_every % d.num_fragments:
             raise ConfigError(f"diloco.sync_every={d.sync_every} must be divisible by "
                               f"diloco.num_fragments={d.num_fragments}; valid num_fragments: "
-                              f"{[p for p in _divisors(d.sync_every) if p <= mo.layers]}")
+                              f"{[p for p in divisors(d.sync_every) if p <= mo.layers]}")
         if not mo.module and d.num_fragments > mo.layers:
             raise ConfigError(f"diloco.num_fragments={d.num_fragments} needs at least that many "
                               f"layers (model.layers={mo.layers})")
@@ -375,7 +373,7 @@ def _check_builtin_model(cfg: Config):
     m, mo, a = cfg.mesh, cfg.model, cfg.attention
     if mo.heads % mo.kv_heads:
         raise ConfigError(f"model.heads={mo.heads} must be a multiple of model.kv_heads="
-                          f"{mo.kv_heads}; valid kv_heads: {_divisors(mo.heads)}")
+                          f"{mo.kv_heads}; valid kv_heads: {divisors(mo.heads)}")
     if not mo.head_dim and mo.embed % mo.heads:
         raise ConfigError(f"model.embed={mo.embed} must be divisible by model.heads={mo.heads} "
                           f"(or set model.head_dim)")
@@ -384,7 +382,7 @@ def _check_builtin_model(cfg: Config):
     for key, v in (("model.heads", mo.heads), ("model.kv_heads", mo.kv_heads),
                    ("model.mlp", mo.mlp), ("model.vocab", mo.vocab)):
         if v % m.tensor:
-            valid = [x for x in _divisors(math.gcd(mo.kv_heads, mo.mlp)) if mo.vocab % x == 0]
+            valid = [x for x in divisors(math.gcd(mo.kv_heads, mo.mlp)) if mo.vocab % x == 0]
             raise ConfigError(f"{key}={v} must be divisible by mesh.tensor={m.tensor} "
                               f"(tensor parallelism splits it); mesh.tensor in {valid} would fit")
     h, kh = mo.heads // m.tensor, mo.kv_heads // m.tensor  # heads on one tensor shard
@@ -392,7 +390,7 @@ def _check_builtin_model(cfg: Config):
     if a.impl in ulysses:
         key, p = ulysses[a.impl]
         if h % p or (kh % p and p % kh):
-            valid = [x for x in _divisors(h) if kh % x == 0 or x % kh == 0]
+            valid = [x for x in divisors(h) if kh % x == 0 or x % kh == 0]
             raise ConfigError(
                 f"attention.impl={a.impl} splits the {h} query heads (and {kh} kv heads) of one "
                 f"tensor shard over {key}={p}; {key} in {valid} would fit, or use "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -292,8 +291,3 @@ def sample(run: Run, params, prompt: str, num_bytes: int, *, temperature: float 
             nxt = int(row.argmax())
         text.append(nxt)
     return bytes(text).decode("utf-8", "replace")
-
-
-def timer():
-    t0 = time.perf_counter()
-    return lambda: time.perf_counter() - t0
