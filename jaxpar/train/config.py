@@ -48,8 +48,14 @@ class ModelSection:
     head_dim: int = 0   # 0 = embed // heads
     mlp: int = 384
     vocab: int = 256    # byte-level data: 256
-    rope_base: float = 10_000.0
+    rope_base: float = 10_000.0       # HF rope_theta
+    # HF rope_scaling, e.g. {rope_type: linear, factor: 4.0} (types: docs/hf.md); null = none
+    rope_scaling: dict | None = None
+    max_positions: int = 0            # HF max_position_embeddings (0 = train.seq_len)
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False      # logits from the embedding table (no lm_head)
     dtype: str = "float32"  # compute dtype; params stay fp32
+    init_from: str = ""     # an HF folder: sets the model keys above and starts from its weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +220,9 @@ def _coerce(key: str, value, typ):
                 return float(value)
             except ValueError:
                 pass
+    elif typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -275,13 +284,13 @@ def _positive(cfg: Config):
         v = getattr(getattr(cfg, section), name)
         if v < 1:
             raise ConfigError(f"{key}={v} must be a positive integer (>= 1)")
-    for key in ("model.head_dim", "train.warmup", "checkpoint.every", "eval.every",
-                "eval.sample_bytes", "diloco.overlap_steps", "train.seed"):
+    for key in ("model.head_dim", "model.max_positions", "train.warmup", "checkpoint.every",
+                "eval.every", "eval.sample_bytes", "diloco.overlap_steps", "train.seed"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
-    for key in ("train.lr", "model.rope_base"):
+    for key in ("train.lr", "model.rope_base", "model.rms_norm_eps"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if not v > 0:
@@ -379,10 +388,17 @@ def _check_builtin_model(cfg: Config):
                           f"(or set model.head_dim)")
     if head_dim(cfg) % 2:
         raise ConfigError(f"model.head_dim={head_dim(cfg)} must be even (RoPE rotates pairs)")
+    from jaxpar.models import rope
+
+    try:
+        rope.check(mo.rope_scaling, mo.max_positions or cfg.train.seq_len, "model.rope_scaling")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # (model.vocab need not divide: the table is padded to a multiple of mesh.tensor)
     for key, v in (("model.heads", mo.heads), ("model.kv_heads", mo.kv_heads),
-                   ("model.mlp", mo.mlp), ("model.vocab", mo.vocab)):
+                   ("model.mlp", mo.mlp)):
         if v % m.tensor:
-            valid = [x for x in divisors(math.gcd(mo.kv_heads, mo.mlp)) if mo.vocab % x == 0]
+            valid = divisors(math.gcd(mo.kv_heads, mo.mlp))
             raise ConfigError(f"{key}={v} must be divisible by mesh.tensor={m.tensor} "
                               f"(tensor parallelism splits it); mesh.tensor in {valid} would fit")
     h, kh = mo.heads // m.tensor, mo.kv_heads // m.tensor  # heads on one tensor shard
