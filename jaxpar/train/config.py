@@ -241,6 +241,8 @@ def from_dict(raw: dict) -> Config:
             body = {}
         if not isinstance(body, dict):
             raise ConfigError(f"section {name!r} must be a mapping of keys, got {body!r}")
+        if name == "model" and body.get("init_from"):
+            body = _init_from(body)
         cls = _SECTION_TYPES[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
@@ -253,6 +255,34 @@ def from_dict(raw: dict) -> Config:
             kw[key] = _coerce(f"{name}.{key}", value, hints[key])
         sections[name] = cls(**kw)
     return Config(**sections)
+
+
+_HF_NAMES = {"layers": "num_hidden_layers", "embed": "hidden_size",
+             "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+             "head_dim": "hidden_size/num_attention_heads", "mlp": "intermediate_size",
+             "vocab": "vocab_size", "rope_base": "rope_theta", "rope_scaling": "rope_scaling",
+             "max_positions": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
+             "tie_embeddings": "tie_word_embeddings"}
+
+
+def _init_from(body: dict) -> dict:
+    """The model section with the keys of `model.init_from`'s config.json filled in; a key
+    given explicitly that disagrees with the checkpoint is a ConfigError."""
+    from jaxpar import hf
+
+    path = body["init_from"]
+    try:
+        keys = hf.model_keys(hf.read_config(path))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"model.init_from={path!r}: {e}") from None
+    if body.get("module"):
+        raise ConfigError(f"model.init_from={path!r} loads the built-in decoder; it cannot be "
+                          f"combined with model.module={body['module']!r}")
+    for k, v in keys.items():
+        if k in body and body[k] != v:
+            raise ConfigError(f"model.{k}={body[k]!r} conflicts with model.init_from={path!r} "
+                              f"({_HF_NAMES[k]}={v!r}); drop model.{k} or set it to {v!r}")
+    return {**body, **keys}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
@@ -290,7 +320,10 @@ def _positive(cfg: Config):
         v = getattr(getattr(cfg, section), name)
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
-    for key in ("train.lr", "model.rope_base", "model.rms_norm_eps"):
+    if not cfg.train.lr >= 0:  # 0 is allowed: evaluate or export a model unchanged
+        raise ConfigError(f"train.lr={cfg.train.lr} must be >= 0 (> 0 to train; 0 keeps the "
+                          f"weights)")
+    for key in ("model.rope_base", "model.rms_norm_eps"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if not v > 0:
