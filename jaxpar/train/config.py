@@ -47,7 +47,7 @@ class ModelSection:
     kv_heads: int = 2
     head_dim: int = 0   # 0 = embed // heads
     mlp: int = 384
-    vocab: int = 256    # byte-level data: 256
+    vocab: int = 0      # 0 = the data's (bytes: 256; a prepared dataset: its manifest)
     rope_base: float = 10_000.0
     dtype: str = "float32"  # compute dtype; params stay fp32
 
@@ -95,7 +95,8 @@ class TrainSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    path: str | None = None   # null = the bundled corpus; a text file or a folder
+    path: str | None = None   # null = the bundled corpus; a text file or folder (bytes), or
+    #                           a dataset folder from `python -m jaxpar.data.prepare`
     doc_separator: str = "\n\n"  # documents inside one file (a folder: one per file)
     eval_fraction: float = 0.05
 
@@ -268,14 +269,14 @@ def dump(cfg: Config) -> str:
 def _positive(cfg: Config):
     for key in ("mesh.replica", "mesh.data", "mesh.seq", "mesh.seq_inner", "mesh.tensor",
                 "model.layers", "model.embed", "model.heads", "model.kv_heads", "model.mlp",
-                "model.vocab", "train.steps", "train.batch_size", "train.seq_len",
+                "train.steps", "train.batch_size", "train.seq_len",
                 "train.log_every", "diloco.sync_every", "diloco.num_fragments",
                 "checkpoint.keep", "eval.batches"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 1:
             raise ConfigError(f"{key}={v} must be a positive integer (>= 1)")
-    for key in ("model.head_dim", "train.warmup", "checkpoint.every", "eval.every",
+    for key in ("model.head_dim", "model.vocab", "train.warmup", "checkpoint.every", "eval.every",
                 "eval.sample_bytes", "diloco.overlap_steps", "train.seed"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
@@ -306,6 +307,8 @@ def validate(cfg: Config, device_count: int) -> None:
     from jaxpar.overlap import DIRECTIONS, OVERLAPS
 
     _positive(cfg)
+    _check_data(cfg)
+    cfg = resolve(cfg)
     m, mo, a, d, t = cfg.mesh, cfg.model, cfg.attention, cfg.diloco, cfg.train
     _choice("attention.impl", a.impl, IMPLS)
     _choice("attention.ring_impl", a.ring_impl, ("ring", "tokenring"))
@@ -363,10 +366,37 @@ def validate(cfg: Config, device_count: int) -> None:
             raise ConfigError(f"diloco.alpha={d.alpha} must be in [0, 1]")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1)")
-    if cfg.data.path is not None and not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a text file, a "
-                          f"folder of text files, or data.path=null for the bundled corpus")
     _check_run_dir(t.run_dir)
+
+
+def _check_data(cfg: Config):
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a prepared dataset "
+                          f"folder, a text file, a folder of text files, or data.path=null for "
+                          f"the bundled corpus")
+    data_vocab = _data_vocab(cfg)
+    # larger is fine (a padded vocabulary: tensor parallelism, an imported model); smaller
+    # would put token ids past the embedding
+    if cfg.model.vocab and cfg.model.vocab < data_vocab:
+        raise ConfigError(f"model.vocab={cfg.model.vocab} does not match the data's vocabulary "
+                          f"({data_vocab}, data.path={cfg.data.path!r}); set model.vocab="
+                          f"{data_vocab} (or larger, padded) or leave it unset (0)")
+
+
+def _data_vocab(cfg: Config) -> int:
+    from jaxpar.data.manifest import data_vocab
+
+    try:
+        return data_vocab(cfg.data.path)
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary."""
+    if cfg.model.vocab:
+        return cfg
+    return cfg.replace(model={"vocab": _data_vocab(cfg)})
 
 
 def _check_builtin_model(cfg: Config):
