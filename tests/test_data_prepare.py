@@ -169,7 +169,7 @@ def test_bad_dataset_in_a_run_is_one_line_exit_2(corpus, tmp_path, capsys):
     prep.prepare([corpus], tmp_path / "bpe", train_tokenizer=300, progress=False)
     base = [str(ROOT / "configs/base.yaml"), f"train.run_dir={tmp_path / 'run'}"]
     one_line_error(capsys, train_main, base + [f"data.path={tmp_path / 'bpe'}", "model.vocab=256"],
-                   "model.vocab=256", "300")
+                   "model.vocab=256", ">= 300", "manifest")
     (tmp_path / "half").mkdir()  # what a killed prepare leaves (renamed by hand)
     (tmp_path / "half/train.bin").write_bytes(b"\0" * 64)
     one_line_error(capsys, train_main, base + [f"data.path={tmp_path / 'half'}"],
