@@ -99,19 +99,27 @@ def _check_global(q, k, v, segment_ids):
 
 
 def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis=SEQ,
-                                causal: bool = False, segment_ids=None, ring_impl="ring",
+                                causal: bool = False, segment_ids=None, ring_impl=None,
                                 kernel="auto"):
     """Attention on global arrays in natural token order; returns out[B,N,H,D] likewise.
 
     impl: "dense" (single-device reference), "ulysses", "ring", "tokenring", or "hybrid"
-    with axis=(ring_axis, ulysses_axis), e.g. ("seq", "seq_inner"), and ring_impl "ring" or
-    "tokenring" for the outer axis. kernel: the block kernel ("auto", "xla", "pallas_gpu"
-    or a `kernels.BlockKernel`; ignored by "dense").
+    with axis=(ring_axis, ulysses_axis), e.g. ("seq", "seq_inner"), and ring_impl "ring"
+    (the default) or "tokenring" for the outer axis (a ValueError with any other impl, which
+    would ignore it). mesh: a `jax.sharding.Mesh` (unused by "dense"). kernel: the block
+    kernel ("auto", "xla", "pallas_gpu" or a `kernels.BlockKernel`; ignored by "dense").
     """
     _check_impl(impl)
     _check_global(q_BNHD, k_BNKD, v_BNKD, segment_ids)
+    if ring_impl is not None and impl != "hybrid":
+        raise ValueError(f"ring_impl={ring_impl!r} is only used by impl='hybrid' (got "
+                         f"impl={impl!r}); drop ring_impl or use impl='hybrid'")
     if impl == "dense":
         return dense_attention(q_BNHD, k_BNKD, v_BNKD, causal=causal, segment_ids_BN=segment_ids)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((4,), ('seq',)) "
+                        f"or jaxpar.make_mesh(seq=4)) for impl={impl!r}; got "
+                        f"{type(mesh).__name__}")
     axes = _axes(impl, axis, mesh)
     sizes = [mesh.shape[a] for a in axes]
     total, ring_size = sizes[0] * (sizes[1] if len(sizes) > 1 else 1), sizes[0]
@@ -128,8 +136,8 @@ def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis
         layout.check_zigzag(n, zig)
     spec = P(_spmd.batch_axes(q_BNHD, mesh, axes, b), axes if len(axes) > 1 else axes[0])
     args = [q_BNHD, k_BNKD, v_BNKD] + ([segment_ids] if segment_ids is not None else [])
-    run = _compiled(mesh, spec, impl, axes, causal, zig, ring_impl if impl == "hybrid" else None,
-                    kernels.resolve(kernel))
+    run = _compiled(mesh, spec, impl, axes, causal, zig,
+                    (ring_impl or "ring") if impl == "hybrid" else None, kernels.resolve(kernel))
     return run(*args)
 
 
