@@ -183,15 +183,38 @@ class Run:
                 param_specs=self.param_specs)
             with self.scope():
                 return self.diloco.init(params)
+        with self.scope():
+            opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(params))(params)
+            step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))
+        return TrainState(step, params, opt_state)
+
+    def _opt_shardings(self, params):
+        """The optimizer state's shardings: moments like their params, counters replicated."""
         shardings = sharding.named(self.param_specs, self.mesh)
         abstract = jax.eval_shape(self.tx.init, params)
-        opt_shardings = optax.tree_map_params(
+        return optax.tree_map_params(
             self.tx, lambda _, s: s, abstract, shardings,
             transform_non_params=lambda _: NamedSharding(self.mesh, P()),
             is_leaf=lambda x: isinstance(x, NamedSharding))
+
+    def abstract_state(self):
+        """`init_state`'s shapes, dtypes and shardings (ShapeDtypeStructs), nothing created:
+        `compile_step(run.abstract_state(), batch)` plans the memory of a model that would
+        not fit (scripts/bench_memory.py). Without DiLoCo."""
+        if self.cfg.diloco.enabled:
+            raise ValueError("abstract_state: not available with diloco.enabled")
+        dummy = jax.ShapeDtypeStruct((self.batch_rows(), self.cfg.train.seq_len), jnp.int32)
         with self.scope():
-            opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
-            step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))
+            boxed = jax.eval_shape(self.model.init, jax.random.key(self.cfg.train.seed),
+                                   dummy, dummy, dummy)
+        self.logical = sharding.logical_axes(boxed)
+        self.param_specs = sharding.mesh_specs(self.logical, self.rules)
+        place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        params = jax.tree.map(place, nn.unbox(boxed), sharding.named(self.param_specs,
+                                                                     self.mesh))
+        opt_state = jax.tree.map(place, jax.eval_shape(self.tx.init, params),
+                                 self._opt_shardings(params))
+        step = place(jax.ShapeDtypeStruct((), jnp.int32), NamedSharding(self.mesh, P()))
         return TrainState(step, params, opt_state)
 
     def param_table(self, params) -> list[dict]:
