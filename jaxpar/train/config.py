@@ -47,9 +47,15 @@ class ModelSection:
     kv_heads: int = 2
     head_dim: int = 0   # 0 = embed // heads
     mlp: int = 384
-    vocab: int = 256    # byte-level data: 256
-    rope_base: float = 10_000.0
+    vocab: int = 0      # 0 = the data's (bytes: 256; a prepared dataset: its manifest)
+    rope_base: float = 10_000.0       # HF rope_theta
+    # HF rope_scaling, e.g. {rope_type: linear, factor: 4.0} (types: docs/hf.md); null = none
+    rope_scaling: dict | None = None
+    max_positions: int = 0            # HF max_position_embeddings (0 = train.seq_len)
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False      # logits from the embedding table (no lm_head)
     dtype: str = "float32"  # compute dtype; params stay fp32
+    init_from: str = ""     # an HF folder: sets the model keys above and starts from its weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +102,8 @@ class TrainSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    path: str | None = None   # null = the bundled corpus; a text file or a folder
+    path: str | None = None   # null = the bundled corpus; a text file or folder (bytes), or
+    #                           a dataset folder from `python -m jaxpar.data.prepare`
     doc_separator: str = "\n\n"  # documents inside one file (a folder: one per file)
     eval_fraction: float = 0.05
 
@@ -215,6 +222,9 @@ def _coerce(key: str, value, typ):
                 return float(value)
             except ValueError:
                 pass
+    elif typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -233,6 +243,8 @@ def from_dict(raw: dict) -> Config:
             body = {}
         if not isinstance(body, dict):
             raise ConfigError(f"section {name!r} must be a mapping of keys, got {body!r}")
+        if name == "model" and body.get("init_from"):
+            body = _init_from(body)
         cls = _SECTION_TYPES[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
@@ -245,6 +257,34 @@ def from_dict(raw: dict) -> Config:
             kw[key] = _coerce(f"{name}.{key}", value, hints[key])
         sections[name] = cls(**kw)
     return Config(**sections)
+
+
+_HF_NAMES = {"layers": "num_hidden_layers", "embed": "hidden_size",
+             "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+             "head_dim": "hidden_size/num_attention_heads", "mlp": "intermediate_size",
+             "vocab": "vocab_size", "rope_base": "rope_theta", "rope_scaling": "rope_scaling",
+             "max_positions": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
+             "tie_embeddings": "tie_word_embeddings"}
+
+
+def _init_from(body: dict) -> dict:
+    """The model section with the keys of `model.init_from`'s config.json filled in; a key
+    given explicitly that disagrees with the checkpoint is a ConfigError."""
+    from jaxpar import hf
+
+    path = body["init_from"]
+    try:
+        keys = hf.model_keys(hf.read_config(path))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"model.init_from={path!r}: {e}") from None
+    if body.get("module"):
+        raise ConfigError(f"model.init_from={path!r} loads the built-in decoder; it cannot be "
+                          f"combined with model.module={body['module']!r}")
+    for k, v in keys.items():
+        if k in body and body[k] != v:
+            raise ConfigError(f"model.{k}={body[k]!r} conflicts with model.init_from={path!r} "
+                              f"({_HF_NAMES[k]}={v!r}); drop model.{k} or set it to {v!r}")
+    return {**body, **keys}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
@@ -269,20 +309,24 @@ def dump(cfg: Config) -> str:
 def _positive(cfg: Config):
     for key in ("mesh.replica", "mesh.data", "mesh.seq", "mesh.seq_inner", "mesh.tensor",
                 "model.layers", "model.embed", "model.heads", "model.kv_heads", "model.mlp",
-                "model.vocab", "train.steps", "train.batch_size", "train.seq_len",
+                "train.steps", "train.batch_size", "train.seq_len",
                 "train.log_every", "diloco.sync_every", "diloco.num_fragments",
                 "checkpoint.keep", "eval.batches"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 1:
             raise ConfigError(f"{key}={v} must be a positive integer (>= 1)")
-    for key in ("model.head_dim", "train.warmup", "checkpoint.every", "eval.every",
-                "eval.sample_bytes", "diloco.overlap_steps", "train.seed"):
+    for key in ("model.head_dim", "model.vocab", "model.max_positions", "train.warmup",
+                "checkpoint.every", "eval.every", "eval.sample_bytes", "diloco.overlap_steps",
+                "train.seed"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
-    for key in ("train.lr", "model.rope_base"):
+    if not cfg.train.lr >= 0:  # 0 is allowed: evaluate or export a model unchanged
+        raise ConfigError(f"train.lr={cfg.train.lr} must be >= 0 (> 0 to train; 0 keeps the "
+                          f"weights)")
+    for key in ("model.rope_base", "model.rms_norm_eps"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if not v > 0:
@@ -307,6 +351,8 @@ def validate(cfg: Config, device_count: int) -> None:
     from jaxpar.overlap import DIRECTIONS, OVERLAPS
 
     _positive(cfg)
+    _check_data(cfg)
+    cfg = resolve(cfg)
     m, mo, a, d, t = cfg.mesh, cfg.model, cfg.attention, cfg.diloco, cfg.train
     _choice("attention.impl", a.impl, IMPLS)
     _choice("attention.ring_impl", a.ring_impl, ("ring", "tokenring"))
@@ -364,12 +410,40 @@ def validate(cfg: Config, device_count: int) -> None:
             raise ConfigError(f"diloco.alpha={d.alpha} must be in [0, 1]")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1)")
-    if cfg.data.path is not None and not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a text file, a "
-                          f"folder of text files, or data.path=null for the bundled corpus")
     _check_run_dir(t.run_dir)
     check_ranges(cfg)
     check_byte_corpus(cfg)
+
+
+def _check_data(cfg: Config):
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a prepared dataset "
+                          f"folder, a text file, a folder of text files, or data.path=null for "
+                          f"the bundled corpus")
+    data_vocab = _data_vocab(cfg)
+    # larger is fine (a padded vocabulary: tensor parallelism, an imported model); smaller
+    # would put token ids past the embedding
+    if cfg.model.vocab and cfg.model.vocab < data_vocab:
+        kind = "its manifest" if _prepared(cfg) else "byte-level data has token ids 0..255"
+        raise ConfigError(f"model.vocab={cfg.model.vocab} must be >= {data_vocab}, the data's "
+                          f"vocabulary ({kind}; data.path={cfg.data.path!r}); set model.vocab="
+                          f"{data_vocab} (or larger, padded) or leave it unset (0)")
+
+
+def _data_vocab(cfg: Config) -> int:
+    from jaxpar.data.manifest import data_vocab
+
+    try:
+        return data_vocab(cfg.data.path)
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary."""
+    if cfg.model.vocab:
+        return cfg
+    return cfg.replace(model={"vocab": _data_vocab(cfg)})
 
 
 def _check_builtin_model(cfg: Config):
@@ -382,10 +456,17 @@ def _check_builtin_model(cfg: Config):
                           f"(or set model.head_dim)")
     if head_dim(cfg) % 2:
         raise ConfigError(f"model.head_dim={head_dim(cfg)} must be even (RoPE rotates pairs)")
+    from jaxpar.models import rope
+
+    try:
+        rope.check(mo.rope_scaling, mo.max_positions or cfg.train.seq_len, "model.rope_scaling")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # (model.vocab need not divide: the table is padded to a multiple of mesh.tensor)
     for key, v in (("model.heads", mo.heads), ("model.kv_heads", mo.kv_heads),
-                   ("model.mlp", mo.mlp), ("model.vocab", mo.vocab)):
+                   ("model.mlp", mo.mlp)):
         if v % m.tensor:
-            valid = [x for x in divisors(math.gcd(mo.kv_heads, mo.mlp)) if mo.vocab % x == 0]
+            valid = divisors(math.gcd(mo.kv_heads, mo.mlp))
             raise ConfigError(f"{key}={v} must be divisible by mesh.tensor={m.tensor} "
                               f"(tensor parallelism splits it); mesh.tensor in {valid} would fit")
     h, kh = mo.heads // m.tensor, mo.kv_heads // m.tensor  # heads on one tensor shard
@@ -491,6 +572,8 @@ def check_byte_corpus(cfg: Config) -> None:
     mo, t, frac = cfg.model, cfg.train, cfg.data.eval_fraction
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         return  # reported by validate
+    if _prepared(cfg):
+        return check_token_dataset(cfg)
     if mo.vocab < 256:
         raise ConfigError(f"model.vocab={mo.vocab} must be >= 256: byte-level data has token "
                           f"ids 0..255 (vocab 256)")
@@ -508,3 +591,22 @@ def check_byte_corpus(cfg: Config) -> None:
                           f"bytes of {n}; train.seq_len={t.seq_len} needs at least "
                           f"{t.seq_len + 2} in each split; e.g. data.eval_fraction="
                           f"{max(0.05, round((t.seq_len + 2) * 2 / n, 4))}")
+
+
+def _prepared(cfg: Config) -> bool:
+    from jaxpar.data.manifest import looks_prepared
+
+    return cfg.data.path is not None and looks_prepared(Path(cfg.data.path))
+
+
+def check_token_dataset(cfg: Config) -> None:
+    """A prepared dataset: each split holds at least one window of train.seq_len+1 tokens."""
+    from jaxpar.data.manifest import read_manifest
+
+    splits = read_manifest(cfg.data.path)["splits"]  # readable: validate checked it
+    for name in ("train", "eval"):
+        n = splits[name]["tokens"]
+        if n < cfg.train.seq_len + 1:
+            raise ConfigError(f"data.path={cfg.data.path!r}: the {name} split holds {n} tokens; "
+                              f"train.seq_len={cfg.train.seq_len} needs at least "
+                              f"{cfg.train.seq_len + 1}; use a smaller train.seq_len")
