@@ -18,7 +18,7 @@ import numpy as np
 from jaxpar import sharding
 from jaxpar.bench import machine
 from jaxpar.monitor.steps import StepMonitor
-from jaxpar.train.checkpoint import Checkpointer
+from jaxpar.train.checkpoint import Checkpointer, layout_meta
 from jaxpar.train.config import Config, dump
 from jaxpar.train.loop import Run, peak_tflops, sample
 from jaxpar.train.metrics import MetricsWriter
@@ -52,7 +52,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     start = latest or 0
     writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, enabled=lead)
     if latest is not None:
-        state, meta = ckpt.restore(start, state)
+        state, meta = ckpt.restore(start, state, expect=layout_meta(cfg))
         writer.print(f"resumed from {run_dir}/checkpoints step {start} "
                      f"(data position: step {meta['data_step']})")
     else:
@@ -97,7 +97,8 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
                               "eval_bpb": run.data.bits_per_byte(loss)})
                 evals_seen.append([step, loss])
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
-                ckpt.save(step, state, {"data_step": step, "seed": cfg.train.seed})
+                ckpt.save(step, state, {"data_step": step, "seed": cfg.train.seed,
+                                        **layout_meta(cfg)})
             busy += time.perf_counter() - t0
     ckpt.wait()
     ckpt.close()
