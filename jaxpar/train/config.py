@@ -99,6 +99,7 @@ class TrainSection:
     run_dir: str = "runs/default"
     log_every: int = 10
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
+    hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 3; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,6 +556,9 @@ def check_ranges(cfg: Config) -> None:
                           f"(AdamW scales params by 1 - lr·weight_decay each step)")
     if t.seed >= SEED_LIMIT:
         raise ConfigError(f"train.seed={t.seed} must be < 2**63")
+    if t.hang_timeout_s < 0:
+        raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 = no hang "
+                          f"watchdog)")
     if t.peak_tflops < 0:
         raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look up the "
                           f"device kind)")
