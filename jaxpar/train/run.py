@@ -47,9 +47,10 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     if lead:
         _write_run_files(run, run_dir, params_for_table)
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep)
-    start = ckpt.latest_step() or 0
+    latest = ckpt.latest_step()  # step 0: a checkpoint written by `jaxpar-convert from-hf`
+    start = latest or 0
     writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, enabled=lead)
-    if start:
+    if latest is not None:
         state, meta = ckpt.restore(start, state)
         writer.print(f"resumed from {run_dir}/checkpoints step {start} "
                      f"(data position: step {meta['data_step']})")
