@@ -46,6 +46,11 @@ def test_init_from_sets_the_model_section(tmp_path):
     assert m.rope_base == 500000.0 and m.rms_norm_eps == 1e-6 and m.tie_embeddings
     assert m.rope_scaling == R.SCALINGS["yarn"] and m.max_positions == 16
     assert cfg.replace(train={"steps": 3}).model == m  # resolved keys are consistent
+    # context extension: rope_scaling / rope_base override the checkpoint's
+    ext = load_config(None, [f"model.init_from={tmp_path}", "model.rope_base=1e6",
+                             "model.rope_scaling={rope_type: linear, factor: 8.0}"])
+    assert ext.model.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert ext.model.rope_base == 1e6 and ext.model.layers == 2
 
 
 def test_init_from_conflicting_key_is_one_line_exit_2(tmp_path, capsys):
