@@ -46,7 +46,8 @@ def main(out_json: str = "docs/hf_demo.json") -> None:
     convert.main(["to-hf", str(ROOT / "base"), str(ROOT / "base_hf")])
     hf = str(ROOT / "base_hf")
     results["base_hf_config"] = json.loads((ROOT / "base_hf" / "config.json").read_text())
-    # 2. the imported model at 4x its context (model keys from its config.json), before any training (train.lr=0, one step)
+    # 2. the imported model (model keys from its config.json) at 4x its context, before any
+    # training (train.lr=0, one step)
     frozen = [f"model.init_from={hf}", "train.lr=0", "train.steps=1", "eval.every=0"]
     results["runs"].append(run("at_4x_no_scaling", frozen + LONG_MESH))
     results["runs"].append(run("at_4x_linear", frozen + LONG_MESH + [LINEAR4]))
