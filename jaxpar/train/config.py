@@ -470,9 +470,6 @@ def _check_stacking(cfg: Config):
         raise ConfigError(f"model.scan_layers=true stacks all layers into one param tree, which "
                           f"Streaming DiLoCo cannot split by layer; use diloco.num_fragments=1 "
                           f"(got {d.num_fragments}) or model.scan_layers=false")
-    if mo.scan_layers and mo.init_from:
-        raise ConfigError(f"model.scan_layers=true with model.init_from={mo.init_from!r}: HF "
-                          f"weights load into the per-layer layout; use model.scan_layers=false")
 
 
 def _check_builtin_model(cfg: Config):
