@@ -62,7 +62,7 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSection:
-    impl: str = "dense"     # dense | ulysses | ring | tokenring | hybrid
+    impl: str = "dense"     # dense | ulysses | ring | tokenring | hybrid | auto
     ring_impl: str = "ring"  # hybrid's outer (seq) axis: ring | tokenring
 
 
@@ -449,10 +449,13 @@ def _data_vocab(cfg: Config) -> int:
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary."""
-    if cfg.model.vocab:
-        return cfg
-    return cfg.replace(model={"vocab": _data_vocab(cfg)})
+    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary;
+    attention.impl=auto -> the schedule the cost model picks (`attention_choice`)."""
+    from jaxpar.train.attention_choice import resolve as resolve_attention
+
+    if not cfg.model.vocab:
+        cfg = cfg.replace(model={"vocab": _data_vocab(cfg)})
+    return resolve_attention(cfg)[0]
 
 
 def _check_stacking(cfg: Config):
