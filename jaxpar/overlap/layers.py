@@ -10,6 +10,15 @@ so the all-gather and reduce-scatter sit right next to matmuls: the collective m
 hide them. The layers take and return GLOBAL arrays and call `shard_map` themselves, with
 params annotated by `nn.with_partitioning` (kernel (None, tensor) / (tensor, None)).
 
+FSDP: when the rules in scope (`nn.logical_axis_rules`) also shard a kernel's other dim
+(`embed -> fsdp`), the kernel enters the shard_map sharded as stored and is all-gathered
+over those axes inside it, right before its matmul. The transpose of that `all_gather` is a
+`psum_scatter`, so the backward reduce-scatters the kernel's gradient (XLA on its own, with
+the gather outside the shard_map, all-reduces the full gradient and slices it); the kernel
+is first cast varying over the other batch/sequence axes, so their all-reduce runs on the
+1/fsdp shard, after the reduce-scatter. XLA's scheduler may start the gather early, under the
+previous layer's compute (async collectives on GPU/TPU).
+
 overlap:
   "none"               plain all_gather / psum_scatter + one matmul (first-class path: the
                        right choice for small matmuls, few devices, or backends that cannot
@@ -27,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxpar._spmd import vary_over
 from jaxpar.mesh import TENSOR
 from jaxpar.overlap import collective_matmul as cm
 from jaxpar.overlap import cost_model
@@ -87,6 +97,30 @@ class _TPDense(nn.Module):
                                                                           physical))
         return self.param("kernel", init, shape, self.param_dtype)
 
+    def _gather_axes(self, dim: int) -> tuple[str, ...]:
+        """Mesh axes (FSDP) the rules in scope put on kernel dim `dim`, the one that is not
+        the tensor-parallel dim; () without rules or logical kernel names."""
+        if self.kernel_axes is None or not nn.get_logical_axis_rules():
+            return ()
+        entry = nn.logical_to_mesh_axes(tuple(self.kernel_axes))[dim]
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        return tuple(a for a in axes if self.mesh.shape[a] > 1)
+
+    def _kernel_io(self, dim: int, physical: tuple, lead: tuple):
+        """(kernel in_spec, local fn gathering dim `dim` of the kernel inside the shard_map)."""
+        axes = self._gather_axes(dim)
+        if not axes:
+            return P(*physical), lambda w: w
+        spec = list(physical)
+        spec[dim] = axes[0] if len(axes) == 1 else axes
+        others = {a for e in (*lead, *self.seq_axes) for a in ((e,) if isinstance(e, str)
+                                                              else (e or ()))} - set(axes)
+
+        def gather(w):
+            w = vary_over(w, others)  # their all-reduce then runs on the 1/fsdp shard
+            return jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+        return P(*spec), gather
+
     def _check(self, x, what: str):
         p = self._size()
         for a in self.seq_axes:
@@ -114,9 +148,11 @@ class ColumnParallelDense(_TPDense):
         kernel = self._kernel((e, self.features), (None, self.axis))
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         lead = _leading_spec(x.ndim, self.batch_axes)
-        x_spec, k_spec = P(*lead, self._n_spec(True), None), P(None, self.axis)
+        x_spec = P(*lead, self._n_spec(True), None)
+        k_spec, gather = self._kernel_io(0, (None, self.axis), lead)
 
         def local(x, w):
+            w = gather(w)
             m = x.size // x.shape[-1] * p  # gathered rows on this device
             overlap, direction = resolve_overlap(self.overlap, self.direction,
                                                  "all_gather_matmul", m, e, w.shape[1], p,
@@ -147,8 +183,10 @@ class RowParallelDense(_TPDense):
         kernel = self._kernel((f, self.features), (self.axis, None))
         dtype = self.dtype or jnp.result_type(h.dtype, self.param_dtype)
         lead = _leading_spec(h.ndim, self.batch_axes)
+        k_spec, gather = self._kernel_io(1, (self.axis, None), lead)
 
         def local(h, w):
+            w = gather(w)
             m = h.size // h.shape[-1]
             overlap, direction = resolve_overlap(self.overlap, self.direction,
                                                  "matmul_reduce_scatter", m, w.shape[0],
@@ -157,7 +195,7 @@ class RowParallelDense(_TPDense):
                                                            direction=direction)
 
         y = jax.shard_map(local, mesh=self.mesh,
-                          in_specs=(P(*lead, self._n_spec(False), self.axis), P(self.axis, None)),
+                          in_specs=(P(*lead, self._n_spec(False), self.axis), k_spec),
                           out_specs=P(*lead, self._n_spec(True), None))(h.astype(dtype),
                                                                kernel.astype(dtype))
         if self.use_bias:
