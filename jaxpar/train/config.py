@@ -48,9 +48,15 @@ class ModelSection:
     kv_heads: int = 2
     head_dim: int = 0   # 0 = embed // heads
     mlp: int = 384
-    vocab: int = 256    # byte-level data: 256
-    rope_base: float = 10_000.0
+    vocab: int = 0      # 0 = the data's (bytes: 256; a prepared dataset: its manifest)
+    rope_base: float = 10_000.0       # HF rope_theta
+    # HF rope_scaling, e.g. {rope_type: linear, factor: 4.0} (types: docs/hf.md); null = none
+    rope_scaling: dict | None = None
+    max_positions: int = 0            # HF max_position_embeddings (0 = train.seq_len)
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False      # logits from the embedding table (no lm_head)
     dtype: str = "float32"  # compute dtype; params stay fp32
+    init_from: str = ""     # an HF folder: sets the model keys above and starts from its weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +110,8 @@ class ShardingSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    path: str | None = None   # null = the bundled corpus; a text file or a folder
+    path: str | None = None   # null = the bundled corpus; a text file or folder (bytes), or
+    #                           a dataset folder from `python -m jaxpar.data.prepare`
     doc_separator: str = "\n\n"  # documents inside one file (a folder: one per file)
     eval_fraction: float = 0.05
 
@@ -255,6 +262,8 @@ def from_dict(raw: dict) -> Config:
             body = {}
         if not isinstance(body, dict):
             raise ConfigError(f"section {name!r} must be a mapping of keys, got {body!r}")
+        if name == "model" and body.get("init_from"):
+            body = _init_from(body)
         cls = _SECTION_TYPES[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
@@ -267,6 +276,34 @@ def from_dict(raw: dict) -> Config:
             kw[key] = _coerce(f"{name}.{key}", value, hints[key])
         sections[name] = cls(**kw)
     return Config(**sections)
+
+
+_HF_NAMES = {"layers": "num_hidden_layers", "embed": "hidden_size",
+             "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+             "head_dim": "hidden_size/num_attention_heads", "mlp": "intermediate_size",
+             "vocab": "vocab_size", "rope_base": "rope_theta", "rope_scaling": "rope_scaling",
+             "max_positions": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
+             "tie_embeddings": "tie_word_embeddings"}
+
+
+def _init_from(body: dict) -> dict:
+    """The model section with the keys of `model.init_from`'s config.json filled in; a key
+    given explicitly that disagrees with the checkpoint is a ConfigError."""
+    from jaxpar import hf
+
+    path = body["init_from"]
+    try:
+        keys = hf.model_keys(hf.read_config(path))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"model.init_from={path!r}: {e}") from None
+    if body.get("module"):
+        raise ConfigError(f"model.init_from={path!r} loads the built-in decoder; it cannot be "
+                          f"combined with model.module={body['module']!r}")
+    for k, v in keys.items():
+        if k in body and body[k] != v:
+            raise ConfigError(f"model.{k}={body[k]!r} conflicts with model.init_from={path!r} "
+                              f"({_HF_NAMES[k]}={v!r}); drop model.{k} or set it to {v!r}")
+    return {**body, **keys}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
@@ -293,20 +330,24 @@ def dump(cfg: Config) -> str:
 def _positive(cfg: Config):
     for key in ("mesh.replica", "mesh.data", "mesh.fsdp", "mesh.seq", "mesh.seq_inner",
                 "mesh.tensor", "model.layers", "model.embed", "model.heads", "model.kv_heads",
-                "model.mlp", "model.vocab", "train.steps", "train.batch_size", "train.seq_len",
+                "model.mlp", "train.steps", "train.batch_size", "train.seq_len",
                 "train.log_every", "train.microbatches", "diloco.sync_every",
                 "diloco.num_fragments", "checkpoint.keep", "eval.batches"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 1:
             raise ConfigError(f"{key}={v} must be a positive integer (>= 1)")
-    for key in ("model.head_dim", "train.warmup", "checkpoint.every", "eval.every",
-                "eval.sample_bytes", "diloco.overlap_steps", "train.seed"):
+    for key in ("model.head_dim", "model.vocab", "model.max_positions", "train.warmup",
+                "checkpoint.every", "eval.every", "eval.sample_bytes", "diloco.overlap_steps",
+                "train.seed"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
-    for key in ("train.lr", "model.rope_base"):
+    if not cfg.train.lr >= 0:  # 0 is allowed: evaluate or export a model unchanged
+        raise ConfigError(f"train.lr={cfg.train.lr} must be >= 0 (> 0 to train; 0 keeps the "
+                          f"weights)")
+    for key in ("model.rope_base", "model.rms_norm_eps"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if not v > 0:
@@ -331,6 +372,8 @@ def validate(cfg: Config, device_count: int) -> None:
     from jaxpar.overlap import DIRECTIONS, OVERLAPS
 
     _positive(cfg)
+    _check_data(cfg)
+    cfg = resolve(cfg)
     m, mo, a, d, t = cfg.mesh, cfg.model, cfg.attention, cfg.diloco, cfg.train
     _choice("attention.impl", a.impl, IMPLS)
     _choice("attention.ring_impl", a.ring_impl, ("ring", "tokenring"))
@@ -398,10 +441,40 @@ def validate(cfg: Config, device_count: int) -> None:
             raise ConfigError(f"diloco.alpha={d.alpha} must be in [0, 1]")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1)")
-    if cfg.data.path is not None and not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a text file, a "
-                          f"folder of text files, or data.path=null for the bundled corpus")
     _check_run_dir(t.run_dir)
+    check_ranges(cfg)
+    check_byte_corpus(cfg)
+
+
+def _check_data(cfg: Config):
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a prepared dataset "
+                          f"folder, a text file, a folder of text files, or data.path=null for "
+                          f"the bundled corpus")
+    data_vocab = _data_vocab(cfg)
+    # larger is fine (a padded vocabulary: tensor parallelism, an imported model); smaller
+    # would put token ids past the embedding
+    if cfg.model.vocab and cfg.model.vocab < data_vocab:
+        kind = "its manifest" if _prepared(cfg) else "byte-level data has token ids 0..255"
+        raise ConfigError(f"model.vocab={cfg.model.vocab} must be >= {data_vocab}, the data's "
+                          f"vocabulary ({kind}; data.path={cfg.data.path!r}); set model.vocab="
+                          f"{data_vocab} (or larger, padded) or leave it unset (0)")
+
+
+def _data_vocab(cfg: Config) -> int:
+    from jaxpar.data.manifest import data_vocab
+
+    try:
+        return data_vocab(cfg.data.path)
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary."""
+    if cfg.model.vocab:
+        return cfg
+    return cfg.replace(model={"vocab": _data_vocab(cfg)})
 
 
 def _check_builtin_model(cfg: Config):
@@ -414,10 +487,17 @@ def _check_builtin_model(cfg: Config):
                           f"(or set model.head_dim)")
     if head_dim(cfg) % 2:
         raise ConfigError(f"model.head_dim={head_dim(cfg)} must be even (RoPE rotates pairs)")
+    from jaxpar.models import rope
+
+    try:
+        rope.check(mo.rope_scaling, mo.max_positions or cfg.train.seq_len, "model.rope_scaling")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # (model.vocab need not divide: the table is padded to a multiple of mesh.tensor)
     for key, v in (("model.heads", mo.heads), ("model.kv_heads", mo.kv_heads),
-                   ("model.mlp", mo.mlp), ("model.vocab", mo.vocab)):
+                   ("model.mlp", mo.mlp)):
         if v % m.tensor:
-            valid = [x for x in divisors(math.gcd(mo.kv_heads, mo.mlp)) if mo.vocab % x == 0]
+            valid = divisors(math.gcd(mo.kv_heads, mo.mlp))
             raise ConfigError(f"{key}={v} must be divisible by mesh.tensor={m.tensor} "
                               f"(tensor parallelism splits it); mesh.tensor in {valid} would fit")
     if "embed" not in cfg.sharding.rules and mo.embed % m.fsdp:
@@ -450,3 +530,116 @@ def _check_run_dir(run_dir: str):
     except OSError as e:
         raise ConfigError(f"train.run_dir={run_dir!r} is not writable ({e.strerror} in {probe}); "
                           f"choose another train.run_dir") from None
+
+
+# ------------------------------------------------------------------------- value ranges
+# Values that parse and fit the mesh but would train garbage or fail after compiling.
+
+SEED_LIMIT = 2**63  # numpy and jax.random take seeds below this
+
+
+def _in(key: str, v: float, lo: float, hi: float, *, lo_open=False, hi_open=False, why=""):
+    lo_ok = v > lo if lo_open else v >= lo
+    hi_ok = v < hi if hi_open else v <= hi
+    if not (lo_ok and hi_ok):
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ConfigError(f"{key}={v} must be in {rng}{why}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Optimizer, schedule, DiLoCo outer step, eval and sampling settings."""
+    for section, cls in _SECTION_TYPES.items():  # .nan / .inf read from YAML
+        for f in dataclasses.fields(cls):
+            v = getattr(getattr(cfg, section), f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section}.{f.name}={v} must be a finite number")
+    t, d, e, a = cfg.train, cfg.diloco, cfg.eval, cfg.attention
+    if not t.clip > 0:
+        raise ConfigError(f"train.clip={t.clip} must be > 0 (the global gradient-norm bound; "
+                          f"0 zeroes every update, a negative one reverses it)")
+    _in("train.b2", t.b2, 0.0, 1.0, hi_open=True, why=" (Adam's second-moment decay)")
+    _in("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, why=" (final lr / train.lr)")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if t.lr * t.weight_decay >= 1:
+        raise ConfigError(f"train.lr·weight_decay={t.lr * t.weight_decay:g} must be < 1 "
+                          f"(AdamW scales params by 1 - lr·weight_decay each step)")
+    if t.seed >= SEED_LIMIT:
+        raise ConfigError(f"train.seed={t.seed} must be < 2**63")
+    if t.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look up the "
+                          f"device kind)")
+    if not d.outer_lr > 0:
+        raise ConfigError(f"diloco.outer_lr={d.outer_lr} must be > 0")
+    _in("diloco.outer_momentum", d.outer_momentum, 0.0, 1.0, hi_open=True,
+        why=" (Nesterov momentum of the outer SGD; 0 = none)")
+    if a.impl != "hybrid" and a.ring_impl != "ring":
+        raise ConfigError(f"attention.ring_impl={a.ring_impl!r} is only used by "
+                          f"attention.impl=hybrid (got attention.impl={a.impl!r}); remove it "
+                          f"or set attention.impl=hybrid")
+    if cfg.overlap.mode == "none" and cfg.overlap.direction != "uni":
+        raise ConfigError(f"overlap.direction={cfg.overlap.direction!r} is only used with "
+                          f"overlap.mode=collective_matmul or auto (got overlap.mode='none')")
+    if e.sample_bytes and not e.prompt:
+        raise ConfigError(f"eval.prompt='' leaves nothing to continue; give a prompt or set "
+                          f"eval.sample_bytes=0 (got eval.sample_bytes={e.sample_bytes})")
+
+
+def corpus_bytes(path: str | None, separator: str) -> int:
+    """Length in bytes of the byte corpus `data.path` names (sizes only, nothing read)."""
+    from jaxpar.data import DEFAULT_CORPUS
+
+    p = Path(path) if path is not None else DEFAULT_CORPUS
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+        if not files:
+            raise ConfigError(f"data.path={path!r} is an empty folder; give a text file or a "
+                              f"folder of text files")
+        return sum(f.stat().st_size for f in files) + len(separator.encode()) * (len(files) - 1)
+    return p.stat().st_size
+
+
+def check_byte_corpus(cfg: Config) -> None:
+    """The byte-level corpus: big enough for the train and eval splits, and a vocab that
+    holds every byte. (A tokenized data source adds its own check here.)"""
+    mo, t, frac = cfg.model, cfg.train, cfg.data.eval_fraction
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        return  # reported by validate
+    if _prepared(cfg):
+        return check_token_dataset(cfg)
+    if mo.vocab < 256:
+        raise ConfigError(f"model.vocab={mo.vocab} must be >= 256: byte-level data has token "
+                          f"ids 0..255 (vocab 256)")
+    n = corpus_bytes(cfg.data.path, cfg.data.doc_separator)
+    need = 20 * (t.seq_len + 1)
+    if n < need:
+        raise ConfigError(f"data.path={cfg.data.path!r} holds {n} bytes; train.seq_len="
+                          f"{t.seq_len} needs at least 20·(seq_len+1)={need}; use a bigger "
+                          f"corpus or a smaller train.seq_len")
+    n_eval = n - int(n * (1 - frac))  # the split ByteData.load makes
+    n_train = n - n_eval
+    if n_eval < t.seq_len + 2 or n_train < t.seq_len + 2:
+        small = "eval" if n_eval < t.seq_len + 2 else "train"
+        raise ConfigError(f"data.eval_fraction={frac} leaves {min(n_eval, n_train)} {small} "
+                          f"bytes of {n}; train.seq_len={t.seq_len} needs at least "
+                          f"{t.seq_len + 2} in each split; e.g. data.eval_fraction="
+                          f"{max(0.05, round((t.seq_len + 2) * 2 / n, 4))}")
+
+
+def _prepared(cfg: Config) -> bool:
+    from jaxpar.data.manifest import looks_prepared
+
+    return cfg.data.path is not None and looks_prepared(Path(cfg.data.path))
+
+
+def check_token_dataset(cfg: Config) -> None:
+    """A prepared dataset: each split holds at least one window of train.seq_len+1 tokens."""
+    from jaxpar.data.manifest import read_manifest
+
+    splits = read_manifest(cfg.data.path)["splits"]  # readable: validate checked it
+    for name in ("train", "eval"):
+        n = splits[name]["tokens"]
+        if n < cfg.train.seq_len + 1:
+            raise ConfigError(f"data.path={cfg.data.path!r}: the {name} split holds {n} tokens; "
+                              f"train.seq_len={cfg.train.seq_len} needs at least "
+                              f"{cfg.train.seq_len + 1}; use a smaller train.seq_len")

@@ -56,9 +56,16 @@ def parallel(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Parallel:
 
 def transformer_config(cfg: Config) -> TransformerConfig:
     m = cfg.model
-    return TransformerConfig(vocab=m.vocab, layers=m.layers, embed=m.embed, heads=m.heads,
+    # vocab 0 (not resolved from the data: a model built without Run.create) = bytes
+    vocab = m.vocab or 256
+    tensor = cfg.mesh.tensor  # a vocab the tensor axis does not divide is padded (and masked)
+    return TransformerConfig(vocab=vocab, layers=m.layers, embed=m.embed, heads=m.heads,
                              kv_heads=m.kv_heads, head_dim=head_dim(cfg), mlp=m.mlp,
-                             rope_base=m.rope_base, dtype=m.dtype)
+                             rope_base=m.rope_base, dtype=m.dtype,
+                             rope_scaling=tuple(sorted((m.rope_scaling or {}).items())),
+                             max_positions=m.max_positions or cfg.train.seq_len,
+                             norm_eps=m.rms_norm_eps, tie_embeddings=m.tie_embeddings,
+                             padded_vocab=-(-vocab // tensor) * tensor)
 
 
 def _close(word: str, names) -> str:

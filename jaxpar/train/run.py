@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     """Run (or resume) the configured training; returns the summary dict."""
     lead = jax.process_index() == 0 and not quiet
     run = Run.create(cfg, devices)
+    cfg = run.cfg  # resolved (model.vocab from the data)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = run.init_state()
@@ -47,9 +47,10 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     if lead:
         _write_run_files(run, run_dir, params_for_table)
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep)
-    start = ckpt.latest_step() or 0
+    latest = ckpt.latest_step()  # step 0: a checkpoint written by `jaxpar-convert from-hf`
+    start = latest or 0
     writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, enabled=lead)
-    if start:
+    if latest is not None:
         state, meta = ckpt.restore(start, state)
         writer.print(f"resumed from {run_dir}/checkpoints step {start} "
                      f"(data position: step {meta['data_step']})")
@@ -89,7 +90,8 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         t0 = time.perf_counter()
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
             loss = float(run.eval_loss(run.eval_params(state), evals))
-            writer.write({"step": step, "eval_loss": loss, "eval_bpb": loss / math.log(2)})
+            writer.write({"step": step, "eval_loss": loss,
+                          "eval_bpb": run.data.bits_per_byte(loss)})
             evals_seen.append([step, loss])
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
             ckpt.save(step, state, {"data_step": step, "seed": cfg.train.seed})
@@ -106,7 +108,8 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         text = sample(run, final_params, cfg.eval.prompt, cfg.eval.sample_bytes)
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
     summary = {
-        "steps": steps, "final_eval_loss": final_eval, "final_eval_bpb": final_eval / math.log(2),
+        "steps": steps, "final_eval_loss": final_eval,
+        "final_eval_bpb": run.data.bits_per_byte(final_eval),
         "tokens_per_s": float(np.median(rates)) if rates else None,
         "step_time_s": run.tokens_per_step() / float(np.median(rates)) if rates else None,
         "evals": evals_seen,  # [step, eval loss] of this process's run (after a resume: since)
@@ -119,7 +122,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         summary["diloco_bytes"] = run.diloco.bytes_report(final_params, steps)
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        writer.print(f"done: eval loss {final_eval:.4f} ({final_eval / math.log(2):.3f} bits/byte)"
+        writer.print(f"done: eval loss {final_eval:.4f} ({summary['final_eval_bpb']:.3f} bits/byte)"
                      + (f", {summary['tokens_per_s']:.0f} tokens/s" if rates else ""))
         if text:
             writer.print(f"sample: {text!r}")
