@@ -135,7 +135,7 @@ class _TPDense(nn.Module):
             return ()
         entry = nn.logical_to_mesh_axes(tuple(self.kernel_axes))[dim]
         axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        return tuple(a for a in axes if self.mesh.shape[a] > 1)
+        return tuple(a for a in axes if self.mesh.shape.get(a, 1) > 1)
 
     def _kernel_io(self, dim: int, physical: tuple, lead: tuple):
         """(kernel in_spec, local fn gathering dim `dim` of the kernel inside the shard_map)."""
