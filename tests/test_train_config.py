@@ -30,8 +30,8 @@ def test_inheritance_and_overrides(tmp_path):
 def test_shipped_configs_are_valid():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        if cfg.mesh.replica * cfg.mesh.data * cfg.mesh.seq * cfg.mesh.seq_inner \
-                * cfg.mesh.tensor == 8:
+        if cfg.mesh.replica * cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.seq \
+                * cfg.mesh.seq_inner * cfg.mesh.tensor == 8:
             validate(cfg, 8)
 
 
