@@ -41,6 +41,7 @@ DEFAULT_RULES: Rules = (
     ("vocab", TENSOR),
     ("embed", FSDP),                               # ZeRO-3: params (not activations) on fsdp
     ("head_dim", None),
+    ("layers", None),                              # nn.scan's stacked-layers axis
 )
 
 

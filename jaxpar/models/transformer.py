@@ -14,7 +14,9 @@ mesh). Given a `Parallel` (a mesh, the rules, the attention impl and the overlap
 Without a mesh the same params (same names and shapes) run as plain Dense layers and
 `attention_fn(q_BNHD, k_BNKD, v_BNKD, segment_ids_BN, positions_BN)` (default: causal
 softmax on positions): the unsharded reference. Layers are named `layers_0 ...
-layers_{L-1}`, which is how Streaming DiLoCo finds its fragments.
+layers_{L-1}`, which is how Streaming DiLoCo finds its fragments; with `scan_layers` they
+are one stacked `layers` subtree instead, and `remat` picks a rematerialization policy
+(`jaxpar.models.blocks`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from jaxpar import sharding
 from jaxpar.attention import attention as sp_attention
 from jaxpar.attention.blockwise import flash_attention
 from jaxpar.mesh import TENSOR
+from jaxpar.models import blocks
 from jaxpar.models import rope as rope_lib
 from jaxpar.overlap import ColumnParallelDense, RowParallelDense
 
@@ -51,6 +54,8 @@ class TransformerConfig:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; params stay fp32
+    remat: str = "none"      # jaxpar.models.blocks.REMAT_POLICIES
+    scan_layers: bool = False  # nn.scan over the blocks (params stacked under `layers`)
     # HF `rope_scaling` as sorted (key, value) pairs (hashable); () = plain RoPE
     rope_scaling: tuple = ()
     max_positions: int = 0          # HF max_position_embeddings (dynamic/yarn scaling use it)
@@ -182,12 +187,16 @@ class Block(nn.Module):
         q_BNHD = self._dense(H * D, "q", c.embed, ("embed", "heads"))(h_BNE).reshape(B, N, H, D)
         k_BNKD = self._dense(K * D, "k", c.embed, ("embed", "kv_heads"))(h_BNE).reshape(B, N, K, D)
         v_BNKD = self._dense(K * D, "v", c.embed, ("embed", "kv_heads"))(h_BNE).reshape(B, N, K, D)
-        q_BNHD = rope(q_BNHD, positions_BN, c.rope_base, c.rope_scaling, c.max_positions)
-        k_BNKD = rope(k_BNKD, positions_BN, c.rope_base, c.rope_scaling, c.max_positions)
+        q_BNHD = blocks.tag(rope(q_BNHD, positions_BN, c.rope_base, c.rope_scaling,
+                                 c.max_positions), "q")
+        k_BNKD = blocks.tag(rope(k_BNKD, positions_BN, c.rope_base, c.rope_scaling,
+                                 c.max_positions), "k")
+        v_BNKD = blocks.tag(v_BNKD, "v")
         if self.parallel is None:
             o_BNHD = self.attention_fn(q_BNHD, k_BNKD, v_BNKD, segment_ids_BN, positions_BN)
         else:
             o_BNHD = parallel_attention(self.parallel, q_BNHD, k_BNKD, v_BNKD, segment_ids_BN)
+        o_BNHD = blocks.tag(o_BNHD, "attn_out")
         o = self._dense(c.embed, "o", H * D, ("heads", "embed"), row=True)
         x_BNE = x_BNE + o(o_BNHD.reshape(B, N, H * D))
         h_BNE = RMSNorm(c.norm_eps, name="mlp_norm")(x_BNE)
@@ -220,9 +229,9 @@ class Transformer(nn.Module):
                              nn.initializers.normal(1.0), ("vocab", "embed")))
         x_BNE = embed(tokens_BN).astype(c.dtype)
         x_BNE = nn.with_logical_constraint(x_BNE, ("batch", "act_length", "embed"))
-        for i in range(c.layers):
-            x_BNE = Block(c, self.attention_fn, self.parallel, name=f"layers_{i}")(
-                x_BNE, positions_BN, segment_ids_BN)
+        x_BNE = blocks.apply_blocks(Block, c.layers, c.remat, c.scan_layers, x_BNE,
+                                    positions_BN, segment_ids_BN, cfg=c,
+                                    attention_fn=self.attention_fn, parallel=self.parallel)
         x_BNE = RMSNorm(c.norm_eps, name="final_norm")(x_BNE)
         if c.tie_embeddings:
             table_VE = embed.embedding.astype(c.dtype)

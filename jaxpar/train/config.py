@@ -57,6 +57,8 @@ class ModelSection:
     tie_embeddings: bool = False      # logits from the embedding table (no lm_head)
     dtype: str = "float32"  # compute dtype; params stay fp32
     init_from: str = ""     # an HF folder: sets the model keys above and starts from its weights
+    remat: str = "none"     # none | full | dots | dots_no_batch | attn_out | qkv_attn_out
+    scan_layers: bool = False  # nn.scan over the blocks: one compiled block at any depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,7 @@ class TrainSection:
     run_dir: str = "runs/default"
     log_every: int = 10
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
+    hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 3; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +384,7 @@ def validate(cfg: Config, device_count: int) -> None:
     _choice("overlap.direction", cfg.overlap.direction, DIRECTIONS)
     _choice("diloco.quantize", d.quantize, FORMATS)
     _choice("model.dtype", mo.dtype, ("float32", "bfloat16"))
+    _check_stacking(cfg)
     mesh = MeshConfig(**dataclasses.asdict(m))
     try:
         mesh.validate(device_count)
@@ -477,6 +481,26 @@ def resolve(cfg: Config) -> Config:
     return cfg.replace(model={"vocab": _data_vocab(cfg)})
 
 
+def _check_stacking(cfg: Config):
+    """model.remat / model.scan_layers: the built-in decoder's blocks only."""
+    from jaxpar.models.blocks import REMAT_POLICIES
+
+    mo, d = cfg.model, cfg.diloco
+    _choice("model.remat", mo.remat, REMAT_POLICIES)
+    if mo.module and (mo.remat != "none" or mo.scan_layers):
+        key = "model.remat" if mo.remat != "none" else "model.scan_layers"
+        raise ConfigError(f"{key} applies to the built-in decoder; model.module="
+                          f"{mo.module!r} stacks its own blocks (wrap them in nn.remat / "
+                          f"nn.scan there), so leave {key} at its default")
+    if mo.scan_layers and d.enabled and d.num_fragments > 1:
+        raise ConfigError(f"model.scan_layers=true stacks all layers into one param tree, which "
+                          f"Streaming DiLoCo cannot split by layer; use diloco.num_fragments=1 "
+                          f"(got {d.num_fragments}) or model.scan_layers=false")
+    if mo.scan_layers and mo.init_from:
+        raise ConfigError(f"model.scan_layers=true with model.init_from={mo.init_from!r}: HF "
+                          f"weights load into the per-layer layout; use model.scan_layers=false")
+
+
 def _check_builtin_model(cfg: Config):
     m, mo, a = cfg.mesh, cfg.model, cfg.attention
     if mo.heads % mo.kv_heads:
@@ -566,6 +590,9 @@ def check_ranges(cfg: Config) -> None:
                           f"(AdamW scales params by 1 - lr·weight_decay each step)")
     if t.seed >= SEED_LIMIT:
         raise ConfigError(f"train.seed={t.seed} must be < 2**63")
+    if t.hang_timeout_s < 0:
+        raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 = no hang "
+                          f"watchdog)")
     if t.peak_tflops < 0:
         raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look up the "
                           f"device kind)")
