@@ -17,6 +17,8 @@ import numpy as np
 
 from jaxpar import sharding
 from jaxpar.bench import machine
+from jaxpar.monitor.steps import StepMonitor
+from jaxpar.train import attention_choice
 from jaxpar.train.checkpoint import Checkpointer, layout_meta
 from jaxpar.train.config import Config, dump
 from jaxpar.train.loop import Run, peak_tflops, sample
@@ -38,6 +40,7 @@ def _write_run_files(run: Run, run_dir: Path, params) -> None:
 def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     """Run (or resume) the configured training; returns the summary dict."""
     lead = jax.process_index() == 0 and not quiet
+    attention_choice.apply(cfg, lead)  # attention.impl=auto: print and record the pick
     run = Run.create(cfg, devices)
     cfg = run.cfg  # resolved (model.vocab from the data)
     run_dir = Path(cfg.train.run_dir)
@@ -68,35 +71,37 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     history, evals_seen = [], []
     busy, last_t, last_step = 0.0, time.perf_counter(), start
     steps = cfg.train.steps
-    for step in range(start + 1, steps + 1):
-        state, m = run.train_step(state, b)
-        if step < steps:
-            b = run.batch(step + 1)  # built on the host while the device runs this step
-        if step % cfg.train.log_every == 0 or step == steps or step == start + 1:
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            now = time.perf_counter()
-            dt = now - last_t - busy
-            rec = {"step": step, **m}
-            if step > start + 1:  # the first step includes compilation
-                tok_s = run.tokens_per_step() * (step - last_step) / dt
-                rec.update(tokens_per_s=tok_s, tflops=flops_tok * tok_s / 1e12)
-                if peak:
-                    rec["mfu"] = rec["tflops"] / (peak * n_dev)
-            rec["comm_bytes"] = sum(comm_bytes.values())
-            writer.write(rec)
-            writer.progress(step, rec)
-            history.append(rec)
-            busy, last_t, last_step = 0.0, time.perf_counter(), step
-        t0 = time.perf_counter()
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
-            loss = float(run.eval_loss(run.eval_params(state), evals))
-            writer.write({"step": step, "eval_loss": loss,
-                          "eval_bpb": run.data.bits_per_byte(loss)})
-            evals_seen.append([step, loss])
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
-            ckpt.save(step, state, {"data_step": step, "seed": cfg.train.seed,
-                                    **layout_meta(cfg)})
-        busy += time.perf_counter() - t0
+    with StepMonitor.for_run(run, run_dir, start) as monitor:
+        for step in range(start + 1, steps + 1):
+            state, m = run.train_step(state, b)
+            if step < steps:
+                b = run.batch(step + 1)  # built on the host while the device runs this step
+            m = monitor.step(step, m)  # waits for the step: times, heartbeat, straggler warnings
+            if step % cfg.train.log_every == 0 or step == steps or step == start + 1:
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                now = time.perf_counter()
+                dt = now - last_t - busy
+                rec = {"step": step, **m}
+                if step > start + 1:  # the first step includes compilation
+                    tok_s = run.tokens_per_step() * (step - last_step) / dt
+                    rec.update(tokens_per_s=tok_s, tflops=flops_tok * tok_s / 1e12)
+                    if peak:
+                        rec["mfu"] = rec["tflops"] / (peak * n_dev)
+                rec["comm_bytes"] = sum(comm_bytes.values())
+                writer.write(rec)
+                writer.progress(step, rec)
+                history.append(rec)
+                busy, last_t, last_step = 0.0, time.perf_counter(), step
+            t0 = time.perf_counter()
+            if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
+                loss = float(run.eval_loss(run.eval_params(state), evals))
+                writer.write({"step": step, "eval_loss": loss,
+                              "eval_bpb": run.data.bits_per_byte(loss)})
+                evals_seen.append([step, loss])
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
+                ckpt.save(step, state, {"data_step": step, "seed": cfg.train.seed,
+                                        **layout_meta(cfg)})
+            busy += time.perf_counter() - t0
     ckpt.wait()
     ckpt.close()
 
