@@ -105,11 +105,14 @@ def state_table(model: dict, seq_len: int, batch: int) -> list[dict]:
     return rows
 
 
-def remat_table(model: dict, seq_len: int, batch: int, layout: str) -> list[dict]:
+def remat_table(model: dict, seq_len: int, batch: int, layout: str,
+                micro_only: bool = False) -> list[dict]:
     rows = []
     # every policy scanned; the loop only for none / full (the CPU scheduler hoists a
     # loop's recompute into the forward, so the other policies save nothing there either)
     cases = [(p, True, 1) for p in REMAT_POLICIES] + [(p, False, 1) for p in ("none", "full")]
+    if micro_only:
+        cases = []
     if HAS_MICRO:
         cases += [("none", True, k) for k in (2, 4)] + [("full", True, 4)]
     for policy, scan, micro in cases:
@@ -242,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma list of tables to skip: "
                                                "state,remat,largest,times")
+    ap.add_argument("--micro-only", action="store_true",
+                    help="remat table: only the microbatch rows, added to --json's (--update)")
     ap.add_argument("--update", action="store_true",
                     help="keep the tables of an existing --json that this run skips")
     ap.add_argument("--json", default="docs/memory_bench.json")
@@ -255,6 +260,7 @@ def main(argv=None) -> int:
                      "budget_gib": a.budget_gib, "fit_seq_len": a.seq_len,
                      "fsdp": HAS_FSDP, "microbatches": HAS_MICRO},
            "remat_layout": remat_layout, "state": [], "remat": [], "largest": [], "times": []}
+    old = {}
     if a.update and os.path.exists(a.json):
         with open(a.json) as f:
             old = json.load(f)
@@ -265,8 +271,11 @@ def main(argv=None) -> int:
         res.setdefault("parts", {})[table] = res["date"]
     if "state" not in skip:
         res["state"] = state_table(model, a.seq_len, a.batch)
+    if a.micro_only and old:  # the microbatch rows on the layout of the policy rows
+        res["remat_layout"] = remat_layout = old["remat_layout"]
     if "remat" not in skip:
-        res["remat"] = remat_table(model, a.seq_len, a.batch, remat_layout)
+        rows = remat_table(model, a.seq_len, a.batch, remat_layout, a.micro_only)
+        res["remat"] = (old.get("remat", []) if a.micro_only else []) + rows
     if "largest" not in skip:
         res["largest"] = largest_table([int(w) for w in a.widths.split(",")],
                                        int(a.budget_gib * GiB), a.seq_len, a.batch, a.vocab)
