@@ -94,9 +94,9 @@ def layouts_available() -> list[str]:
     return [k for k, (mesh, _) in LAYOUTS.items() if HAS_FSDP or "fsdp" not in mesh]
 
 
-def state_table(model: dict, seq_len: int, batch: int) -> list[dict]:
+def state_table(model: dict, seq_len: int, batch: int, layouts) -> list[dict]:
     rows = []
-    for layout in layouts_available():
+    for layout in [k for k in layouts if k in layouts_available()]:
         r = measure(config(layout, model, seq_len, batch, model__scan_layers=True))
         rows.append({"layout": layout, **r,
                      "vs_ideal": r["state_bytes_per_device"] / r["ideal_per_device"]})
@@ -106,15 +106,14 @@ def state_table(model: dict, seq_len: int, batch: int) -> list[dict]:
 
 
 def remat_table(model: dict, seq_len: int, batch: int, layout: str,
-                micro_only: bool = False) -> list[dict]:
+                parts=("policies", "loop", "micro")) -> list[dict]:
     rows = []
     # every policy scanned; the loop only for none / full (the CPU scheduler hoists a
     # loop's recompute into the forward, so the other policies save nothing there either)
-    cases = [(p, True, 1) for p in REMAT_POLICIES] + [(p, False, 1) for p in ("none", "full")]
-    if micro_only:
-        cases = []
-    if HAS_MICRO:
-        cases += [("none", True, k) for k in (2, 4)] + [("full", True, 4)]
+    cases = {"policies": [(p, True, 1) for p in REMAT_POLICIES],
+             "loop": [(p, False, 1) for p in ("none", "full")],
+             "micro": [("none", True, 4), ("full", True, 4)] if HAS_MICRO else []}
+    cases = [c for part in parts for c in cases[part]]
     for policy, scan, micro in cases:
         extra = {"model__remat": policy, "model__scan_layers": scan}
         if micro > 1:
@@ -126,10 +125,12 @@ def remat_table(model: dict, seq_len: int, batch: int, layout: str,
     return rows
 
 
-def largest_table(widths, budget: int, seq_len: int, batch: int, vocab: int) -> list[dict]:
+def largest_table(widths, budget: int, seq_len: int, batch: int, vocab: int,
+                  verify: bool) -> list[dict]:
     """Per layout and width, the most layers whose step's peak fits `budget`: peak is affine
-    in depth (per-layer state and saved activations), so two compiles (L=2, 4) give the
-    slope, a third at the predicted depth checks it (and steps down until it fits)."""
+    in depth (per-layer state and saved activations; scanned, so compile work does not grow
+    with depth), so two compiles (L=2, 4) give the slope; with `verify` a third at the
+    predicted depth checks it (and steps down until it fits)."""
     rows = []
     for layout in [k for k in FIT_LAYOUTS if k in layouts_available()]:
         for width in widths:
@@ -140,25 +141,31 @@ def largest_table(widths, budget: int, seq_len: int, batch: int, vocab: int) -> 
             a, b = peak(2), peak(4)
             slope = (b["peak_bytes"] - a["peak_bytes"]) / 2
             guess = int(2 + (budget - a["peak_bytes"]) // slope) if slope > 0 else 0
-            best, fit = None, None
-            while guess >= 1:
+            per_layer_params = (b["params"] - a["params"]) / 2
+            best, fit, verified = guess if guess >= 1 else None, None, False
+            while verify and guess >= 1:
                 fit = peak(guess)
                 if fit["peak_bytes"] <= budget:
-                    best = guess
+                    best, verified = guess, True
                     break
                 guess -= max(1, guess // 10)
             rows.append({"layout": layout, "width": width, "layers": best,
-                         "params": fit["params"] if best else None,
-                         "peak_bytes": fit["peak_bytes"] if best else None,
+                         "verified": verified,
+                         "params": None if best is None else (
+                             fit["params"] if verified else
+                             a["params"] + (best - 2) * per_layer_params),
+                         "peak_bytes": None if best is None else (
+                             fit["peak_bytes"] if verified else
+                             a["peak_bytes"] + (best - 2) * slope),
                          "bytes_per_layer": slope})
             print(f"  fit    {layout:24s} width {width}: {best} layers "
-                  f"({(fit['params'] if best else 0) / 1e9:.2f} B params)", flush=True)
+                  f"({(rows[-1]['params'] or 0) / 1e9:.2f} B params)", flush=True)
     return rows
 
 
 def step_times(steps: int) -> list[dict]:
     """Median step time of each mode on one small model, in this process, vs DP."""
-    model = model_keys(4, 256, 256) | {"dtype": "float32"}
+    model = model_keys(2, 128, 256) | {"dtype": "float32"}
     modes = {"DP 8": ("DP 8", {}),
              "DP 8, remat full": ("DP 8", {"model__remat": "full"}),
              "DP 8, remat attn_out": ("DP 8", {"model__remat": "attn_out"}),
@@ -171,7 +178,7 @@ def step_times(steps: int) -> list[dict]:
         modes["FSDP 4 x tensor 2"] = ("FSDP 4 x tensor 2", {})
     rows = []
     for name, (layout, extra) in modes.items():
-        run = Run.create(config(layout, model, 256, 32, **extra))
+        run = Run.create(config(layout, model, 128, 16, **extra))
         state = run.init_state()
         batches = [run.batch(s) for s in range(1, 5)]
         state, m = run.train_step(state, batches[0])  # compile + warm-up
@@ -220,12 +227,13 @@ def markdown(res: dict) -> str:
     lines += ["", f"### 3. Largest decoder whose step fits {s['budget_gib']} GiB per device "
               f"(seq {s['fit_seq_len']}, global batch {s['batch']}, remat full, "
               f"scan_layers)", "",
-              "| layout | width | layers | params (B) | peak GiB | GiB per layer |",
-              "|---|---|---|---|---|---|"]
+              "| layout | width | layers | params (B) | peak GiB | GiB per layer | "
+              "compiled at that depth |", "|---|---|---|---|---|---|---|"]
     for r in res["largest"]:
         p = "—" if r["params"] is None else f"{r['params'] / 1e9:.2f}"
         lines.append(f"| {r['layout']} | {r['width']} | {r['layers']} | {p} | "
-                     f"{gib(r['peak_bytes'])} | {r['bytes_per_layer'] / GiB:.3f} |")
+                     f"{gib(r['peak_bytes'])} | {r['bytes_per_layer'] / GiB:.3f} | "
+                     f"{'yes' if r.get('verified') else 'no: affine fit of L=2, 4'} |")
     lines += ["", "### 4. Step time vs DP (small model, steps run, same process)", "",
               "| mode | step ms | vs DP 8 |", "|---|---|---|"]
     for r in res["times"]:
@@ -245,10 +253,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip", default="", help="comma list of tables to skip: "
                                                "state,remat,largest,times")
-    ap.add_argument("--micro-only", action="store_true",
-                    help="remat table: only the microbatch rows, added to --json's (--update)")
-    ap.add_argument("--update", action="store_true",
-                    help="keep the tables of an existing --json that this run skips")
+    ap.add_argument("--layouts", default=",".join(FIT_LAYOUTS),
+                    help=f"state table layouts among {list(LAYOUTS)}")
+    ap.add_argument("--remat-parts", default="policies,loop,micro",
+                    help="remat table rows: policies (scanned), loop (none/full), micro")
+    ap.add_argument("--verify", action="store_true",
+                    help="largest: compile at the predicted depth too (and step down)")
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="JSONs of partial runs (split to use more cores): concatenate "
+                         "their tables into --json / --doc, compile nothing")
     ap.add_argument("--json", default="docs/memory_bench.json")
     ap.add_argument("--doc", default="docs/memory.md")
     a = ap.parse_args(argv)
@@ -260,33 +273,45 @@ def main(argv=None) -> int:
                      "budget_gib": a.budget_gib, "fit_seq_len": a.seq_len,
                      "fsdp": HAS_FSDP, "microbatches": HAS_MICRO},
            "remat_layout": remat_layout, "state": [], "remat": [], "largest": [], "times": []}
-    old = {}
-    if a.update and os.path.exists(a.json):
-        with open(a.json) as f:
-            old = json.load(f)
-        for table in skip:
-            res[table] = old.get(table, [])
-            res.setdefault("parts", {})[table] = old.get("parts", {}).get(table, old["date"])
-    for table in {"state", "remat", "largest", "times"} - skip:
-        res.setdefault("parts", {})[table] = res["date"]
     if "state" not in skip:
-        res["state"] = state_table(model, a.seq_len, a.batch)
-    if a.micro_only and old:  # the microbatch rows on the layout of the policy rows
-        res["remat_layout"] = remat_layout = old["remat_layout"]
+        res["state"] = state_table(model, a.seq_len, a.batch, a.layouts.split(","))
+    if a.merge:
+        return merge(a.merge, a.json, a.doc)
     if "remat" not in skip:
-        rows = remat_table(model, a.seq_len, a.batch, remat_layout, a.micro_only)
-        res["remat"] = (old.get("remat", []) if a.micro_only else []) + rows
+        res["remat"] = remat_table(model, a.seq_len, a.batch, remat_layout,
+                                   a.remat_parts.split(","))
     if "largest" not in skip:
         res["largest"] = largest_table([int(w) for w in a.widths.split(",")],
-                                       int(a.budget_gib * GiB), a.seq_len, a.batch, a.vocab)
+                                       int(a.budget_gib * GiB), a.seq_len, a.batch, a.vocab,
+                                       a.verify)
     if "times" not in skip:
         res["times"] = step_times(a.steps)
-    with open(a.json, "w") as f:
+    write(res, a.json, a.doc)
+    return 0
+
+
+def write(res: dict, json_path: str, doc_path: str) -> None:
+    with open(json_path, "w") as f:
         json.dump(res, f, indent=1)
     md = markdown(res)
-    with open(a.doc, "w") as f:
+    with open(doc_path, "w") as f:
         f.write("# Memory: layouts, rematerialization, scan\n\n" + md)
     print(md)
+
+
+def merge(paths, json_path: str, doc_path: str) -> int:
+    """One result from the JSONs of runs that each measured some tables (same setup)."""
+    parts = []
+    for p in paths:
+        with open(p) as f:
+            parts.append(json.load(f))
+    res = dict(parts[0])
+    res["parts"] = {}
+    for table in ("state", "remat", "largest", "times"):
+        res[table] = [r for part in parts for r in part[table]]
+        res["parts"][table] = sorted({part["date"] for part in parts if part[table]})
+    res["date"] = " / ".join(sorted({part["date"] for part in parts}))
+    write(res, json_path, doc_path)
     return 0
 
 
