@@ -110,17 +110,20 @@ def remat_table(model: dict, seq_len: int, batch: int, layout: str,
     rows = []
     # every policy scanned; the loop only for none / full (the CPU scheduler hoists a
     # loop's recompute into the forward, so the other policies save nothing there either)
-    cases = {"policies": [(p, True, 1) for p in REMAT_POLICIES],
-             "loop": [(p, False, 1) for p in ("none", "full")],
-             "micro": [("none", True, 4), ("full", True, 4)] if HAS_MICRO else []}
+    # microbatches: a 4x batch in one step, and in 4 microbatches of the usual batch
+    cases = {"policies": [(p, True, 1, batch) for p in REMAT_POLICIES],
+             "loop": [(p, False, 1, batch) for p in ("none", "full")],
+             "micro": [("none", True, 1, 4 * batch), ("none", True, 4, 4 * batch),
+                       ("full", True, 4, 4 * batch)] if HAS_MICRO else []}
     cases = [c for part in parts for c in cases[part]]
-    for policy, scan, micro in cases:
+    for policy, scan, micro, rows_ in cases:
         extra = {"model__remat": policy, "model__scan_layers": scan}
         if micro > 1:
             extra["train__microbatches"] = micro
-        r = measure(config(layout, model, seq_len, batch, **extra))
-        rows.append({"remat": policy, "scan_layers": scan, "microbatches": micro, **r})
-        print(f"  remat  {policy:14s} scan={scan!s:5s} micro={micro} temp "
+        r = measure(config(layout, model, seq_len, rows_, **extra))
+        rows.append({"remat": policy, "scan_layers": scan, "microbatches": micro,
+                     "batch": rows_, **r})
+        print(f"  remat  {policy:14s} scan={scan!s:5s} micro={micro} batch={rows_} temp "
               f"{r['temp_bytes'] / GiB:7.3f} GiB  compile {r['compile_s']:.0f}s", flush=True)
     return rows
 
@@ -219,10 +222,11 @@ def markdown(res: dict) -> str:
                      f"{gib(r['temp_bytes'])} | {gib(r['peak_bytes'])} |")
     lines += ["", f"### 2. Activation (temp) memory by remat policy "
               f"({res['remat_layout']}, seq {s['seq_len']}, global batch {s['batch']})", "",
-              "| remat | scan_layers | microbatches | temp GiB / device | peak GiB |",
-              "|---|---|---|---|---|"]
+              "| remat | scan_layers | global batch | microbatches | temp GiB / device | "
+              "peak GiB |", "|---|---|---|---|---|---|"]
     for r in res["remat"]:
-        lines.append(f"| {r['remat']} | {r['scan_layers']} | {r['microbatches']} | "
+        lines.append(f"| {r['remat']} | {r['scan_layers']} | {r.get('batch', s['batch'])} | "
+                     f"{r['microbatches']} | "
                      f"{gib(r['temp_bytes'])} | {gib(r['peak_bytes'])} |")
     lines += ["", f"### 3. Largest decoder whose step fits {s['budget_gib']} GiB per device "
               f"(seq {s['fit_seq_len']}, global batch {s['batch']}, remat full, "

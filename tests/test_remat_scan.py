@@ -149,3 +149,17 @@ def test_resume_that_flips_scan_layers_names_the_key(tmp_path):
                                           r"was saved with model.scan_layers=False"):
         train(cfg(True, 4), quiet=True)
     assert train(cfg(False, 4), quiet=True)["steps"] == 4  # the same layout resumes
+
+
+@pytest.mark.slow
+def test_abstract_state_matches_init_state(tmp_path):
+    """What scripts/bench_memory.py compiles against: init_state's shapes, dtypes and
+    shardings, without creating the arrays (FSDP x tensor, scanned)."""
+    cfg = _cfg(scan_layers=True).replace(mesh=dict(fsdp=4, tensor=2),
+                                         train=dict(run_dir=str(tmp_path), seq_len=32))
+    run = Run.create(cfg)
+    abstract, real = run.abstract_state(), run.init_state()
+    assert jax.tree.structure(abstract) == jax.tree.structure(real)
+    for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
+        assert (a.shape, a.dtype) == (r.shape, r.dtype)
+        assert a.sharding.is_equivalent_to(r.sharding, len(a.shape)), (a.sharding, r.sharding)
