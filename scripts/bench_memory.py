@@ -129,13 +129,13 @@ def remat_table(model: dict, seq_len: int, batch: int, layout: str,
 
 
 def largest_table(widths, budget: int, seq_len: int, batch: int, vocab: int,
-                  verify: bool) -> list[dict]:
+                  verify: bool, layouts=FIT_LAYOUTS) -> list[dict]:
     """Per layout and width, the most layers whose step's peak fits `budget`: peak is affine
     in depth (per-layer state and saved activations; scanned, so compile work does not grow
     with depth), so two compiles (L=2, 4) give the slope; with `verify` a third at the
     predicted depth checks it (and steps down until it fits)."""
     rows = []
-    for layout in [k for k in FIT_LAYOUTS if k in layouts_available()]:
+    for layout in [k for k in layouts if k in layouts_available()]:
         for width in widths:
             def peak(layers):
                 cfg = config(layout, model_keys(layers, width, vocab), seq_len, batch,
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of tables to skip: "
                                                "state,remat,largest,times")
     ap.add_argument("--layouts", default=",".join(FIT_LAYOUTS),
-                    help=f"state table layouts among {list(LAYOUTS)}")
+                    help=f"layouts of the state and largest tables, among {list(LAYOUTS)}")
     ap.add_argument("--remat-parts", default="policies,loop,micro",
                     help="remat table rows: policies (scanned), loop (none/full), micro")
     ap.add_argument("--verify", action="store_true",
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     if "largest" not in skip:
         res["largest"] = largest_table([int(w) for w in a.widths.split(",")],
                                        int(a.budget_gib * GiB), a.seq_len, a.batch, a.vocab,
-                                       a.verify)
+                                       a.verify, a.layouts.split(","))
     if "times" not in skip:
         res["times"] = step_times(a.steps)
     write(res, a.json, a.doc)
