@@ -242,6 +242,10 @@ def markdown(res: dict) -> str:
               "| mode | step ms | vs DP 8 |", "|---|---|---|"]
     for r in res["times"]:
         lines.append(f"| {r['mode']} | {r['step_s'] * 1e3:.1f} | {r['vs_dp']:.2f}x |")
+    if not res["times"]:
+        lines.append("| not measured in this run | | |")
+    if not any(r["microbatches"] > 1 for r in res["remat"]):
+        lines += ["", "Microbatch rows (table 2): not measured in this run."]
     return "\n".join(lines) + "\n"
 
 
