@@ -90,6 +90,7 @@ class TrainSection:
     seed: int = 0
     run_dir: str = "runs/default"
     log_every: int = 10
+    nonfinite: str = "stop"   # a non-finite loss/grad: stop | skip | rollback (train/faults.py)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
 
 
@@ -304,6 +305,7 @@ def validate(cfg: Config, device_count: int) -> None:
     from jaxpar.diloco.quantize import FORMATS
     from jaxpar.mesh import MeshConfig
     from jaxpar.overlap import DIRECTIONS, OVERLAPS
+    from jaxpar.train.faults import POLICIES
 
     _positive(cfg)
     m, mo, a, d, t = cfg.mesh, cfg.model, cfg.attention, cfg.diloco, cfg.train
@@ -313,6 +315,7 @@ def validate(cfg: Config, device_count: int) -> None:
     _choice("overlap.direction", cfg.overlap.direction, DIRECTIONS)
     _choice("diloco.quantize", d.quantize, FORMATS)
     _choice("model.dtype", mo.dtype, ("float32", "bfloat16"))
+    _choice("train.nonfinite", t.nonfinite, POLICIES)
     mesh = MeshConfig(**dataclasses.asdict(m))
     try:
         mesh.validate(device_count)

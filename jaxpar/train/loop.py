@@ -29,6 +29,7 @@ from jaxpar import comm, sharding
 from jaxpar.data import ByteData, pack
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
 from jaxpar.mesh import MeshConfig, make_mesh
+from jaxpar.train import faults
 from jaxpar.train import model as model_lib
 from jaxpar.train.config import Config, head_dim, validate
 
@@ -227,7 +228,8 @@ class Run:
         step to step (so it never recompiles) and is donated."""
         if "train" not in self._compiled:
             shardings = jax.tree.map(lambda x: x.sharding, state)
-            fn = jax.jit(self._step_fn(), donate_argnums=0, out_shardings=(shardings, None))
+            fn = jax.jit(faults.guard(self._step_fn()), donate_argnums=0,
+                         out_shardings=(shardings, None))
             with self.scope():
                 self._compiled["train"] = fn.lower(state, b).compile()
         return self._compiled["train"]
