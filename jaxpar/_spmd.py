@@ -5,7 +5,9 @@ The collective helpers are per-device code: call them inside `shard_map`.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
 
 
 def axis_size(axis_name) -> int:
@@ -45,3 +47,29 @@ def varying_like(x, *refs):
 def divisors(n: int, at_most: int | None = None) -> list[int]:
     """The d in 1..at_most (default n) that divide n, ascending (valid sizes for messages)."""
     return [d for d in range(1, (n if at_most is None else at_most) + 1) if n % d == 0]
+
+
+def batch_axes(x, mesh, seq_axes, batch: int):
+    """Mesh axes the batch dim of x is sharded over, when known (Explicit axes, or a concrete
+    array on this mesh) and usable (not a sequence axis, divides B); else None (replicated)."""
+    entry = None
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if sharding is not None and getattr(sharding, "spec", None) and sharding.spec[0]:
+        entry = sharding.spec[0]
+    elif isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        s = getattr(x, "sharding", None)
+        if (isinstance(s, NamedSharding) and s.spec and s.spec[0] is not None
+                and s.mesh.shape_tuple == mesh.shape_tuple
+                and np.array_equal(s.mesh.device_ids, mesh.device_ids)):
+            entry = s.spec[0]
+    if entry is None:
+        return None
+    names = entry if isinstance(entry, tuple) else (entry,)
+    size = 1
+    for a in names:
+        if a not in mesh.shape or a in seq_axes:
+            return None
+        size *= mesh.shape[a]
+    if batch % size:
+        return None
+    return entry

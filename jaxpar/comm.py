@@ -275,14 +275,16 @@ def total_bytes(fn_or_hlo, *args, **kwargs) -> float:
 
 def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads: int,
                     head_dim: int, shards, itemsize: int = 4, backward: bool = False,
-                    segment_ids: bool = False) -> dict[str, float]:
+                    segment_ids: bool = False, causal: bool = False) -> dict[str, float]:
     """{collective kind: bytes one device sends} for a forward (+ backward) pass.
 
     `shards` is P, or (ring, ulysses) sizes for impl="hybrid". The backward ring turns the
     other way; for a ring of 2 both ways are one permutation and XLA reuses the forward's
     K/V transfer, so measured backward bytes are lower there than this formula. Partials,
     lse, delta and gradient accumulators of the ring schedules are fp32 (4 bytes);
-    q/k/v/out/dout use `itemsize`; segment ids are int32.
+    q/k/v/out/dout use `itemsize`; segment ids are int32. `causal` (zigzag) changes only
+    TokenRing: its partials (and dQ) travel without their empty first-half rows, 3/4 of the
+    rows on average.
     """
     b, n, h, kh, d = batch, seq_len, heads, kv_heads, head_dim
     out: dict[str, float] = collections.defaultdict(float)
@@ -291,7 +293,8 @@ def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads
         kv_u = kh if kh % pu == 0 else pu
         for kind, v in attention_bytes("ulysses", batch=b, seq_len=n // pr, heads=h,
                                        kv_heads=kh, head_dim=d, shards=pu, itemsize=itemsize,
-                                       backward=backward, segment_ids=segment_ids).items():
+                                       backward=backward, segment_ids=segment_ids,
+                                       causal=causal).items():
             if kind == "all-to-all":  # the ring runs where Ulysses ran its local attention
                 out[kind] += v
         if segment_ids:  # gathered once over the Ulysses axis, forward only
@@ -299,7 +302,7 @@ def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads
         for kind, v in attention_bytes("ring", batch=b, seq_len=n, heads=h // pu,
                                        kv_heads=kv_u // pu, head_dim=d, shards=pr,
                                        itemsize=itemsize, backward=backward,
-                                       segment_ids=segment_ids).items():
+                                       segment_ids=segment_ids, causal=causal).items():
             out[kind] += v
         return dict(out)
     p = shards
@@ -319,11 +322,13 @@ def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads
     elif impl == "tokenring":
         qbytes = (p - 1) * tok * h * d * itemsize
         seg = (p - 1) * tok * 4 if segment_ids else 0
-        partials = (p - 1) * tok * h * (d + 1) * 4
+        # causal: the second half-rows from every device, the first from (P−1)/2 on average
+        rows = (p - 1) * tok * (0.75 if causal else 1.0)
+        partials = rows * h * (d + 1) * 4
         out["collective-permute"] += qbytes + seg + partials
         if backward:  # q, dout, lse, delta (+ids) forward; dQ partials (fp32) back
             out["collective-permute"] += (2 * qbytes + seg + (p - 1) * tok * h * 8
-                                          + (p - 1) * tok * h * d * 4)
+                                          + rows * h * d * 4)
     else:
         raise ValueError(f"no closed form for impl={impl!r}; valid: ulysses, ring, tokenring, "
                          f"hybrid")

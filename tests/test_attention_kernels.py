@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxpar import make_mesh
+from jaxpar._spmd import varying_axes
 from jaxpar.attention import (attention, blockwise, dense_attention, kernels,
                               sequence_parallel_attention)
 
@@ -214,7 +215,8 @@ def test_pallas_unsupported_shapes_fall_back_or_raise():
 @pytest.mark.parametrize("impl", ["ring", "ulysses"])
 def test_compiled_pallas_traces_under_checked_shard_map(impl, monkeypatch):
     # The compiled (non-interpret) kernel types its outputs' varying axes, so it traces
-    # inside a shard_map with check_vma=True; lowering needs a GPU, tracing does not.
+    # inside a shard_map with check_vma=True, and lowers for CUDA (Triton's lowering runs
+    # in Python; only compiling needs a GPU).
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     kernel = kernels.resolve("auto")
     assert kernel == kernels.PallasGpuKernel(fallback=True) and kernel.check_vma
@@ -227,8 +229,39 @@ def test_compiled_pallas_traces_under_checked_shard_map(impl, monkeypatch):
                                      segment_ids=s, kernel=kernel),
         mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
     grad = jax.jit(jax.grad(lambda *a: attn(*a).sum(), argnums=(0, 1, 2)))
-    jaxpr = str(grad.trace(put(q), put(k), put(v), put(seg)).jaxpr)
-    assert jaxpr.count("pallas_call") >= 3  # forward, dK/dV and dQ kernels
+    traced = grad.trace(put(q), put(k), put(v), put(seg))
+    assert str(traced.jaxpr).count("pallas_call") >= 3  # forward, dK/dV and dQ kernels
+    assert traced.lower(lowering_platforms=("cuda",)).as_text().count("@__gpu$xla.gpu.triton") >= 3
+
+
+def test_compiled_pallas_aligns_varying_axes(monkeypatch):
+    # Queries invariant over 'seq', K/V varying (e.g. replicated queries against sharded
+    # keys): the compiled forward and backward must type their outputs varying over 'seq'
+    # (they depend on K/V), and the whole thing must lower for CUDA (Triton lowering runs
+    # in Python, no GPU needed) under a shard_map with check_vma=True.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    kern = kernels.PallasGpuKernel()
+    mesh = jax.make_mesh((2,), ("seq",), devices=jax.devices()[:2])
+    rep, shd = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(None, "seq")
+    q, k, v, _, _ = inputs(64, 2, False)
+    k, v = (jax.device_put(jnp.concatenate([x, x], 1), jax.sharding.NamedSharding(mesh, shd))
+            for x in (k, v))
+    q = jax.device_put(q, jax.sharding.NamedSharding(mesh, rep))
+    seen = {}
+
+    def f(q, k, v):
+        out, lse = kern.fwd(q, k, v, None, None, causal=False)
+        dlt = blockwise.delta(out, out)
+        grads = kern.bwd(q, k, v, None, None, lse, out, dlt, causal=False)
+        for name, x in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+            seen[name] = varying_axes(x)
+        return out, *grads
+
+    sm = jax.shard_map(f, mesh=mesh, in_specs=(rep, shd, shd), out_specs=(shd,) * 4,
+                       check_vma=True)
+    text = jax.jit(sm).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert seen == dict.fromkeys(("out", "lse", "dq", "dk", "dv"), frozenset({"seq"}))
+    assert text.count("@__gpu$xla.gpu.triton") == 3  # forward, dK/dV and dQ kernels
 
 
 def test_fit():

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxpar import comm, make_mesh
-from jaxpar.attention import sequence_parallel_attention
+from jaxpar.attention import attention, sequence_parallel_attention
 
 
 def counted(impl, p, *, n=64, h=4, kh=2, d=16, b=1, backward=False, segments=False,
@@ -52,6 +52,50 @@ def test_counted_bytes_equal_closed_form(impl, backward):
     assert got.keys() == want.keys()
     for kind in want:
         assert got[kind] == pytest.approx(want[kind], rel=1e-9), kind
+
+
+def per_device_counted(impl, p, causal, backward, *, n=64, h=4, kh=2, d=16, b=1):
+    """Every collective of the per-device schedule (inputs taken as already in zigzag
+    order, so no reorder permutes), no loss reduction: nothing needs stripping."""
+    mesh = make_mesh(seq=p, devices=jax.devices()[:p])
+    spec = jax.sharding.PartitionSpec(None, "seq")
+    q, w = jnp.ones((b, n, h, d)), jnp.ones((b, n, h, d))
+    kv, seg = jnp.ones((b, n, kh, d)), jnp.zeros((b, n), jnp.int32)
+    attn = jax.shard_map(lambda q, k, v, s: attention(q, k, v, impl=impl, axis="seq",
+                                                      causal=causal, segment_ids=s),
+                         mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+    if not backward:
+        return comm.bytes_by_kind(attn, q, kv, kv, seg)
+
+    def fwd_bwd(q, k, v, seg, w):  # the cotangent w is an argument: no all-reduce of a loss
+        out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, seg), q, k, v)
+        return out, vjp(w)
+
+    return comm.bytes_by_kind(fwd_bwd, q, kv, kv, seg, w)
+
+
+@pytest.mark.parametrize("impl,p,backward", [
+    ("tokenring", 4, True),  # fwd+bwd: the forward's collectives are in it too
+    pytest.param("tokenring", 4, False, marks=pytest.mark.slow),
+    pytest.param("tokenring", 5, True, marks=pytest.mark.slow),  # odd P
+    pytest.param("ring", 4, True, marks=pytest.mark.slow)])
+def test_causal_counted_bytes_equal_closed_form_all_kinds(impl, p, backward):
+    # causal TokenRing sends its partials (and dQ) without the empty half-rows: 3/4 of the
+    # non-causal partial bytes; every collective is compared, all-reduces included
+    got = per_device_counted(impl, p, True, backward, n=16 * p)
+    want = comm.attention_bytes(impl, batch=1, seq_len=16 * p, heads=4, kv_heads=2,
+                                head_dim=16, shards=p, backward=backward, segment_ids=True,
+                                causal=True)
+    assert got.keys() == want.keys()
+    for kind in want:
+        assert got[kind] == pytest.approx(want[kind], rel=1e-9), kind
+    if impl == "tokenring":
+        full = comm.attention_bytes(impl, batch=1, seq_len=16 * p, heads=4, kv_heads=2,
+                                    head_dim=16, shards=p, backward=backward,
+                                    segment_ids=True)
+        partial_rows = (p - 1) * 16 * 4 * ((16 + 1) * 4 + (16 * 4 if backward else 0))
+        assert full["collective-permute"] - got["collective-permute"] == pytest.approx(
+            partial_rows / 4)
 
 
 def test_gqa_ring_sends_kv_heads_not_query_heads():

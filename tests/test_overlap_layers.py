@@ -1,4 +1,6 @@
 """Tensor-parallel layers: every overlap mode equals dense math, value and gradient."""
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -126,3 +128,37 @@ def test_layer_errors_name_the_shape_and_axis():
     with pytest.raises(ValueError, match="features=6 not divisible by size 4"):
         jax.eval_shape(ColumnParallelDense(6, mesh).init, jax.random.key(0),
                        jnp.zeros((2, 8, 16)))
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit",
+                                       pytest.param("Auto", marks=pytest.mark.slow)])
+def test_layers_on_a_plain_jax_mesh(axis_type):
+    """The issue's reproduction: ParallelMLP on `jax.make_mesh` (Explicit or Auto axes), init
+    with and without `jax.set_mesh`, unsharded and data-sharded inputs, under jit and grad:
+    value and grads equal plain dense math on unsharded copies."""
+    types = (getattr(jax.sharding.AxisType, axis_type),) * 2
+    mesh = jax.make_mesh((2, 4), ("data", T), axis_types=types)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    mlp = ParallelMLP(64, mesh=mesh)
+    with jax.set_mesh(mesh):
+        params = init_sharded(mlp, jax.random.key(1), x)
+    assert init_sharded(mlp, jax.random.key(1), x)["params"]["up"]["kernel"].value.sharding \
+        .spec == P(None, T)
+    w1, w2 = (np.asarray(nn.unbox(params)["params"][k]["kernel"]) for k in ("up", "down"))
+    ref_val, ref_grads = jax.value_and_grad(_dense_loss, argnums=(0, 1, 2))(w1, w2, x)
+
+    def loss(params, x):
+        return jnp.sum(jnp.sin(mlp.apply(params, x)))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    # unsharded input under set_mesh; data-sharded input without it
+    for x_in, ctx in ((x, jax.set_mesh(mesh)),
+                      (jax.device_put(x, NamedSharding(mesh, P("data"))),
+                       contextlib.nullcontext())):
+        with ctx:
+            val, (g_params, g_x) = step(params, x_in)
+        g = nn.unbox(g_params)["params"]
+        got = (g["up"]["kernel"], g["down"]["kernel"], g_x)
+        np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-5)
+        for a, b in zip(got, ref_grads):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -24,9 +24,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxpar import _spmd
 from jaxpar.mesh import SEQ
 from jaxpar.attention import kernels, layout
 from jaxpar.attention.blockwise import attend, flash_attention, merge
@@ -99,19 +99,27 @@ def _check_global(q, k, v, segment_ids):
 
 
 def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis=SEQ,
-                                causal: bool = False, segment_ids=None, ring_impl="ring",
+                                causal: bool = False, segment_ids=None, ring_impl=None,
                                 kernel="auto"):
     """Attention on global arrays in natural token order; returns out[B,N,H,D] likewise.
 
     impl: "dense" (single-device reference), "ulysses", "ring", "tokenring", or "hybrid"
-    with axis=(ring_axis, ulysses_axis), e.g. ("seq", "seq_inner"), and ring_impl "ring" or
-    "tokenring" for the outer axis. kernel: the block kernel ("auto", "xla", "pallas_gpu"
-    or a `kernels.BlockKernel`; ignored by "dense").
+    with axis=(ring_axis, ulysses_axis), e.g. ("seq", "seq_inner"), and ring_impl "ring"
+    (the default) or "tokenring" for the outer axis (a ValueError with any other impl, which
+    would ignore it). mesh: a `jax.sharding.Mesh` (unused by "dense"). kernel: the block
+    kernel ("auto", "xla", "pallas_gpu" or a `kernels.BlockKernel`; ignored by "dense").
     """
     _check_impl(impl)
     _check_global(q_BNHD, k_BNKD, v_BNKD, segment_ids)
+    if ring_impl is not None and impl != "hybrid":
+        raise ValueError(f"ring_impl={ring_impl!r} is only used by impl='hybrid' (got "
+                         f"impl={impl!r}); drop ring_impl or use impl='hybrid'")
     if impl == "dense":
         return dense_attention(q_BNHD, k_BNKD, v_BNKD, causal=causal, segment_ids_BN=segment_ids)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((4,), ('seq',)) "
+                        f"or jaxpar.make_mesh(seq=4)) for impl={impl!r}; got "
+                        f"{type(mesh).__name__}")
     axes = _axes(impl, axis, mesh)
     sizes = [mesh.shape[a] for a in axes]
     total, ring_size = sizes[0] * (sizes[1] if len(sizes) > 1 else 1), sizes[0]
@@ -126,10 +134,10 @@ def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis
     zig = ring_size if impl == "hybrid" else total
     if causal:
         layout.check_zigzag(n, zig)
-    spec = P(_batch_axes(q_BNHD, mesh, axes, b), axes if len(axes) > 1 else axes[0])
+    spec = P(_spmd.batch_axes(q_BNHD, mesh, axes, b), axes if len(axes) > 1 else axes[0])
     args = [q_BNHD, k_BNKD, v_BNKD] + ([segment_ids] if segment_ids is not None else [])
-    run = _compiled(mesh, spec, impl, axes, causal, zig, ring_impl if impl == "hybrid" else None,
-                    kernels.resolve(kernel))
+    run = _compiled(mesh, spec, impl, axes, causal, zig,
+                    (ring_impl or "ring") if impl == "hybrid" else None, kernels.resolve(kernel))
     return run(*args)
 
 
@@ -157,29 +165,3 @@ def _compiled(mesh, spec, impl, axes, causal, zig, ring_impl, kernel):
                              out_specs=spec, check_vma=kernel.check_vma)(*args)
 
     return jax.jit(run)
-
-
-def _batch_axes(x, mesh, seq_axes, batch):
-    """Mesh axes the batch dim of x is sharded over, when known (Explicit axes, or a concrete
-    array on this mesh) and usable (not a sequence axis, divides B); else None (replicated)."""
-    entry = None
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    if sharding is not None and getattr(sharding, "spec", None) and sharding.spec[0]:
-        entry = sharding.spec[0]
-    elif isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        s = getattr(x, "sharding", None)
-        if (isinstance(s, NamedSharding) and s.spec and s.spec[0] is not None
-                and s.mesh.shape_tuple == mesh.shape_tuple
-                and np.array_equal(s.mesh.device_ids, mesh.device_ids)):
-            entry = s.spec[0]
-    if entry is None:
-        return None
-    names = entry if isinstance(entry, tuple) else (entry,)
-    size = 1
-    for a in names:
-        if a not in mesh.shape or a in seq_axes:
-            return None
-        size *= mesh.shape[a]
-    if batch % size:
-        return None
-    return entry

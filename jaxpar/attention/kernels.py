@@ -316,7 +316,9 @@ class PallasGpuKernel(BlockKernel):
         other = self._xla_or_raise(q, k)
         if other is not None:
             return other.fwd(q, k, v, q_seg, k_seg, causal=causal)
-            q, k, v, q_seg, k_seg = _same_vma(q, k, v, q_seg, k_seg)
+        # inputs and outputs typed varying over the union of the inputs' axes: the output
+        # types are taken from q, which may vary over fewer axes than k/v (check_vma)
+        q, k, v, q_seg, k_seg = _same_vma(q, k, v, q_seg, k_seg)
         b, lq, h, d = q.shape
         lk, g = k.shape[1], h // k.shape[2]
         bq, bk = _fit(self.block_q, lq), _fit(self.block_k, lk)

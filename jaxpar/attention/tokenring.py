@@ -7,6 +7,9 @@ the owner merges all P partials. Queries use one link direction, partials the ot
 
 Bytes per device: q (P−1)·B·L·H·D, partials (P−1)·B·L·H·(D+1) in fp32. Against ring's
 (P−1)·2·B·L·K·D this pays off when K ≈ H (MHA); with GQA (K ≪ H) ring moves less.
+Causal (zigzag): a partial from a device after the owner holds only the second query chunk
+(the first sees none of its keys), so the first-half rows travel only from the devices
+before the owner (a `ppermute` over those pairs): 3/4 of the partial bytes (dQ likewise).
 
 Backward (custom_vjp) is the mirror image: (q, dout, lse, delta) travel r → r + 1; every
 device accumulates dK/dV for its own K/V in place (they never move) and sends each partial
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpar.attention import blockwise, kernels
 from jaxpar._spmd import axis_size, shift
@@ -32,16 +36,51 @@ def tokenring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = Fal
                       kernels.resolve(kernel))
 
 
-def send_home(part, s, axis_name, direction=+1):
-    """Send a partial computed at step s (s may be traced) to its owner, s devices away.
+def send_home(part, s, axis_name, direction=+1, *, causal=False, fill=None):
+    """Send a partial computed at step s (s may be traced, 1 ≤ s ≤ P−2 then) to its owner,
+    s devices away in `direction`.
 
-    The shift differs per step, so inside the step loop it is a `lax.switch` over the static
-    shifts 1 .. P−1; every device takes the same branch, so the collective stays matched."""
+    causal (zigzag): the second-half rows travel from every device, the first-half rows only
+    from the devices whose pair holds them (`_first_half_senders`); where none arrives the
+    receiver gets `fill` (a tree like `part` of scalars; None: zeros). The shift differs per
+    step, so inside the step loop it is a `lax.switch` over the static shifts the loop
+    visits, 1 .. P−2, each once (collective bytes then count exactly, `jaxpar.comm`); every
+    device takes the same branch, so the collectives stay matched."""
     p = axis_size(axis_name)
+
+    def send(x, j):
+        if not causal:
+            return shift(x, axis_name, direction * j)
+        second = shift(jax.tree.map(lambda y: _half(y, 1), x), axis_name, direction * j)
+        pairs = [(r, (r + direction * j) % p) for r in _first_half_senders(p, j, direction)]
+        got = np.isin(np.arange(p), [t for _, t in pairs])
+        received = jnp.asarray(got)[jax.lax.axis_index(axis_name)]
+        fills = jax.tree.map(lambda _: 0.0, x) if fill is None else fill
+
+        def first_half(y, value):
+            y = jax.lax.ppermute(_half(y, 0), axis_name, pairs)
+            return y if got.all() else jnp.where(received, y, jnp.asarray(value, y.dtype))
+
+        first = jax.tree.map(first_half, x, fills)
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), first, second)
+
     if isinstance(s, int):
-        return shift(part, axis_name, direction * s)
-    branches = [lambda x, j=j: shift(x, axis_name, direction * j) for j in range(1, p)]
+        return send(part, s)
+    branches = [lambda x, j=j: send(x, j) for j in range(1, p - 1)]
     return jax.lax.switch(s - 1, branches, part)
+
+
+def _first_half_senders(p, j, direction):
+    """Devices whose partial for the owner j steps away holds first-half (first query chunk)
+    rows: the forward (+1) pair of device r and owner r + j holds them when K/V r comes
+    before the owner (r + j < P, no wrap); the backward (−1) pair of owner r − j when it
+    wraps (r < j)."""
+    return range(p - j) if direction > 0 else range(j)
+
+
+def _half(x, which):
+    h = x.shape[1] // 2
+    return jax.lax.slice_in_dim(x, which * h, (which + 1) * h, axis=1)
 
 
 def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
@@ -53,6 +92,7 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
                                 causal=causal, diagonal=False)
 
     visiting = (q, seg)
+    empty = (0.0, -jnp.inf)  # the merge identity, for rows no partial arrives for
     out, lse = kernels.pair_fwd(kernel, q, k, v, seg, seg, r, r, causal=causal, diagonal=True)
     if p == 1:
         return out, lse
@@ -63,7 +103,7 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
     # queries and computes its own partial — three independent things at once.
     def step(carry, s):
         out, lse, visiting, part = carry
-        home = send_home(part, s - 1, axis_name)
+        home = send_home(part, s - 1, axis_name, causal=causal, fill=empty)
         visiting = shift(visiting, axis_name, -1)
         part_next = partial_for(visiting, s)
         out, lse = blockwise.merge(out, lse, *home)
@@ -73,7 +113,9 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
         carry = (out, lse, visiting, part)
         out, lse, visiting, part = jax.lax.scan(lambda c, s: (step(c, s), None), carry,
                                                 jnp.arange(2, p))[0]
-    return blockwise.merge(out, lse, *send_home(part, p - 1, axis_name))  # flush the last
+    # flush the last
+    return blockwise.merge(out, lse, *send_home(part, p - 1, axis_name, causal=causal,
+                                                fill=empty))
 
 
 def _tokenring_bwd(axis_name, causal, kernel, res, dout):
@@ -99,7 +141,7 @@ def _tokenring_bwd(axis_name, causal, kernel, res, dout):
 
         def step(carry, s):
             dq, dk, dv, visiting, dq_prev = carry
-            home = send_home(dq_prev, s - 1, axis_name, direction=-1)
+            home = send_home(dq_prev, s - 1, axis_name, direction=-1, causal=causal)
             visiting = shift(visiting, axis_name, +1)
             dq_s, dk_s, dv_s = grads_for(visiting, s)
             return dq + home, dk + dk_s, dv + dv_s, visiting, dq_s
@@ -108,7 +150,7 @@ def _tokenring_bwd(axis_name, causal, kernel, res, dout):
             carry = (dq, dk, dv, visiting, dq_s)
             dq, dk, dv, visiting, dq_s = jax.lax.scan(lambda c, s: (step(c, s), None), carry,
                                                       jnp.arange(2, p))[0]
-        dq = dq + send_home(dq_s, p - 1, axis_name, direction=-1)
+        dq = dq + send_home(dq_s, p - 1, axis_name, direction=-1, causal=causal)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -74,6 +74,7 @@ class StreamingDiLoCo:
     param_specs: Any = None
 
     def __post_init__(self):
+        self._check_types()
         qz.check_format(self.quantize)
         if self.low_bit_collective not in LOW_BIT_COLLECTIVES:
             raise ValueError(f"low_bit_collective={self.low_bit_collective!r}; use one of {LOW_BIT_COLLECTIVES}")
@@ -93,6 +94,23 @@ class StreamingDiLoCo:
             r = self.mesh.shape.get(REPLICA, 1)
             if M != r:
                 raise ValueError(f"num_replicas={M} must equal the mesh's replica axis size {r}")
+
+    def _check_types(self):
+        for name in ("num_replicas", "sync_every", "num_fragments", "overlap_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise TypeError(f"{name}={v!r} must be an int, got {type(v).__name__}")
+        if not isinstance(self.alpha, (int, float, np.floating)) or isinstance(self.alpha, bool):
+            raise TypeError(f"alpha={self.alpha!r} must be a float, got "
+                            f"{type(self.alpha).__name__}")
+        for name in ("inner", "outer_optimizer"):
+            v = getattr(self, name)
+            if not (callable(getattr(v, "init", None)) and callable(getattr(v, "update", None))):
+                raise TypeError(f"{name} must be an optax.GradientTransformation (e.g. "
+                                f"optax.adamw(1e-3)), got {type(v).__name__}")
+        if self.mesh is not None and not isinstance(self.mesh, (Mesh, jax.sharding.AbstractMesh)):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got "
+                            f"{type(self.mesh).__name__}")
 
     # ------------------------------------------------------------------ layout helpers
     def fragments(self, params) -> Fragments:

@@ -10,6 +10,14 @@ so the all-gather and reduce-scatter sit right next to matmuls: the collective m
 hide them. The layers take and return GLOBAL arrays and call `shard_map` themselves, with
 params annotated by `nn.with_partitioning` (kernel (None, tensor) / (tensor, None)).
 
+Any mesh: Explicit (`jax.make_mesh`), Auto, or `jaxpar.make_mesh`; inputs sharded or not.
+On Explicit axes shard_map checks the inputs' typed shardings against its in_specs, so x and
+the kernel are `jax.reshard`ed to the layer's specs first (on Auto axes shard_map reshards by
+itself). The params' partitioning is metadata only: the layer never applies it as a
+`with_sharding_constraint`, which on Explicit axes would assert instead of resharding; use
+`init_sharded` (or jit out_shardings) to create them sharded. With `batch_axes=None` the
+batch stays sharded over the axes x's typed sharding already names.
+
 overlap:
   "none"               plain all_gather / psum_scatter + one matmul (first-class path: the
                        right choice for small matmuls, few devices, or backends that cannot
@@ -24,9 +32,10 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxpar import _spmd
 from jaxpar.mesh import TENSOR
 from jaxpar.overlap import collective_matmul as cm
 from jaxpar.overlap import cost_model
@@ -54,6 +63,20 @@ def _impl(op: str, overlap: str) -> Callable:
 def _leading_spec(ndim: int, batch_axes) -> tuple:
     """Spec entries for the dims before [N, features]: batch on `batch_axes`, rest None."""
     return (batch_axes,) + (None,) * (ndim - 3) if ndim >= 3 else ()
+
+
+def _value(param):
+    """A param's array without applying its partitioning as a constraint."""
+    return param.unbox(apply_constraint=False) if isinstance(param, nn.Partitioned) else param
+
+
+def to_spec(x, mesh: Mesh, spec: P):
+    """x brought to `spec` where shard_map would otherwise reject it: `jax.reshard` on a mesh
+    with Explicit axes (typed shardings must equal the in_specs); unchanged on Auto axes,
+    where shard_map (also under DiLoCo's vmap) inserts the resharding itself."""
+    if AxisType.Explicit in mesh.axis_types:
+        return jax.reshard(x, NamedSharding(mesh, spec))
+    return x
 
 
 class _TPDense(nn.Module):
@@ -85,7 +108,16 @@ class _TPDense(nn.Module):
         init = (nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes))
                 if self.kernel_axes is not None else nn.with_partitioning(self.kernel_init,
                                                                           physical))
-        return self.param("kernel", init, shape, self.param_dtype)
+        # unbox=False: the partitioning is metadata, not a constraint (see module docstring)
+        kernel = _value(self.param("kernel", init, shape, self.param_dtype, unbox=False))
+        return to_spec(kernel, self.mesh, P(*physical))
+
+    def _lead(self, x):
+        """Spec entries of x's leading dims: `batch_axes`, else the axes x's batch is on."""
+        batch = self.batch_axes
+        if batch is None and x.ndim >= 3:
+            batch = _spmd.batch_axes(x, self.mesh, (*self.seq_axes, self.axis), x.shape[0])
+        return _leading_spec(x.ndim, batch)
 
     def _check(self, x, what: str):
         p = self._size()
@@ -113,8 +145,9 @@ class ColumnParallelDense(_TPDense):
                              f"size {p} of axis {self.axis!r}")
         kernel = self._kernel((e, self.features), (None, self.axis))
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        lead = _leading_spec(x.ndim, self.batch_axes)
+        lead = self._lead(x)
         x_spec, k_spec = P(*lead, self._n_spec(True), None), P(None, self.axis)
+        x = to_spec(x, self.mesh, x_spec)
 
         def local(x, w):
             m = x.size // x.shape[-1] * p  # gathered rows on this device
@@ -128,9 +161,10 @@ class ColumnParallelDense(_TPDense):
                           out_specs=P(*lead, self._n_spec(False), self.axis))(x.astype(dtype),
                                                                kernel.astype(dtype))
         if self.use_bias:
-            bias = self.param("bias", nn.with_partitioning(nn.initializers.zeros, (self.axis,)),
-                              (self.features,), self.param_dtype)
-            y = y + bias.astype(dtype)
+            bias = _value(self.param("bias", nn.with_partitioning(nn.initializers.zeros,
+                                                                    (self.axis,)),
+                                       (self.features,), self.param_dtype, unbox=False))
+            y = y + to_spec(bias, self.mesh, P(self.axis)).astype(dtype)
         return y
 
 
@@ -146,7 +180,9 @@ class RowParallelDense(_TPDense):
                              f"{p} of axis {self.axis!r}")
         kernel = self._kernel((f, self.features), (self.axis, None))
         dtype = self.dtype or jnp.result_type(h.dtype, self.param_dtype)
-        lead = _leading_spec(h.ndim, self.batch_axes)
+        lead = self._lead(h)
+        h_spec = P(*lead, self._n_spec(False), self.axis)
+        h = to_spec(h, self.mesh, h_spec)
 
         def local(h, w):
             m = h.size // h.shape[-1]
@@ -157,12 +193,12 @@ class RowParallelDense(_TPDense):
                                                            direction=direction)
 
         y = jax.shard_map(local, mesh=self.mesh,
-                          in_specs=(P(*lead, self._n_spec(False), self.axis), P(self.axis, None)),
+                          in_specs=(h_spec, P(self.axis, None)),
                           out_specs=P(*lead, self._n_spec(True), None))(h.astype(dtype),
                                                                kernel.astype(dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(dtype)
+            y = y + to_spec(bias, self.mesh, P()).astype(dtype)
         return y
 
 
@@ -194,7 +230,8 @@ __all__ = ["OVERLAPS", "ColumnParallelDense", "RowParallelDense", "ParallelMLP",
 
 
 def init_sharded(module: nn.Module, rng, *args):
-    """module.init with every param placed by its `nn.with_partitioning` spec on module.mesh."""
+    """module.init with every param placed by its `nn.with_partitioning` spec on module.mesh
+    (any mesh, under `jax.set_mesh` or not)."""
     abstract = jax.eval_shape(module.init, rng, *args)
     shardings = jax.tree.map(lambda spec: NamedSharding(module.mesh, spec),
                              nn.get_partition_spec(abstract))

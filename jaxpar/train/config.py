@@ -370,6 +370,8 @@ def validate(cfg: Config, device_count: int) -> None:
         raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a text file, a "
                           f"folder of text files, or data.path=null for the bundled corpus")
     _check_run_dir(t.run_dir)
+    check_ranges(cfg)
+    check_byte_corpus(cfg)
 
 
 def _check_builtin_model(cfg: Config):
@@ -413,3 +415,95 @@ def _check_run_dir(run_dir: str):
     except OSError as e:
         raise ConfigError(f"train.run_dir={run_dir!r} is not writable ({e.strerror} in {probe}); "
                           f"choose another train.run_dir") from None
+
+
+# ------------------------------------------------------------------------- value ranges
+# Values that parse and fit the mesh but would train garbage or fail after compiling.
+
+SEED_LIMIT = 2**63  # numpy and jax.random take seeds below this
+
+
+def _in(key: str, v: float, lo: float, hi: float, *, lo_open=False, hi_open=False, why=""):
+    lo_ok = v > lo if lo_open else v >= lo
+    hi_ok = v < hi if hi_open else v <= hi
+    if not (lo_ok and hi_ok):
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ConfigError(f"{key}={v} must be in {rng}{why}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Optimizer, schedule, DiLoCo outer step, eval and sampling settings."""
+    for section, cls in _SECTION_TYPES.items():  # .nan / .inf read from YAML
+        for f in dataclasses.fields(cls):
+            v = getattr(getattr(cfg, section), f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section}.{f.name}={v} must be a finite number")
+    t, d, e, a = cfg.train, cfg.diloco, cfg.eval, cfg.attention
+    if not t.clip > 0:
+        raise ConfigError(f"train.clip={t.clip} must be > 0 (the global gradient-norm bound; "
+                          f"0 zeroes every update, a negative one reverses it)")
+    _in("train.b2", t.b2, 0.0, 1.0, hi_open=True, why=" (Adam's second-moment decay)")
+    _in("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, why=" (final lr / train.lr)")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if t.lr * t.weight_decay >= 1:
+        raise ConfigError(f"train.lr·weight_decay={t.lr * t.weight_decay:g} must be < 1 "
+                          f"(AdamW scales params by 1 - lr·weight_decay each step)")
+    if t.seed >= SEED_LIMIT:
+        raise ConfigError(f"train.seed={t.seed} must be < 2**63")
+    if t.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look up the "
+                          f"device kind)")
+    if not d.outer_lr > 0:
+        raise ConfigError(f"diloco.outer_lr={d.outer_lr} must be > 0")
+    _in("diloco.outer_momentum", d.outer_momentum, 0.0, 1.0, hi_open=True,
+        why=" (Nesterov momentum of the outer SGD; 0 = none)")
+    if a.impl != "hybrid" and a.ring_impl != "ring":
+        raise ConfigError(f"attention.ring_impl={a.ring_impl!r} is only used by "
+                          f"attention.impl=hybrid (got attention.impl={a.impl!r}); remove it "
+                          f"or set attention.impl=hybrid")
+    if cfg.overlap.mode == "none" and cfg.overlap.direction != "uni":
+        raise ConfigError(f"overlap.direction={cfg.overlap.direction!r} is only used with "
+                          f"overlap.mode=collective_matmul or auto (got overlap.mode='none')")
+    if e.sample_bytes and not e.prompt:
+        raise ConfigError(f"eval.prompt='' leaves nothing to continue; give a prompt or set "
+                          f"eval.sample_bytes=0 (got eval.sample_bytes={e.sample_bytes})")
+
+
+def corpus_bytes(path: str | None, separator: str) -> int:
+    """Length in bytes of the byte corpus `data.path` names (sizes only, nothing read)."""
+    from jaxpar.data import DEFAULT_CORPUS
+
+    p = Path(path) if path is not None else DEFAULT_CORPUS
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+        if not files:
+            raise ConfigError(f"data.path={path!r} is an empty folder; give a text file or a "
+                              f"folder of text files")
+        return sum(f.stat().st_size for f in files) + len(separator.encode()) * (len(files) - 1)
+    return p.stat().st_size
+
+
+def check_byte_corpus(cfg: Config) -> None:
+    """The byte-level corpus: big enough for the train and eval splits, and a vocab that
+    holds every byte. (A tokenized data source adds its own check here.)"""
+    mo, t, frac = cfg.model, cfg.train, cfg.data.eval_fraction
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        return  # reported by validate
+    if mo.vocab < 256:
+        raise ConfigError(f"model.vocab={mo.vocab} must be >= 256: byte-level data has token "
+                          f"ids 0..255 (vocab 256)")
+    n = corpus_bytes(cfg.data.path, cfg.data.doc_separator)
+    need = 20 * (t.seq_len + 1)
+    if n < need:
+        raise ConfigError(f"data.path={cfg.data.path!r} holds {n} bytes; train.seq_len="
+                          f"{t.seq_len} needs at least 20·(seq_len+1)={need}; use a bigger "
+                          f"corpus or a smaller train.seq_len")
+    n_eval = n - int(n * (1 - frac))  # the split ByteData.load makes
+    n_train = n - n_eval
+    if n_eval < t.seq_len + 2 or n_train < t.seq_len + 2:
+        small = "eval" if n_eval < t.seq_len + 2 else "train"
+        raise ConfigError(f"data.eval_fraction={frac} leaves {min(n_eval, n_train)} {small} "
+                          f"bytes of {n}; train.seq_len={t.seq_len} needs at least "
+                          f"{t.seq_len + 2} in each split; e.g. data.eval_fraction="
+                          f"{max(0.05, round((t.seq_len + 2) * 2 / n, 4))}")

@@ -31,7 +31,7 @@ from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
 from jaxpar.mesh import MeshConfig, make_mesh
 from jaxpar.train import faults
 from jaxpar.train import model as model_lib
-from jaxpar.train.config import Config, head_dim, validate
+from jaxpar.train.config import Config, ConfigError, head_dim, validate
 
 # dense bf16 peak TFLOP/s per device, for MFU (train.peak_tflops overrides)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
@@ -91,9 +91,12 @@ class Run:
         rules = model_lib.run_rules(cfg)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             model = model_lib.build(cfg, mesh, rules)
-        data = ByteData.load(cfg.data.path, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
-                             eval_fraction=cfg.data.eval_fraction,
-                             separator=cfg.data.doc_separator.encode())
+        try:
+            data = ByteData.load(cfg.data.path, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
+                                 eval_fraction=cfg.data.eval_fraction,
+                                 separator=cfg.data.doc_separator.encode())
+        except ValueError as e:  # validate checks sizes; a file that changed since is here
+            raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
         tx, schedule = inner_optimizer(cfg)
         # the sequence-parallel impls take tokens in the zigzag order over the ring axis
         zigzag = cfg.mesh.seq if cfg.attention.impl != "dense" else 1
