@@ -30,7 +30,6 @@ def _floats(m: dict) -> dict:
 
 
 def _write_run_files(run: Run, run_dir: Path, params) -> None:
-    cfg = run.cfg
     mesh = {"axes": dict(run.mesh.shape), "devices": len(run.mesh.devices.flat),
             "processes": jax.process_count(), "machine": machine(),
             "rules": [[k, v] for k, v in run.rules]}
