@@ -302,3 +302,39 @@ def test_nonfinite_with_diloco_skip_and_a_diverging_run_stops(tmp_path, monkeypa
                    train=dict(lr=1e4, steps=12, batch_size=4)))
     for r in records(tmp_path / "diverge"):  # valid JSON throughout
         assert all(v == v for v in r.values() if isinstance(v, float))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("diloco", [False, True], ids=["plain", "diloco"])
+def test_resume_on_a_new_mesh_continues_the_same_losses(tmp_path, diloco):
+    """A run on data 8 (DiLoCo: replica 2 x data 4) resumed from step 2 on data 4 x tensor 2
+    (replica 2 x data 2 x tensor 2): the state is resharded as it is restored, and steps 3..6
+    and the evals equal the run that never moved, within fp32 reassociation error (2e-5;
+    the measured differences are printed). A change that would alter the math is refused
+    and leaves the folder as it was."""
+    from jaxpar.train.run import train
+    if diloco:
+        sec = dict(diloco=dict(enabled=True, sync_every=2, num_fragments=1),
+                   train=dict(batch_size=4))
+        before, after = dict(replica=2, data=4), dict(replica=2, data=2, tensor=2)
+    else:
+        sec, before, after = {}, dict(data=8), dict(data=4, tensor=2)
+    ref = train(tiny(tmp_path / "ref", mesh=before, **sec))
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "ref", moved)
+    for s in ("4", "6"):
+        shutil.rmtree(moved / "checkpoints" / s)
+    if not diloco:
+        with pytest.raises(ConfigError, match=r"train.seed \(0 -> 1\)"):
+            train(tiny(moved, mesh=after, train=dict(seed=1)))
+        assert Checkpointer(moved, 3).steps() == [2]
+    out = train(tiny(moved, mesh=after, **sec))
+    a, b = losses(tmp_path / "ref"), losses(moved)
+    assert sorted(b) == list(range(1, 7))
+    loss_diff = max(abs(a[s] - b[s]) for s in range(3, 7))
+    eval_diff = max(abs(x[1] - y[1]) for x, y in zip(ref["evals"], out["evals"]))
+    print(f"new mesh: max |loss diff| {loss_diff:.2e}, max |eval diff| {eval_diff:.2e}")
+    assert [e[0] for e in out["evals"]] == [3, 6] and loss_diff <= 2e-5 and eval_diff <= 2e-5
+    last = json.loads((moved / runfolder.HISTORY).read_text().splitlines()[-1])
+    assert last["start_step"] == 2 and set(last["changes"]) == {
+        f"mesh.{k}" for k in after if after[k] != before.get(k, 1)}
