@@ -236,8 +236,8 @@ def nan_at(monkeypatch, cfg, data_step):
     """Make the test model's loss NaN in the batch of `data_step` (and no other step <= 12)."""
     from jaxpar.train.loop import Run
     run = Run.create(cfg)
-    first = {s: tuple(int(x) for x in np.asarray(run.data.batch(s, cfg.train.batch_size))[0, :6])
-             for s in range(1, 13)}
+    row0 = lambda s: np.asarray(run.batch(s)["tokens"]).reshape(-1, cfg.train.seq_len)[0]
+    first = {s: tuple(int(x) for x in row0(s)[:6]) for s in range(1, 13)}
     assert list(first.values()).count(first[data_step]) == 1
     monkeypatch.setenv("JAXPAR_TEST_NAN_TRIGGER", ",".join(map(str, first[data_step])))
 

@@ -30,7 +30,8 @@ STEPS = 3
 
 def small_config(tmp_path, kind, mesh, impl="dense", **sections) -> Config:
     base = Config().replace(
-        model=dict(module=f"user_models:{kind}_factory", layers=2, embed=32, heads=4, mlp=64),
+        model=dict(module=f"user_models:{kind}_factory", layers=2, embed=32, heads=4, mlp=64,
+                   vocab=256),  # explicit: reference() calls the factory without Run.create
         train=dict(steps=STEPS, batch_size=4, seq_len=32, lr=1e-2, warmup=1,
                    run_dir=str(tmp_path)),
         attention=dict(impl=impl), mesh=mesh, eval=dict(every=0, batches=2, sample_bytes=0))

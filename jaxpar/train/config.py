@@ -47,7 +47,7 @@ class ModelSection:
     kv_heads: int = 2
     head_dim: int = 0   # 0 = embed // heads
     mlp: int = 384
-    vocab: int = 256    # byte-level data: 256
+    vocab: int = 0      # 0 = the data's (bytes: 256; a prepared dataset: its manifest)
     rope_base: float = 10_000.0
     dtype: str = "float32"  # compute dtype; params stay fp32
 
@@ -96,7 +96,8 @@ class TrainSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    path: str | None = None   # null = the bundled corpus; a text file or a folder
+    path: str | None = None   # null = the bundled corpus; a text file or folder (bytes), or
+    #                           a dataset folder from `python -m jaxpar.data.prepare`
     doc_separator: str = "\n\n"  # documents inside one file (a folder: one per file)
     eval_fraction: float = 0.05
 
@@ -269,14 +270,14 @@ def dump(cfg: Config) -> str:
 def _positive(cfg: Config):
     for key in ("mesh.replica", "mesh.data", "mesh.seq", "mesh.seq_inner", "mesh.tensor",
                 "model.layers", "model.embed", "model.heads", "model.kv_heads", "model.mlp",
-                "model.vocab", "train.steps", "train.batch_size", "train.seq_len",
+                "train.steps", "train.batch_size", "train.seq_len",
                 "train.log_every", "diloco.sync_every", "diloco.num_fragments",
                 "checkpoint.keep", "eval.batches"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 1:
             raise ConfigError(f"{key}={v} must be a positive integer (>= 1)")
-    for key in ("model.head_dim", "train.warmup", "checkpoint.every", "eval.every",
+    for key in ("model.head_dim", "model.vocab", "train.warmup", "checkpoint.every", "eval.every",
                 "eval.sample_bytes", "diloco.overlap_steps", "train.seed"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
@@ -308,6 +309,8 @@ def validate(cfg: Config, device_count: int) -> None:
     from jaxpar.train.faults import POLICIES
 
     _positive(cfg)
+    _check_data(cfg)
+    cfg = resolve(cfg)
     m, mo, a, d, t = cfg.mesh, cfg.model, cfg.attention, cfg.diloco, cfg.train
     _choice("attention.impl", a.impl, IMPLS)
     _choice("attention.ring_impl", a.ring_impl, ("ring", "tokenring"))
@@ -366,12 +369,40 @@ def validate(cfg: Config, device_count: int) -> None:
             raise ConfigError(f"diloco.alpha={d.alpha} must be in [0, 1]")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1)")
-    if cfg.data.path is not None and not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a text file, a "
-                          f"folder of text files, or data.path=null for the bundled corpus")
     _check_run_dir(t.run_dir)
     check_ranges(cfg)
     check_byte_corpus(cfg)
+
+
+def _check_data(cfg: Config):
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={cfg.data.path!r} does not exist; give a prepared dataset "
+                          f"folder, a text file, a folder of text files, or data.path=null for "
+                          f"the bundled corpus")
+    data_vocab = _data_vocab(cfg)
+    # larger is fine (a padded vocabulary: tensor parallelism, an imported model); smaller
+    # would put token ids past the embedding
+    if cfg.model.vocab and cfg.model.vocab < data_vocab:
+        kind = "its manifest" if _prepared(cfg) else "byte-level data has token ids 0..255"
+        raise ConfigError(f"model.vocab={cfg.model.vocab} must be >= {data_vocab}, the data's "
+                          f"vocabulary ({kind}; data.path={cfg.data.path!r}); set model.vocab="
+                          f"{data_vocab} (or larger, padded) or leave it unset (0)")
+
+
+def _data_vocab(cfg: Config) -> int:
+    from jaxpar.data.manifest import data_vocab
+
+    try:
+        return data_vocab(cfg.data.path)
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary."""
+    if cfg.model.vocab:
+        return cfg
+    return cfg.replace(model={"vocab": _data_vocab(cfg)})
 
 
 def _check_builtin_model(cfg: Config):
@@ -490,6 +521,8 @@ def check_byte_corpus(cfg: Config) -> None:
     mo, t, frac = cfg.model, cfg.train, cfg.data.eval_fraction
     if cfg.data.path is not None and not Path(cfg.data.path).exists():
         return  # reported by validate
+    if _prepared(cfg):
+        return check_token_dataset(cfg)
     if mo.vocab < 256:
         raise ConfigError(f"model.vocab={mo.vocab} must be >= 256: byte-level data has token "
                           f"ids 0..255 (vocab 256)")
@@ -507,3 +540,22 @@ def check_byte_corpus(cfg: Config) -> None:
                           f"bytes of {n}; train.seq_len={t.seq_len} needs at least "
                           f"{t.seq_len + 2} in each split; e.g. data.eval_fraction="
                           f"{max(0.05, round((t.seq_len + 2) * 2 / n, 4))}")
+
+
+def _prepared(cfg: Config) -> bool:
+    from jaxpar.data.manifest import looks_prepared
+
+    return cfg.data.path is not None and looks_prepared(Path(cfg.data.path))
+
+
+def check_token_dataset(cfg: Config) -> None:
+    """A prepared dataset: each split holds at least one window of train.seq_len+1 tokens."""
+    from jaxpar.data.manifest import read_manifest
+
+    splits = read_manifest(cfg.data.path)["splits"]  # readable: validate checked it
+    for name in ("train", "eval"):
+        n = splits[name]["tokens"]
+        if n < cfg.train.seq_len + 1:
+            raise ConfigError(f"data.path={cfg.data.path!r}: the {name} split holds {n} tokens; "
+                              f"train.seq_len={cfg.train.seq_len} needs at least "
+                              f"{cfg.train.seq_len + 1}; use a smaller train.seq_len")

@@ -26,12 +26,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpar import comm, sharding
-from jaxpar.data import ByteData, pack
+from jaxpar.data import ByteData, feed, open_data, pack
+from jaxpar.data.tokens import TokenDataset
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
 from jaxpar.mesh import MeshConfig, make_mesh
 from jaxpar.train import faults
 from jaxpar.train import model as model_lib
-from jaxpar.train.config import Config, ConfigError, head_dim, validate
+from jaxpar.train.config import Config, ConfigError, head_dim, resolve, validate
 
 # dense bf16 peak TFLOP/s per device, for MFU (train.peak_tflops overrides)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
@@ -73,7 +74,7 @@ class Run:
     mesh: Mesh
     rules: sharding.Rules
     model: model_lib.ModelFns
-    data: ByteData
+    data: ByteData | TokenDataset
     tx: optax.GradientTransformation
     schedule: Any
     zigzag: int
@@ -86,15 +87,16 @@ class Run:
     @classmethod
     def create(cls, cfg: Config, devices=None) -> "Run":
         devices = list(devices) if devices is not None else jax.devices()
+        cfg = resolve(cfg)  # model.vocab from the data
         validate(cfg, len(devices))
         mesh = make_mesh(MeshConfig(**dataclasses.asdict(cfg.mesh)), devices=devices)
         rules = model_lib.run_rules(cfg)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             model = model_lib.build(cfg, mesh, rules)
         try:
-            data = ByteData.load(cfg.data.path, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
-                                 eval_fraction=cfg.data.eval_fraction,
-                                 separator=cfg.data.doc_separator.encode())
+            data = open_data(cfg.data.path, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
+                             eval_fraction=cfg.data.eval_fraction,
+                             separator=cfg.data.doc_separator.encode())
         except ValueError as e:  # validate checks sizes; a file that changed since is here
             raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
         tx, schedule = inner_optimizer(cfg)
@@ -133,20 +135,22 @@ class Run:
                 for k, v in arrays.items()}
 
     def batch(self, step: int) -> dict:
-        """Global batch for inner step `step` (counted from 1), packed and sharded."""
-        sep = self.cfg.data.doc_separator.encode()
-        B = self.cfg.train.batch_size
+        """Global batch for inner step `step` (counted from 1), packed and sharded; this
+        process reads only the rows of its own shards (jaxpar.data.feed)."""
+        B, N, M = self.cfg.train.batch_size, self.cfg.train.seq_len, self.num_replicas
+        read = lambda ix, rows: self.data.train_rows(step, ix[0] if ix else 0, rows, B, M)
         if self.cfg.diloco.enabled:
-            windows = self.data.replica_batches(step, B, self.num_replicas)
-            return self._place(pack(windows, separator=sep, zigzag=self.zigzag),
-                               P(sharding.REPLICA, *self._batch_spec(0)))
-        windows = self.data.batch(step, B)
-        return self._place(pack(windows, separator=sep, zigzag=self.zigzag), self._batch_spec(0))
+            return self._feed(read, (M, B, N), P(sharding.REPLICA, *self._batch_spec(0)))
+        return self._feed(read, (B, N), self._batch_spec(0))
 
     def eval_batches(self) -> dict:
-        sep = self.cfg.data.doc_separator.encode()
-        w = self.data.eval_batches(self.cfg.train.batch_size, self.cfg.eval.batches)
-        return self._place(pack(w, separator=sep, zigzag=self.zigzag), self._batch_spec(1))
+        B, nb = self.cfg.train.batch_size, self.cfg.eval.batches
+        read = lambda ix, rows: self.data.eval_rows(ix[0], rows, B, nb)
+        return self._feed(read, (nb, B, self.cfg.train.seq_len), self._batch_spec(1))
+
+    def _feed(self, read, shape, spec: P) -> dict:
+        return feed.place(read, shape, NamedSharding(self.mesh, spec), zigzag=self.zigzag,
+                          separator=self.cfg.data.doc_separator.encode())
 
     # ------------------------------------------------------------------ loss
     def loss(self, params, b: dict):
@@ -272,15 +276,18 @@ class Run:
 
 def sample(run: Run, params, prompt: str, num_bytes: int, *, temperature: float = 0.0,
            seed: int = 0) -> str:
-    """Continue `prompt` byte by byte with the run's sharded model (one full-window forward
-    per byte; greedy at temperature 0)."""
+    """Continue `prompt` with the run's sharded model, one token per full-window forward
+    (greedy at temperature 0), until the continuation decodes to `num_bytes` bytes (at most
+    `num_bytes` tokens); encoded and decoded with the data's tokenizer (bytes for raw text)."""
     n = run.cfg.train.seq_len
     rows = run.batch_rows()
-    text = list(prompt.encode())
+    tok = run.data.tokenizer
+    ids = list(tok.encode(prompt))
+    first = len(ids)
     rng = np.random.default_rng(seed)
     for _ in range(num_bytes):
         window = np.zeros((rows, n + 1), np.int32)
-        ctx = text[-n:]
+        ctx = ids[-n:]
         window[:, :len(ctx)] = ctx
         b = pack(window, separator=b"", zigzag=run.zigzag)
         placed = run._place({k: b[k] for k in ("tokens", "positions", "segment_ids")},
@@ -294,5 +301,7 @@ def sample(run: Run, params, prompt: str, num_bytes: int, *, temperature: float 
             nxt = int(rng.choice(len(p), p=p / p.sum()))
         else:
             nxt = int(row.argmax())
-        text.append(nxt)
-    return bytes(text).decode("utf-8", "replace")
+        ids.append(nxt)
+        if len(tok.decode(ids[first:]).encode("utf-8")) >= num_bytes:
+            break
+    return tok.decode(ids)

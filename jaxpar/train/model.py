@@ -56,7 +56,8 @@ def parallel(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Parallel:
 
 def transformer_config(cfg: Config) -> TransformerConfig:
     m = cfg.model
-    return TransformerConfig(vocab=m.vocab, layers=m.layers, embed=m.embed, heads=m.heads,
+    # vocab 0 (not resolved from the data: a model built without Run.create) = bytes
+    return TransformerConfig(vocab=m.vocab or 256, layers=m.layers, embed=m.embed, heads=m.heads,
                              kv_heads=m.kv_heads, head_dim=head_dim(cfg), mlp=m.mlp,
                              rope_base=m.rope_base, dtype=m.dtype)
 

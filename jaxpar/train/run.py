@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     lead = jax.process_index() == 0 and not quiet
     say = (lambda msg: print(msg, flush=True)) if lead else (lambda msg: None)
     run = Run.create(cfg, devices)
+    cfg = run.cfg  # resolved (model.vocab from the data)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep)
@@ -132,7 +132,8 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
                 ckpt.save(step, state, meta_of(step))
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
                 loss = float(run.eval_loss(run.eval_params(state), evals))
-                writer.write({"step": step, "eval_loss": loss, "eval_bpb": loss / math.log(2)})
+                writer.write({"step": step, "eval_loss": loss,
+                              "eval_bpb": run.data.bits_per_byte(loss)})
                 evals_seen.append([step, loss])
             if step < steps and preempt.stop(step):
                 ckpt.save(step, state, meta_of(step))
@@ -155,7 +156,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
     summary = {
         "steps": steps, "nonfinite_steps": nonfinite, "rollbacks": rollbacks,
-        "final_eval_loss": final_eval, "final_eval_bpb": final_eval / math.log(2),
+        "final_eval_loss": final_eval, "final_eval_bpb": run.data.bits_per_byte(final_eval),
         "tokens_per_s": float(np.median(rates)) if rates else None,
         "step_time_s": run.tokens_per_step() / float(np.median(rates)) if rates else None,
         "evals": evals_seen,  # [step, eval loss] of this process's run (after a resume: since)
@@ -168,7 +169,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         summary["diloco_bytes"] = run.diloco.bytes_report(final_params, steps)
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        writer.print(f"done: eval loss {final_eval:.4f} ({final_eval / math.log(2):.3f} bits/byte)"
+        writer.print(f"done: eval loss {final_eval:.4f} ({summary['final_eval_bpb']:.3f} bits/byte)"
                      + (f", {summary['tokens_per_s']:.0f} tokens/s" if rates else ""))
         if text:
             writer.print(f"sample: {text!r}")

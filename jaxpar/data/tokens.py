@@ -1,0 +1,92 @@
+"""Reading a prepared dataset (`jaxpar.data.prepare`) in a run: a grain pipeline over
+memory-mapped token files.
+
+    source  TokenWindows: window k = tokens[k·N : k·N + N+1] of the training documents laid
+            back to back, with each token's document index (from the offsets file)
+    shuffle grain's index shuffle, seeded by train.seed, a new permutation each epoch
+    pack    (jaxpar.data.pack, in feed.place) segment ids and positions restarting at each
+            document start, then the zigzag layout for sequence-parallel attention
+
+Row r of the batch of step s (replica m; DiLoCo) is element ((s-1)·M + m)·B + r of the
+shuffled dataset: a pure function of (seed, step), so the data position of a checkpoint is
+its step and a resumed run reads the same rows. Nothing is read up front: the token files
+are memory-mapped and a process touches only the windows of its own rows (`feed.place`),
+so resident memory stays flat in the dataset's size.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from jaxpar.data.manifest import read_manifest
+from jaxpar.data.tokenizer import BYTES, load_tokenizer
+
+
+class TokenWindows:
+    """grain random-access source: fixed windows of seq_len+1 tokens over a token file."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int):
+        self.tokens, self.offsets, self.seq_len = tokens, offsets, seq_len
+        self.reads = 0  # windows read by this process (the per-process reading test)
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def window(self, start: int) -> np.ndarray:
+        """[2, N+1]: tokens and their document indices, from token `start`."""
+        self.reads += 1
+        pos = np.arange(start, start + self.seq_len + 1)
+        doc = np.searchsorted(self.offsets, pos, side="right") - 1
+        return np.stack([self.tokens[start:start + self.seq_len + 1].astype(np.int32),
+                         doc.astype(np.int32)])
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.window(int(k) * self.seq_len)
+
+
+class TokenDataset:
+    """A prepared dataset folder, read lazily; the row interface of `jaxpar.data.feed`."""
+
+    def __init__(self, path, *, seq_len: int, seed: int = 0):
+        self.path = Path(path)
+        self.manifest = m = read_manifest(self.path)
+        self.vocab, self.seq_len, self.seed = m["vocab_size"], seq_len, seed
+        tok = m["tokenizer"]
+        self.tokenizer = load_tokenizer(BYTES if tok["file"] is None else self.path / tok["file"])
+        split = {}
+        for name in ("train", "eval"):
+            tokens = np.memmap(self.path / f"{name}.bin", dtype=m["dtype"], mode="r")
+            if len(tokens) < seq_len + 1:
+                raise ValueError(f"dataset {self.path}: the {name} split has {len(tokens)} "
+                                 f"tokens; train.seq_len={seq_len} needs at least {seq_len + 1}")
+            offsets = np.load(self.path / f"{name}_docs.npy", mmap_mode="r")
+            split[name] = TokenWindows(tokens, offsets, seq_len)
+        self.train, self.eval = split["train"], split["eval"]
+        self.dataset = grain.MapDataset.source(self.train).shuffle(seed=seed % 2 ** 32)
+        ev = m["splits"]["eval"]
+        self.eval_tokens_per_byte = ev["tokens"] / ev["decoded_bytes"]
+
+    @property
+    def reads(self) -> int:
+        return self.train.reads + self.eval.reads
+
+    def train_rows(self, step: int, replica: int, rows: range, batch_size: int,
+                   num_replicas: int = 1):
+        first = ((step - 1) * num_replicas + replica) * batch_size
+        w = np.stack([self.dataset[first + r] for r in rows])
+        return w[:, 0], w[:, 1]
+
+    def eval_rows(self, j: int, rows: range, batch_size: int, num_batches: int):
+        """Fixed windows spread evenly over the eval split (as ByteData's)."""
+        n = batch_size * num_batches
+        starts = np.linspace(0, len(self.eval.tokens) - self.seq_len - 1, n).astype(np.int64)
+        w = np.stack([self.eval.window(int(starts[j * batch_size + r])) for r in rows])
+        return w[:, 0], w[:, 1]
+
+    def bits_per_byte(self, loss_nats: float) -> float:
+        """Loss per token in nats -> bits per byte of the decoded eval text (comparable
+        across tokenizers)."""
+        return loss_nats / math.log(2) * self.eval_tokens_per_byte
