@@ -336,5 +336,28 @@ def test_resume_on_a_new_mesh_continues_the_same_losses(tmp_path, diloco):
     print(f"new mesh: max |loss diff| {loss_diff:.2e}, max |eval diff| {eval_diff:.2e}")
     assert [e[0] for e in out["evals"]] == [3, 6] and loss_diff <= 2e-5 and eval_diff <= 2e-5
     last = json.loads((moved / runfolder.HISTORY).read_text().splitlines()[-1])
-    assert last["start_step"] == 2 and set(last["changes"]) == {
+    assert last["start_step"] == 2 and set(last["changes"]) == {"train.run_dir"} | {
         f"mesh.{k}" for k in after if after[k] != before.get(k, 1)}
+
+
+def window_rates(run_dir, log_every, eval_every):
+    """Median tokens/s of the log windows with an eval inside them and of those without
+    (interleaved in one run, so a shared machine's load affects both alike)."""
+    rates = {r["step"]: r["tokens_per_s"] for r in records(run_dir) if "tokens_per_s" in r}
+    inside = lambda s: any((s - log_every) < e < s for e in range(eval_every, s, eval_every))
+    return (float(np.median([v for s, v in rates.items() if inside(s)])),
+            float(np.median([v for s, v in rates.items() if not inside(s)])))
+
+
+@pytest.mark.slow
+def test_tokens_per_s_count_only_the_training_steps(tmp_path):
+    """Log windows with an eval in them report the tokens/s of windows without one (median
+    ratio within [0.7, 1.4]; printed). Before, the time an eval spent waiting for the queued
+    steps was subtracted as if it were eval time, overstating those windows."""
+    from jaxpar.train.run import train
+    train(tiny(tmp_path, train=dict(steps=90, log_every=10), eval=dict(every=15, batches=2),
+               checkpoint=dict(every=0)), quiet=True)
+    with_eval, without = window_rates(tmp_path, 10, 15)
+    print(f"tokens/s, windows with an eval / without: {with_eval / without:.3f} "
+          f"({with_eval:.0f} / {without:.0f})")
+    assert 0.7 <= with_eval / without <= 1.4

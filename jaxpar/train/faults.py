@@ -50,6 +50,39 @@ def guard(step_fn):
     return guarded
 
 
+class NonFinite:
+    """The loop's side of `train.nonfinite`: counts, and for stop / rollback acts."""
+
+    def __init__(self, policy: str):
+        self.policy, self.count, self.rollbacks = policy, 0, 0
+
+    def handle(self, step, m, state, offset, *, run, ckpt, writer, meta_of, say):
+        """None: go on (skip). (step, state, offset) to go on from after a rollback.
+        Raises Stopped (after saving the state before the bad step) for stop."""
+        self.count += 1
+        if self.policy == "skip":
+            return None
+        if self.policy == "stop" or self.rollbacks == MAX_ROLLBACKS:
+            writer.write({"step": step, **{k: float(v) if k != "nonfinite" else int(v)
+                                           for k, v in jax.device_get(m).items()}})
+            ckpt.save(step - 1, state, meta_of(step - 1, offset))  # the bad update was dropped
+            ckpt.wait(), ckpt.close(), writer.close()
+            raise Stopped(f"step {step}: loss {float(m['loss'])}, grad norm "
+                          f"{float(m['grad_norm'])} (train.nonfinite={self.policy}, "
+                          f"{self.rollbacks} rollbacks); checkpoint {step - 1} holds the state "
+                          f"before it; rerun with train.nonfinite=skip or rollback to go on")
+        self.rollbacks += 1
+        ckpt.wait()
+        c, state, _ = ckpt.restore_newest(state, say)
+        state = state if c else run.init_state()
+        skipped = [c + 1 + offset, step + offset]  # data steps
+        say(f"step {step}: non-finite loss; rolled back to step {c}, skipping data steps "
+            f"{skipped[0]}..{skipped[1]} (rollback {self.rollbacks} of at most {MAX_ROLLBACKS})")
+        writer.restart_at(c)
+        writer.write({"step": c, "rollback_from": step, "data_skipped": skipped})
+        return c, state, step + offset - c
+
+
 class Preemption:
     """`with Preemption(every) as p: ... if p.stop(step): ...` — SIGTERM/SIGINT set a flag
     (handlers are installed only in the main thread, and restored on exit)."""

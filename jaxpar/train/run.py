@@ -77,9 +77,9 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     n_dev = len(run.mesh.devices.flat)
     evals = run.eval_batches()
     history, evals_seen = [], []
-    rate, nonfinite, rollbacks = StepRate(), 0, 0
-    meta_of = lambda s: {"data_step": s + offset, "seed": cfg.train.seed,
-                         "config": cfg.to_dict()}
+    rate, guard = StepRate(), faults.NonFinite(cfg.train.nonfinite)
+    meta_of = lambda s, offset: {"data_step": s + offset, "seed": cfg.train.seed,
+                                 "config": cfg.to_dict()}
     steps, step = cfg.train.steps, start
     with faults.Preemption(cfg.train.log_every) as preempt:
         while step < steps:
@@ -91,31 +91,13 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
             bad = int(m["nonfinite"])  # waits for this step, so [t0, now] is its time alone
             rate.add(time.perf_counter() - t0, timed=step > start + 1)  # 1st: compilation
             if bad:
-                nonfinite += 1
-                if cfg.train.nonfinite != "skip":
-                    if cfg.train.nonfinite == "stop" or rollbacks == faults.MAX_ROLLBACKS:
-                        writer.write({"step": step, **_floats(m)})
-                        ckpt.save(step - 1, state, meta_of(step - 1))  # the bad update was dropped
-                        ckpt.wait(), ckpt.close(), writer.close()
-                        raise faults.Stopped(
-                            f"step {step}: loss {float(m['loss'])}, grad norm "
-                            f"{float(m['grad_norm'])} (train.nonfinite={cfg.train.nonfinite}, "
-                            f"{rollbacks} rollbacks); checkpoint {step - 1} holds the state "
-                            f"before it; rerun with train.nonfinite=skip or rollback to go on")
-                    rollbacks += 1
-                    ckpt.wait()
-                    c, state, _ = ckpt.restore_newest(state, say)
-                    state = state if c else run.init_state()
-                    skipped = [start_data := c + 1 + offset, step + offset]
-                    offset = step + offset - c
-                    say(f"step {step}: non-finite loss; rolled back to step {c} and skipping "
-                        f"data steps {start_data}..{skipped[1]} (rollback {rollbacks} of at "
-                        f"most {faults.MAX_ROLLBACKS})")
-                    writer.restart_at(c)
-                    writer.write({"step": c, "rollback_from": step, "data_skipped": skipped})
-                    history = [h for h in history if h["step"] <= c]
-                    evals_seen = [e for e in evals_seen if e[0] <= c]
-                    step, b = c, run.batch(c + 1 + offset)
+                back = guard.handle(step, m, state, offset, run=run, ckpt=ckpt, writer=writer,
+                                    meta_of=meta_of, say=say)
+                if back:  # a rollback: go on from the checkpoint it restored
+                    step, state, offset = back
+                    history = [h for h in history if h["step"] <= step]
+                    evals_seen = [e for e in evals_seen if e[0] <= step]
+                    b = run.batch(step + 1 + offset)
                     continue
             if step % cfg.train.log_every == 0 or step == steps or step == start + 1:
                 rec = {"step": step, **_floats(m), "comm_bytes": sum(comm_bytes.values())}
@@ -129,14 +111,14 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
                 history.append(rec)
             # save before eval: the checkpoint's commit does not wait for eval (or its compile)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
-                ckpt.save(step, state, meta_of(step))
+                ckpt.save(step, state, meta_of(step, offset))
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
                 loss = float(run.eval_loss(run.eval_params(state), evals))
                 writer.write({"step": step, "eval_loss": loss,
                               "eval_bpb": run.data.bits_per_byte(loss)})
                 evals_seen.append([step, loss])
             if step < steps and preempt.stop(step):
-                ckpt.save(step, state, meta_of(step))
+                ckpt.save(step, state, meta_of(step, offset))
                 ckpt.wait()
                 say(f"{preempt.signal}: stopped after step {step} with a checkpoint of it, "
                     f"{time.monotonic() - preempt.at:.1f} s after the signal; the same command "
@@ -155,7 +137,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         text = sample(run, final_params, cfg.eval.prompt, cfg.eval.sample_bytes)
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
     summary = {
-        "steps": steps, "nonfinite_steps": nonfinite, "rollbacks": rollbacks,
+        "steps": steps, "nonfinite_steps": guard.count, "rollbacks": guard.rollbacks,
         "final_eval_loss": final_eval, "final_eval_bpb": run.data.bits_per_byte(final_eval),
         "tokens_per_s": float(np.median(rates)) if rates else None,
         "step_time_s": run.tokens_per_step() / float(np.median(rates)) if rates else None,
