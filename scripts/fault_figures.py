@@ -88,7 +88,7 @@ def checkpoint_lag(tmp: Path) -> dict:
             time.sleep(0.005)
     t = threading.Thread(target=poll)
     t.start()
-    train(cfg, quiet=True)
+    train(cfg)
     done.set()
     t.join()
     lags = {s: round(seen[("ckpt", s)] - seen[("step", s)], 2) for s in (6, 12, 18, 24)}
@@ -105,7 +105,7 @@ def rates(tmp: Path) -> dict:
     cfg = load_config(ROOT / "configs/base.yaml", [
         f"train.run_dir={d}", "train.steps=150", "checkpoint.every=0", "eval.every=15"]
         + TINY + ["train.log_every=10"])
-    train(cfg, quiet=True)
+    train(cfg)
     rates = {r["step"]: r["tokens_per_s"] for r in metrics(d) if "tokens_per_s" in r}
     inside = lambda s: any((s - 10) < e < s for e in range(15, s, 15))
     a = sorted(v for s, v in rates.items() if inside(s))

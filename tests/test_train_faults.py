@@ -356,8 +356,46 @@ def test_tokens_per_s_count_only_the_training_steps(tmp_path):
     steps was subtracted as if it were eval time, overstating those windows."""
     from jaxpar.train.run import train
     train(tiny(tmp_path, train=dict(steps=90, log_every=10), eval=dict(every=15, batches=2),
-               checkpoint=dict(every=0)), quiet=True)
+               checkpoint=dict(every=0)))
     with_eval, without = window_rates(tmp_path, 10, 15)
     print(f"tokens/s, windows with an eval / without: {with_eval / without:.3f} "
           f"({with_eval:.0f} / {without:.0f})")
     assert 0.7 <= with_eval / without <= 1.4
+
+
+@pytest.mark.slow
+def test_sigterm_in_process_checkpoints_the_step_and_the_resume_runs_its_eval(tmp_path):
+    """SIGTERM (sent by a thread once step 3 is logged) stops the run after the step it is
+    in, with a checkpoint of it and no eval yet; the same config resumes, runs the eval that
+    was due, and every loss equals a run never stopped (<= 1e-6)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from jaxpar.train.run import train
+    ref = train(tiny(tmp_path / "ref", train=dict(steps=8), eval=dict(every=4)))
+    d = tmp_path / "stopped"
+    cfg = tiny(d, train=dict(steps=8), eval=dict(every=4), checkpoint=dict(every=0))
+
+    def send():
+        while not any(r.get("step", 0) >= 3 for r in (records(d) if (d / "metrics.jsonl")
+                                                        .exists() else [])):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+    t = threading.Thread(target=send)
+    t.start()
+    out = train(cfg)
+    t.join()
+    stopped = out["preempted_at"]
+    assert out["signal"] == "SIGTERM" and 3 <= stopped < 8
+    assert Checkpointer(d, 3).steps() == [stopped]
+    again = train(cfg)
+    assert [e[0] for e in again["evals"]] == [s for s in (4, 8) if s >= stopped]
+    a, b = losses(tmp_path / "ref"), losses(d)
+    assert sorted(b) == list(range(1, 9))
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+    assert abs(ref["final_eval_loss"] - again["final_eval_loss"]) <= 1e-6
+    evals = [(r["step"], r["eval_loss"]) for r in records(d) if "eval_loss" in r]
+    assert [s for s, _ in evals] == [4, 8]

@@ -81,6 +81,14 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     meta_of = lambda s, offset: {"data_step": s + offset, "seed": cfg.train.seed,
                                  "config": cfg.to_dict()}
     steps, step = cfg.train.steps, start
+    eval_due = lambda s: bool(cfg.eval.every and s % cfg.eval.every == 0) or s == steps
+
+    def evaluate(s):
+        loss = float(run.eval_loss(run.eval_params(state), evals))
+        writer.write({"step": s, "eval_loss": loss, "eval_bpb": run.data.bits_per_byte(loss)})
+        evals_seen.append([s, loss])
+    if meta and meta.get("eval_due"):  # a signal stopped the run before this step's eval
+        evaluate(start)
     with faults.Preemption(cfg.train.log_every) as preempt:
         while step < steps:
             step += 1
@@ -112,19 +120,16 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
             # save before eval: the checkpoint's commit does not wait for eval (or its compile)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
                 ckpt.save(step, state, meta_of(step, offset))
-            if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
-                loss = float(run.eval_loss(run.eval_params(state), evals))
-                writer.write({"step": step, "eval_loss": loss,
-                              "eval_bpb": run.data.bits_per_byte(loss)})
-                evals_seen.append([step, loss])
-            if step < steps and preempt.stop(step):
-                ckpt.save(step, state, meta_of(step, offset))
+            if step < steps and preempt.stop(step):  # before the eval: exit sooner
+                ckpt.save(step, state, {**meta_of(step, offset), "eval_due": eval_due(step)})
                 ckpt.wait()
                 say(f"{preempt.signal}: stopped after step {step} with a checkpoint of it, "
                     f"{time.monotonic() - preempt.at:.1f} s after the signal; the same command "
                     f"resumes")
                 ckpt.close(), writer.close()
                 return {"preempted_at": step, "signal": preempt.signal}
+            if eval_due(step):
+                evaluate(step)
     ckpt.wait()
     ckpt.close()
 
