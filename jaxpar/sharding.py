@@ -37,6 +37,7 @@ DEFAULT_RULES: Rules = (
     ("vocab", TENSOR),
     ("embed", None),
     ("head_dim", None),
+    ("layers", None),                              # nn.scan's stacked-layers axis
 )
 
 

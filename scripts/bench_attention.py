@@ -8,6 +8,14 @@ total work. Prints a markdown table; `--json PATH` writes the rows.
 
     python scripts/bench_attention.py --quick
     python scripts/bench_attention.py --seq-lens 2048 4096 8192 16384 --json out.json
+    python scripts/bench_attention.py --calibrate --json jaxpar/attention/profile_cpu.json
+    python scripts/bench_attention.py --grid --json docs/attention_auto_grid.json
+    python scripts/bench_attention.py --peer --json docs/attention_peer.json
+
+--calibrate measures the CPU cost profile of `impl="auto"` (kernel throughput, cost per
+kernel call, copy bandwidth and latency, elementwise bandwidth); --grid times every schedule
+on a grid of meshes and shapes and compares auto's pick with the fastest; --peer compares
+ring, TokenRing and Ulysses with the `ringattention` package (optional, benchmark only).
 """
 from __future__ import annotations
 
@@ -111,7 +119,17 @@ def main(argv=None):
     ap.add_argument("--json", help="write the rows (and the machine) to this file")
     ap.add_argument("--plot", help="write a PNG of fwd+bwd time and bytes vs N")
     ap.add_argument("--from-json", help="skip measuring: print/plot the rows of this file")
+    ap.add_argument("--calibrate", action="store_true", help="measure the CPU auto profile")
+    ap.add_argument("--grid", action="store_true", help="auto's pick vs every impl, a grid")
+    ap.add_argument("--peer", action="store_true", help="vs the ringattention package")
+    ap.add_argument("--peer-chunks", type=int, nargs="+", default=[512, 1024],
+                    help="--peer: the peer's query/key chunk sizes to try (its best counts)")
     args = ap.parse_args(argv)
+    if args.calibrate or args.grid or args.peer:
+        from bench_attention_auto import calibrate, grid, peer
+
+        run = calibrate if args.calibrate else grid if args.grid else peer
+        return run(args)
     if args.quick:
         args.seq_lens, args.repeats = [1024, 2048], 1
     if jax.device_count() < args.devices:

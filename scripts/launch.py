@@ -6,8 +6,17 @@ Each process gets JAXPAR_COORDINATOR / JAXPAR_NUM_PROCESSES / JAXPAR_PROCESS_ID 
 `python -m jaxpar.train`) and, on CPU, 8/N simulated devices. Logs go to
 LOGDIR/process_{i}.log (default: the current folder's `launch_logs/`). If one process fails
 the others are stopped; so is the whole group after --timeout seconds. The exit code is the
-first failure's (0 if all succeed). On a cluster, skip this script: start one process per
-host with `--distributed` and `jax.distributed.initialize()` reads the cluster environment.
+first failure's (0 if all succeed).
+
+`--restarts k`: a group whose process failed (died, or hung and was ended by the trainer's
+hang watchdog with exit 3) is stopped and started again, up to k times, with the same
+command, so `python -m jaxpar.train` resumes from the run folder's last checkpoint. Each
+attempt's logs are kept (`process_{i}.log` is the last, `attempt_{j}/` the earlier ones).
+The --timeout covers all attempts together.
+
+On a cluster, skip this script: start one process per host with `--distributed` and
+`jax.distributed.initialize()` reads the cluster environment (the cluster's scheduler then
+owns restarts).
 """
 from __future__ import annotations
 
@@ -28,11 +37,33 @@ def free_port() -> int:
 
 
 def launch(cmd: list[str], n: int, *, devices: int = 8, log_dir: str = "launch_logs",
-           timeout: float = 1800.0, echo: bool = True) -> int:
+           timeout: float = 1800.0, echo: bool = True, restarts: int = 0) -> int:
     if devices % n:
         raise SystemExit(f"--devices={devices} must be divisible by -n={n}")
+    if restarts < 0:
+        raise SystemExit(f"--restarts={restarts} must be >= 0")
     logs = Path(log_dir)
     logs.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    for attempt in range(restarts + 1):
+        if attempt:
+            keep = logs / f"attempt_{attempt - 1}"
+            keep.mkdir(exist_ok=True)
+            for i in range(n):
+                if (logs / f"process_{i}.log").exists():
+                    os.replace(logs / f"process_{i}.log", keep / f"process_{i}.log")
+            print(f"restart {attempt} of {restarts}: starting the group again "
+                  f"(earlier logs in {keep}/)", file=sys.stderr, flush=True)
+        code = _run_group(cmd, n, devices, logs, deadline, timeout, echo and attempt == 0)
+        if code in (0, 124):  # done, or out of time: a restart would not help
+            break
+    if echo and code == 0:
+        sys.stdout.write((logs / "process_0.log").read_text())
+    return code
+
+
+def _run_group(cmd, n, devices, logs: Path, deadline: float, timeout: float,
+               echo: bool) -> int:
     port = free_port()
     procs, files = [], []
     for i in range(n):
@@ -52,7 +83,6 @@ def launch(cmd: list[str], n: int, *, devices: int = 8, log_dir: str = "launch_l
     if echo:
         print(f"launched {n} processes (coordinator 127.0.0.1:{port}); logs in {logs}/",
               flush=True)
-    deadline = time.monotonic() + timeout
     code = 0
     try:
         while True:
@@ -61,7 +91,7 @@ def launch(cmd: list[str], n: int, *, devices: int = 8, log_dir: str = "launch_l
             if failed:
                 i, code = failed[0]
                 print(f"process {i} exited with {code}; stopping the group "
-                      f"(see {logs}/process_{i}.log)", file=sys.stderr)
+                      f"(see {logs}/process_{i}.log)", file=sys.stderr, flush=True)
                 break
             if all(c == 0 for c in states):
                 break
@@ -73,13 +103,11 @@ def launch(cmd: list[str], n: int, *, devices: int = 8, log_dir: str = "launch_l
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                os.killpg(p.pid, signal.SIGKILL)  # also ends a stopped (SIGSTOP) process
         for p in procs:
             p.wait()
         for fh in files:
             fh.close()
-    if echo and code == 0:
-        sys.stdout.write((logs / "process_0.log").read_text())
     return code
 
 
@@ -89,12 +117,15 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=8, help="CPU devices in all")
     ap.add_argument("--log-dir", default="launch_logs")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole group")
+    ap.add_argument("--restarts", type=int, default=0,
+                    help="start a failed group again up to this many times (resumes)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run in each process")
     args = ap.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("give the command after --, e.g. -- python -m jaxpar.train configs/demo.yaml")
-    return launch(cmd, args.n, devices=args.devices, log_dir=args.log_dir, timeout=args.timeout)
+    return launch(cmd, args.n, devices=args.devices, log_dir=args.log_dir, timeout=args.timeout,
+                  restarts=args.restarts)
 
 
 if __name__ == "__main__":

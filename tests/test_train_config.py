@@ -45,7 +45,7 @@ BAD = [  # (overrides, words the one-line message must contain)
     (["model.layers=0"], ["model.layers=0", "positive"]),
     (["train.batch_size=-2"], ["train.batch_size=-2", "positive"]),
     (["mesh.tensor=0"], ["mesh.tensor=0", "positive"]),
-    (["train.lr=0"], ["train.lr=0", "> 0"]),
+    (["train.lr=-1"], ["train.lr=-1", ">= 0"]),
     (["checkpoint.every=-1"], ["checkpoint.every=-1", ">= 0"]),
     (["mesh.data=3"], ["needs 3 devices", "8 are available", "data=8"]),
     (["mesh.data=4", "mesh.tensor=4"], ["needs 16 devices"]),

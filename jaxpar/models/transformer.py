@@ -14,7 +14,9 @@ mesh). Given a `Parallel` (a mesh, the rules, the attention impl and the overlap
 Without a mesh the same params (same names and shapes) run as plain Dense layers and
 `attention_fn(q_BNHD, k_BNKD, v_BNKD, segment_ids_BN, positions_BN)` (default: causal
 softmax on positions): the unsharded reference. Layers are named `layers_0 ...
-layers_{L-1}`, which is how Streaming DiLoCo finds its fragments.
+layers_{L-1}`, which is how Streaming DiLoCo finds its fragments; with `scan_layers` they
+are one stacked `layers` subtree instead, and `remat` picks a rematerialization policy
+(`jaxpar.models.blocks`).
 """
 from __future__ import annotations
 
@@ -31,7 +33,12 @@ from jax.sharding import PartitionSpec as P
 from jaxpar import sharding
 from jaxpar.attention import attention as sp_attention
 from jaxpar.attention.blockwise import flash_attention
+from jaxpar.models import blocks
+from jaxpar.models import rope as rope_lib
 from jaxpar.overlap import ColumnParallelDense, RowParallelDense
+
+
+PAD_LOGIT = -1e30  # logit of a padding vocab row: exp underflows to exactly 0, no inf arithmetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +53,27 @@ class TransformerConfig:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
     dtype: str = "float32"  # compute dtype; params stay fp32
+    remat: str = "none"      # jaxpar.models.blocks.REMAT_POLICIES
+    scan_layers: bool = False  # nn.scan over the blocks (params stacked under `layers`)
+    # HF `rope_scaling` as sorted (key, value) pairs (hashable); () = plain RoPE
+    rope_scaling: tuple = ()
+    max_positions: int = 0          # HF max_position_embeddings (dynamic/yarn scaling use it)
+    tie_embeddings: bool = False    # logits from the embedding table (no lm_head)
+    padded_vocab: int = 0           # 0 = vocab; larger: rows a tensor axis can split, masked
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
             raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        if self.padded_vocab and self.padded_vocab < self.vocab:
+            raise ValueError(f"padded_vocab={self.padded_vocab} must be >= vocab={self.vocab}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        rope_lib.check(self.rope_scaling, self.max_positions)
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the embedding table (and columns of the head): the padded vocab."""
+        return self.padded_vocab or self.vocab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +145,7 @@ def _per_device(q, k, v, seg, *, impl, axis, kw):
     return sp_attention(q, k, v, impl=impl, axis=axis, causal=True, segment_ids=seg, **kw)
 
 
-def rope(x_BNHD, positions_BN, base):
-    """Rotary position embedding on the last axis (pairs are the two halves)."""
-    D = x_BNHD.shape[-1]
-    freq_F = base ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)
-    angle_BNF = positions_BN[..., None].astype(jnp.float32) * freq_F
-    cos, sin = jnp.cos(angle_BNF)[:, :, None, :], jnp.sin(angle_BNF)[:, :, None, :]
-    x1, x2 = jnp.split(x_BNHD.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x_BNHD.dtype)
+rope = rope_lib.rope  # rotate-half RoPE with HF's rope_scaling types (jaxpar.models.rope)
 
 
 class RMSNorm(nn.Module):
@@ -169,12 +186,16 @@ class Block(nn.Module):
         q_BNHD = self._dense(H * D, "q", c.embed, ("embed", "heads"))(h_BNE).reshape(B, N, H, D)
         k_BNKD = self._dense(K * D, "k", c.embed, ("embed", "kv_heads"))(h_BNE).reshape(B, N, K, D)
         v_BNKD = self._dense(K * D, "v", c.embed, ("embed", "kv_heads"))(h_BNE).reshape(B, N, K, D)
-        q_BNHD = rope(q_BNHD, positions_BN, c.rope_base)
-        k_BNKD = rope(k_BNKD, positions_BN, c.rope_base)
+        q_BNHD = blocks.tag(rope(q_BNHD, positions_BN, c.rope_base, c.rope_scaling,
+                                 c.max_positions), "q")
+        k_BNKD = blocks.tag(rope(k_BNKD, positions_BN, c.rope_base, c.rope_scaling,
+                                 c.max_positions), "k")
+        v_BNKD = blocks.tag(v_BNKD, "v")
         if self.parallel is None:
             o_BNHD = self.attention_fn(q_BNHD, k_BNKD, v_BNKD, segment_ids_BN, positions_BN)
         else:
             o_BNHD = parallel_attention(self.parallel, q_BNHD, k_BNKD, v_BNKD, segment_ids_BN)
+        o_BNHD = blocks.tag(o_BNHD, "attn_out")
         o = self._dense(c.embed, "o", H * D, ("heads", "embed"), row=True)
         x_BNE = x_BNE + o(o_BNHD.reshape(B, N, H * D))
         h_BNE = RMSNorm(c.norm_eps, name="mlp_norm")(x_BNE)
@@ -202,17 +223,24 @@ class Transformer(nn.Module):
         # one small int gather here instead of one float gather per RoPE in every layer
         positions_BN = nn.with_logical_constraint(positions_BN, ("batch", "length"))
         segment_ids_BN = nn.with_logical_constraint(segment_ids_BN, ("batch", "length"))
-        embed = nn.Embed(c.vocab, c.embed, name="embed",
+        embed = nn.Embed(c.vocab_rows, c.embed, name="embed",
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(1.0), ("vocab", "embed")))
         x_BNE = embed(tokens_BN).astype(c.dtype)
         x_BNE = nn.with_logical_constraint(x_BNE, ("batch", "act_length", "embed"))
-        for i in range(c.layers):
-            x_BNE = Block(c, self.attention_fn, self.parallel, name=f"layers_{i}")(
-                x_BNE, positions_BN, segment_ids_BN)
+        x_BNE = blocks.apply_blocks(Block, c.layers, c.remat, c.scan_layers, x_BNE,
+                                    positions_BN, segment_ids_BN, cfg=c,
+                                    attention_fn=self.attention_fn, parallel=self.parallel)
         x_BNE = RMSNorm(c.norm_eps, name="final_norm")(x_BNE)
-        head = nn.Dense(c.vocab, use_bias=False, dtype=c.dtype, name="lm_head",
-                        kernel_init=nn.with_logical_partitioning(
-                            nn.initializers.normal(c.embed ** -0.5), ("embed", "vocab")))
-        logits_BNV = head(x_BNE).astype(jnp.float32)
+        if c.tie_embeddings:
+            table_VE = embed.embedding.astype(c.dtype)
+            logits_BNV = jnp.einsum("bne,ve->bnv", x_BNE, table_VE).astype(jnp.float32)
+        else:
+            head = nn.Dense(c.vocab_rows, use_bias=False, dtype=c.dtype, name="lm_head",
+                            kernel_init=nn.with_logical_partitioning(
+                                nn.initializers.normal(c.embed ** -0.5), ("embed", "vocab")))
+            logits_BNV = head(x_BNE).astype(jnp.float32)
+        if c.vocab_rows > c.vocab:  # padding rows: probability exactly 0 after the softmax
+            real_V = jnp.arange(c.vocab_rows) < c.vocab
+            logits_BNV = jnp.where(real_V, logits_BNV, PAD_LOGIT)
         return nn.with_logical_constraint(logits_BNV, ("batch", "length", "vocab"))

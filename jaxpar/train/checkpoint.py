@@ -23,11 +23,28 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from jaxpar.train.config import ConfigError
+from jaxpar.train.config import Config, ConfigError
 
 
 class CheckpointError(ConfigError):
     """No checkpoint in the folder restores (`python -m jaxpar.train` exits with 2)."""
+
+
+def layout_meta(cfg: Config) -> dict:
+    """Config keys that change the saved tree's structure; a resume must keep them."""
+    return {"model.scan_layers": cfg.model.scan_layers}
+
+
+def check_layout(path, step: int, saved: dict, expect: dict | None) -> None:
+    """`expect`: layout keys (`layout_meta`) the checkpoint must have been saved with (absent
+    = their defaults: checkpoints from before the key existed)."""
+    for key, want in (expect or {}).items():
+        got = saved.get(key, False)
+        if got != want:
+            raise ConfigError(
+                f"{key}={want} but the checkpoint {path}/{step} was saved with "
+                f"{key}={got} (a different param layout); resume with {key}={got}, or "
+                f"start a new train.run_dir")
 
 
 class Checkpointer:
@@ -55,8 +72,11 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore())).meta
 
-    def restore(self, step: int, like_state) -> tuple[Any, dict]:
-        """(state, meta) of checkpoint `step`, placed like `like_state`."""
+    def restore(self, step: int, like_state, expect: dict | None = None) -> tuple[Any, dict]:
+        """(state, meta) of checkpoint `step`, placed like `like_state`; `expect`: see
+        `check_layout`."""
+        if expect:
+            check_layout(self.path, step, self.read_meta(step), expect)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -64,11 +84,13 @@ class Checkpointer:
         return out.state, out.meta
 
     def restore_newest(self, like_state, say: Callable[[str], None],
-                       check: Callable[[int, dict], None] = lambda step, meta: None
-                       ) -> tuple[int, Any, dict | None]:
-        """(step, state, meta) of the newest checkpoint that restores; (0, like_state, None)
-        when there is none. `check(step, meta)` may refuse the resume (its error propagates).
-        Raises CheckpointError, moving nothing, when there are checkpoints and none restores."""
+                       check: Callable[[int, dict], None] = lambda step, meta: None,
+                       expect: dict | None = None) -> tuple[int, Any, dict | None]:
+        """(step, state, meta) of the newest checkpoint that restores (step 0 may be one
+        `jaxpar-convert from-hf` wrote); (0, like_state, None) when there is none.
+        `check(step, meta)` and the layout (`expect`) may refuse the resume (their error
+        propagates). Raises CheckpointError, moving nothing, when there are checkpoints and
+        none restores."""
         failed = []
         for step in self.steps():
             try:
@@ -77,6 +99,7 @@ class Checkpointer:
                 failed.append((step, e))
                 continue
             check(step, meta)
+            check_layout(self.path, step, meta, expect)
             try:
                 state, meta = self.restore(step, like_state)
             except Exception as e:  # noqa: BLE001

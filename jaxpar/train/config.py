@@ -48,13 +48,21 @@ class ModelSection:
     head_dim: int = 0   # 0 = embed // heads
     mlp: int = 384
     vocab: int = 0      # 0 = the data's (bytes: 256; a prepared dataset: its manifest)
-    rope_base: float = 10_000.0
+    rope_base: float = 10_000.0       # HF rope_theta
+    # HF rope_scaling, e.g. {rope_type: linear, factor: 4.0} (types: docs/hf.md); null = none
+    rope_scaling: dict | None = None
+    max_positions: int = 0            # HF max_position_embeddings (0 = train.seq_len)
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False      # logits from the embedding table (no lm_head)
     dtype: str = "float32"  # compute dtype; params stay fp32
+    init_from: str = ""     # an HF folder: sets the model keys above and starts from its weights
+    remat: str = "none"     # none | full | dots | dots_no_batch | attn_out | qkv_attn_out
+    scan_layers: bool = False  # nn.scan over the blocks: one compiled block at any depth
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSection:
-    impl: str = "dense"     # dense | ulysses | ring | tokenring | hybrid
+    impl: str = "dense"     # dense | ulysses | ring | tokenring | hybrid | auto
     ring_impl: str = "ring"  # hybrid's outer (seq) axis: ring | tokenring
 
 
@@ -92,6 +100,7 @@ class TrainSection:
     log_every: int = 10
     nonfinite: str = "stop"   # a non-finite loss/grad: stop | skip | rollback (train/faults.py)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
+    hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 3; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +225,9 @@ def _coerce(key: str, value, typ):
                 return float(value)
             except ValueError:
                 pass
+    elif typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -234,6 +246,8 @@ def from_dict(raw: dict) -> Config:
             body = {}
         if not isinstance(body, dict):
             raise ConfigError(f"section {name!r} must be a mapping of keys, got {body!r}")
+        if name == "model" and body.get("init_from"):
+            body = _init_from(body)
         cls = _SECTION_TYPES[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
@@ -246,6 +260,40 @@ def from_dict(raw: dict) -> Config:
             kw[key] = _coerce(f"{name}.{key}", value, hints[key])
         sections[name] = cls(**kw)
     return Config(**sections)
+
+
+_HF_NAMES = {"layers": "num_hidden_layers", "embed": "hidden_size",
+             "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+             "head_dim": "hidden_size/num_attention_heads", "mlp": "intermediate_size",
+             "vocab": "vocab_size", "rope_base": "rope_theta", "rope_scaling": "rope_scaling",
+             "max_positions": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
+             "tie_embeddings": "tie_word_embeddings"}
+
+
+# context extension: how positions are encoded may change from the checkpoint's (the weights
+# stay valid); every other model key must match it
+EXTENSION_KEYS = ("rope_scaling", "rope_base")
+
+
+def _init_from(body: dict) -> dict:
+    """The model section with the keys of `model.init_from`'s config.json filled in; a key
+    given explicitly that disagrees with the checkpoint is a ConfigError, except the context
+    extension keys (EXTENSION_KEYS), which override it."""
+    from jaxpar import hf
+
+    path = body["init_from"]
+    try:
+        keys = hf.model_keys(hf.read_config(path))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"model.init_from={path!r}: {e}") from None
+    if body.get("module"):
+        raise ConfigError(f"model.init_from={path!r} loads the built-in decoder; it cannot be "
+                          f"combined with model.module={body['module']!r}")
+    for k, v in keys.items():
+        if k in body and body[k] != v and k not in EXTENSION_KEYS:
+            raise ConfigError(f"model.{k}={body[k]!r} conflicts with model.init_from={path!r} "
+                              f"({_HF_NAMES[k]}={v!r}); drop model.{k} or set it to {v!r}")
+    return {**keys, **body}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
@@ -277,13 +325,17 @@ def _positive(cfg: Config):
         v = getattr(getattr(cfg, section), name)
         if v < 1:
             raise ConfigError(f"{key}={v} must be a positive integer (>= 1)")
-    for key in ("model.head_dim", "model.vocab", "train.warmup", "checkpoint.every", "eval.every",
-                "eval.sample_bytes", "diloco.overlap_steps", "train.seed"):
+    for key in ("model.head_dim", "model.vocab", "model.max_positions", "train.warmup",
+                "checkpoint.every", "eval.every", "eval.sample_bytes", "diloco.overlap_steps",
+                "train.seed"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
-    for key in ("train.lr", "model.rope_base"):
+    if not cfg.train.lr >= 0:  # 0 is allowed: evaluate or export a model unchanged
+        raise ConfigError(f"train.lr={cfg.train.lr} must be >= 0 (> 0 to train; 0 keeps the "
+                          f"weights)")
+    for key in ("model.rope_base", "model.rms_norm_eps"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if not v > 0:
@@ -319,6 +371,7 @@ def validate(cfg: Config, device_count: int) -> None:
     _choice("diloco.quantize", d.quantize, FORMATS)
     _choice("model.dtype", mo.dtype, ("float32", "bfloat16"))
     _choice("train.nonfinite", t.nonfinite, POLICIES)
+    _check_stacking(cfg)
     mesh = MeshConfig(**dataclasses.asdict(m))
     try:
         mesh.validate(device_count)
@@ -399,10 +452,30 @@ def _data_vocab(cfg: Config) -> int:
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary."""
-    if cfg.model.vocab:
-        return cfg
-    return cfg.replace(model={"vocab": _data_vocab(cfg)})
+    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary;
+    attention.impl=auto -> the schedule the cost model picks (`attention_choice`)."""
+    from jaxpar.train.attention_choice import resolve as resolve_attention
+
+    if not cfg.model.vocab:
+        cfg = cfg.replace(model={"vocab": _data_vocab(cfg)})
+    return resolve_attention(cfg)[0]
+
+
+def _check_stacking(cfg: Config):
+    """model.remat / model.scan_layers: the built-in decoder's blocks only."""
+    from jaxpar.models.blocks import REMAT_POLICIES
+
+    mo, d = cfg.model, cfg.diloco
+    _choice("model.remat", mo.remat, REMAT_POLICIES)
+    if mo.module and (mo.remat != "none" or mo.scan_layers):
+        key = "model.remat" if mo.remat != "none" else "model.scan_layers"
+        raise ConfigError(f"{key} applies to the built-in decoder; model.module="
+                          f"{mo.module!r} stacks its own blocks (wrap them in nn.remat / "
+                          f"nn.scan there), so leave {key} at its default")
+    if mo.scan_layers and d.enabled and d.num_fragments > 1:
+        raise ConfigError(f"model.scan_layers=true stacks all layers into one param tree, which "
+                          f"Streaming DiLoCo cannot split by layer; use diloco.num_fragments=1 "
+                          f"(got {d.num_fragments}) or model.scan_layers=false")
 
 
 def _check_builtin_model(cfg: Config):
@@ -415,10 +488,17 @@ def _check_builtin_model(cfg: Config):
                           f"(or set model.head_dim)")
     if head_dim(cfg) % 2:
         raise ConfigError(f"model.head_dim={head_dim(cfg)} must be even (RoPE rotates pairs)")
+    from jaxpar.models import rope
+
+    try:
+        rope.check(mo.rope_scaling, mo.max_positions or cfg.train.seq_len, "model.rope_scaling")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # (model.vocab need not divide: the table is padded to a multiple of mesh.tensor)
     for key, v in (("model.heads", mo.heads), ("model.kv_heads", mo.kv_heads),
-                   ("model.mlp", mo.mlp), ("model.vocab", mo.vocab)):
+                   ("model.mlp", mo.mlp)):
         if v % m.tensor:
-            valid = [x for x in divisors(math.gcd(mo.kv_heads, mo.mlp)) if mo.vocab % x == 0]
+            valid = divisors(math.gcd(mo.kv_heads, mo.mlp))
             raise ConfigError(f"{key}={v} must be divisible by mesh.tensor={m.tensor} "
                               f"(tensor parallelism splits it); mesh.tensor in {valid} would fit")
     h, kh = mo.heads // m.tensor, mo.kv_heads // m.tensor  # heads on one tensor shard
@@ -482,6 +562,9 @@ def check_ranges(cfg: Config) -> None:
                           f"(AdamW scales params by 1 - lr·weight_decay each step)")
     if t.seed >= SEED_LIMIT:
         raise ConfigError(f"train.seed={t.seed} must be < 2**63")
+    if t.hang_timeout_s < 0:
+        raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 = no hang "
+                          f"watchdog)")
     if t.peak_tflops < 0:
         raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look up the "
                           f"device kind)")

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpar import comm, sharding
+from jaxpar import comm, hf, sharding
 from jaxpar.data import ByteData, feed, open_data, pack
 from jaxpar.data.tokens import TokenDataset
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
@@ -159,10 +159,13 @@ class Run:
 
     # ------------------------------------------------------------------ state
     def init_params(self):
-        """Params created on their devices (jit with the rules' out shardings)."""
+        """Params created on their devices (jit with the rules' out shardings), or read there
+        from `model.init_from`'s HF checkpoint (each device its own slices)."""
         dummy = jnp.zeros((self.batch_rows(), self.cfg.train.seq_len), jnp.int32)
+        # model.init_from: the same placement, params read from the HF folder instead
+        init = hf.loader(self.cfg.model.init_from) if self.cfg.model.init_from else None
         with self.scope():
-            params, specs, logical = sharding.init_sharded(
+            params, specs, logical = (init or sharding.init_sharded)(
                 self.model.init, self.mesh, self.rules, jax.random.key(self.cfg.train.seed),
                 dummy, dummy, dummy)
         self.param_specs, self.logical = specs, logical

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpar import sharding
+from jaxpar.models import blocks
 from jaxpar.models.transformer import Parallel, Transformer, TransformerConfig
 from jaxpar.train.config import Config, ConfigError, head_dim
 
@@ -57,9 +58,16 @@ def parallel(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> Parallel:
 def transformer_config(cfg: Config) -> TransformerConfig:
     m = cfg.model
     # vocab 0 (not resolved from the data: a model built without Run.create) = bytes
-    return TransformerConfig(vocab=m.vocab or 256, layers=m.layers, embed=m.embed, heads=m.heads,
+    vocab = m.vocab or 256
+    tensor = cfg.mesh.tensor  # a vocab the tensor axis does not divide is padded (and masked)
+    return TransformerConfig(vocab=vocab, layers=m.layers, embed=m.embed, heads=m.heads,
                              kv_heads=m.kv_heads, head_dim=head_dim(cfg), mlp=m.mlp,
-                             rope_base=m.rope_base, dtype=m.dtype)
+                             rope_base=m.rope_base, dtype=m.dtype,
+                             rope_scaling=tuple(sorted((m.rope_scaling or {}).items())),
+                             max_positions=m.max_positions or cfg.train.seq_len,
+                             norm_eps=m.rms_norm_eps, tie_embeddings=m.tie_embeddings,
+                             padded_vocab=-(-vocab // tensor) * tensor, remat=m.remat,
+                             scan_layers=m.scan_layers)
 
 
 def _close(word: str, names) -> str:
@@ -232,9 +240,14 @@ def build(cfg: Config, mesh: Mesh, rules: sharding.Rules) -> ModelFns:
     """The run's model. Call under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`
     (NNX variables with logical names are sharded as they are created, which needs both)."""
     if not cfg.model.module:
-        module = Transformer(transformer_config(cfg), parallel=parallel(cfg, mesh, rules))
-        return _linen(module, "builtin", "jaxpar.models.transformer:Transformer", mesh, rules,
-                      cfg)
+        tcfg, par = transformer_config(cfg), parallel(cfg, mesh, rules)
+        fns = _linen(Transformer(tcfg, parallel=par), "builtin",
+                     "jaxpar.models.transformer:Transformer", mesh, rules, cfg)
+        if tcfg.scan_layers:  # the unscanned init, stacked: the same values either way
+            plain = Transformer(dataclasses.replace(tcfg, scan_layers=False), parallel=par)
+            fns = dataclasses.replace(fns, init=lambda rng, *inputs: blocks.stack_layers(
+                plain.init(rng, *inputs)["params"]))
+        return fns
     spec = cfg.model.module
     factory = import_factory(spec)
     holder: dict[str, Any] = {}

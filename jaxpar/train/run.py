@@ -17,8 +17,9 @@ import numpy as np
 
 from jaxpar import sharding
 from jaxpar.bench import machine
-from jaxpar.train import faults, runfolder
-from jaxpar.train.checkpoint import Checkpointer
+from jaxpar.monitor.steps import StepMonitor
+from jaxpar.train import attention_choice, faults, runfolder
+from jaxpar.train.checkpoint import Checkpointer, layout_meta
 from jaxpar.train.config import Config
 from jaxpar.train.loop import Run, peak_tflops, sample
 from jaxpar.train.metrics import MetricsWriter, StepRate
@@ -43,6 +44,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     stopped it, `{"preempted_at": step, ...}`)."""
     lead = jax.process_index() == 0 and not quiet
     say = (lambda msg: print(msg, flush=True)) if lead else (lambda msg: None)
+    attention_choice.apply(cfg, lead)  # attention.impl=auto: print and record the pick
     run = Run.create(cfg, devices)
     cfg = run.cfg  # resolved (model.vocab from the data)
     run_dir = Path(cfg.train.run_dir)
@@ -52,7 +54,8 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         runfolder.check_fresh(run_dir, cfg)
     diff = {}
     start, state, meta = ckpt.restore_newest(
-        run.init_state(), say, lambda s, m: diff.update(runfolder.check_resume(run_dir, s, m, cfg)))
+        run.init_state(), say, lambda s, m: diff.update(runfolder.check_resume(run_dir, s, m, cfg)),
+        expect=layout_meta(cfg))
     offset = meta["data_step"] - start if meta else 0  # batches skipped by rollbacks
     params_for_table = run.eval_params(state) if run.diloco else state.params
     if lead:
@@ -79,7 +82,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     history, evals_seen = [], []
     rate, guard = StepRate(), faults.NonFinite(cfg.train.nonfinite)
     meta_of = lambda s, offset: {"data_step": s + offset, "seed": cfg.train.seed,
-                                 "config": cfg.to_dict()}
+                                 "config": cfg.to_dict(), **layout_meta(cfg)}
     steps, step = cfg.train.steps, start
     eval_due = lambda s: bool(cfg.eval.every and s % cfg.eval.every == 0) or s == steps
 
@@ -89,14 +92,16 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         evals_seen.append([s, loss])
     if meta and meta.get("eval_due"):  # a signal stopped the run before this step's eval
         evaluate(start)
-    with faults.Preemption(cfg.train.log_every) as preempt:
+    with (faults.Preemption(cfg.train.log_every) as preempt,
+          StepMonitor.for_run(run, run_dir, start) as monitor):
         while step < steps:
             step += 1
             t0 = time.perf_counter()
             state, m = run.train_step(state, b)
             if step < steps:
                 b = run.batch(step + 1 + offset)  # built on the host while the device runs
-            bad = int(m["nonfinite"])  # waits for this step, so [t0, now] is its time alone
+            m = monitor.step(step, m)  # waits for the step: times, heartbeat, straggler warnings
+            bad = int(m["nonfinite"])
             rate.add(time.perf_counter() - t0, timed=step > start + 1)  # 1st: compilation
             if bad:
                 back = guard.handle(step, m, state, offset, run=run, ckpt=ckpt, writer=writer,

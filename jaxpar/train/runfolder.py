@@ -7,7 +7,8 @@ every checkpoint's meta holds the config too. A resume compares its config with 
 the checkpoint it restores:
 
 - **allowed** (written to the history and printed): logging, eval and checkpoint cadence,
-  `train.run_dir`, `train.peak_tflops`, `train.nonfinite`, the mesh axes and the attention
+  `train.run_dir`, `train.peak_tflops`, `train.nonfinite`, `train.hang_timeout_s`, the mesh
+  axes and the attention
   / overlap implementation. They change where and how the same math runs, not the math: the
   state is restored resharded onto the new mesh, and losses continue within fp32
   reassociation error. (`mesh.replica` is the number of replicas with DiLoCo, so there it is
@@ -29,6 +30,7 @@ from typing import Any
 from jaxpar.train.config import Config, ConfigError, dump
 
 SAFE = {"train.run_dir", "train.log_every", "train.peak_tflops", "train.nonfinite",
+        "train.hang_timeout_s",
         "checkpoint.every", "checkpoint.keep", "eval.every", "eval.batches",
         "eval.sample_bytes", "eval.prompt", "attention.impl", "attention.ring_impl",
         "overlap.mode", "overlap.direction", "mesh.data", "mesh.seq", "mesh.seq_inner",

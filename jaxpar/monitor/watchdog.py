@@ -1,0 +1,116 @@
+"""Hang watchdog and heartbeats (no jax: usable from any process, testable in-process).
+
+Every process runs a daemon thread that, every `interval` seconds, writes
+`RUN_DIR/heartbeats/process_{i}.json` = {process, pid, host, step, step_time, alive}:
+`step` / `step_time` the last finished step and when, `alive` the wall time of the write.
+A process stuck in a collective keeps `alive` fresh while `step` stops; a stopped (SIGSTOP)
+or dead process stops both. When no step has finished for `timeout_s`, the watchdog:
+
+1. writes the stack of every thread to stderr (`faulthandler.dump_traceback`),
+2. prints one line naming the processes that are behind, read from the heartbeats,
+3. ends the process with `HANG_EXIT_CODE` (3) via `os._exit` (a thread blocked inside a
+   collective cannot be interrupted; `scripts/launch.py --restarts k` then restarts the group).
+
+It is armed by the first finished step (the first step compiles, which can take minutes) and
+disarmed by `stop()`.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+HANG_EXIT_CODE = 3
+
+
+def heartbeat_dir(run_dir) -> Path:
+    return Path(run_dir) / "heartbeats"
+
+
+def read_heartbeats(run_dir) -> dict[int, dict]:
+    out = {}
+    for f in sorted(heartbeat_dir(run_dir).glob("process_*.json")):
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError):  # being replaced right now: skip this one
+            continue
+        out[int(rec["process"])] = rec
+    return out
+
+
+def behind(beats: dict[int, dict], now: float, stale_s: float) -> str:
+    """One line: which processes are behind, and how (stopped/dead vs. waiting)."""
+    if not beats:
+        return "no heartbeats found"
+    top = max(b["step"] for b in beats.values())
+    parts = []
+    for p, b in sorted(beats.items()):
+        age = now - b["alive"]
+        if age > stale_s:
+            parts.append(f"process {p} (pid {b['pid']} on {b['host']}) sent no heartbeat for "
+                         f"{age:.0f} s, last step {b['step']}: stopped or dead")
+        elif b["step"] < top:
+            parts.append(f"process {p} is alive at step {b['step']} (others at {top})")
+    if not parts:
+        return (f"every process is alive at step {top}: they wait in a collective, the "
+                f"device or the file system")
+    return "behind: " + "; ".join(parts)
+
+
+class Watchdog:
+    def __init__(self, run_dir, process: int, timeout_s: float, *, interval: float | None = None,
+                 on_hang=None, stream=None):
+        self.dir = heartbeat_dir(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"process_{process}.json"
+        self.process, self.timeout_s = process, timeout_s
+        self.interval = interval or min(1.0, max(timeout_s, 0.1) / 10)
+        self.on_hang = on_hang or (lambda code: os._exit(code))
+        self.stream = stream or sys.stderr
+        self.step, self.step_time, self.armed = 0, time.time(), False
+        self._stop = threading.Event()
+        self.fired = False
+        self._write()
+        self._thread = threading.Thread(target=self._run, name="jaxpar-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, step: int) -> None:
+        """A step finished: arm the watchdog (first call) and restart its clock."""
+        self.step, self.step_time, self.armed = step, time.time(), True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._write()
+
+    def _write(self):
+        rec = {"process": self.process, "pid": os.getpid(), "host": socket.gethostname(),
+               "step": self.step, "step_time": self.step_time, "alive": time.time()}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, self.path)  # readers never see half a file
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self._write()
+            except OSError:
+                pass  # a full or vanished disk must not kill the run; the clock still runs
+            if self.armed and time.time() - self.step_time > self.timeout_s:
+                self._fire()
+                return
+
+    def _fire(self):
+        self.fired = True
+        now = time.time()
+        faulthandler.dump_traceback(file=self.stream, all_threads=True)
+        who = behind(read_heartbeats(self.dir.parent), now, stale_s=max(3 * self.interval, 2.0))
+        print(f"hang: process {self.process}: no step finished in {self.timeout_s:g} s (last "
+              f"finished step {self.step}, {now - self.step_time:.1f} s ago); {who}; exiting "
+              f"with code {HANG_EXIT_CODE}", file=self.stream, flush=True)
+        self.on_hang(HANG_EXIT_CODE)

@@ -1,0 +1,181 @@
+"""jaxpar.monitor: the outlier detector, the straggler check, the hang watchdog (in-process,
+small T, a thread that stalls), and `launch.py --restarts` with a real process that hangs."""
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpar.monitor import (HANG_EXIT_CODE, OutlierDetector, PeerTracker, Watchdog, behind,
+                            read_heartbeats, robust_z, slow_peers)
+from jaxpar.monitor.steps import StepMonitor, mesh_coordinates
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_robust_z_against_numpy():
+    h = np.random.default_rng(0).normal(0.1, 0.002, 40)
+    med = np.median(h)
+    mad = np.median(np.abs(h - med))
+    assert robust_z(0.13, h) == pytest.approx((0.13 - med) / (1.4826 * mad), rel=1e-12)
+    # a perfectly regular history: measured against 1% of its median
+    assert robust_z(0.2, [0.1] * 10) == pytest.approx(100.0)
+    assert robust_z(1.0, []) == 0.0
+
+
+def test_outlier_detector_flags_only_a_slow_step():
+    rng = np.random.default_rng(1)
+    d = OutlierDetector(window=30, threshold=6.0, min_history=10)
+    times = rng.normal(0.1, 0.002, 40)
+    assert [d.observe(s, t) for s, t in enumerate(times)] == [None] * 40
+    assert d.observe(40, 0.2, judge=False) is None and len(d.history) == 30
+    assert d.observe(41, 0.15) is None  # z ~ 25 but only 1.5x the median
+    msg = d.observe(42, 0.25)
+    assert msg.startswith("step 42 took 0.250 s, 2.5x the median") and "robust z" in msg
+    assert max(d.history) < 0.2  # the outlier is not kept
+    assert d.observe(43, 0.101) is None and d.observe(44, 0.05) is None  # fast: fine
+    fresh = OutlierDetector(min_history=10)
+    assert all(fresh.observe(s, 10.0 * s) is None for s in range(1, 11))  # too little history
+
+
+def test_slow_peers_and_patience():
+    assert slow_peers([0.010, 0.011, 0.050, 0.010]) == [2]
+    assert slow_peers([0.010, 0.011, 0.013, 0.010]) == []          # within 1.5x
+    assert slow_peers([1e-5, 1e-5, 4e-5]) == []                    # under min_gap_s
+    assert slow_peers([0.02, 0.09]) == [1]                         # two processes
+    tr = PeerTracker(3, patience=3)
+    seen = [tr.update([0.01, 0.05, 0.01]) for _ in range(5)]
+    assert seen == [[], [], [1], [], []]                           # once per streak
+    assert tr.update([0.01, 0.01, 0.01]) == [] and tr.streak == [0, 0, 0]
+
+
+def test_mesh_coordinates_names_the_process_slice():
+    dev = lambda p: types.SimpleNamespace(process_index=p)
+    devices = np.array([[dev(0)] * 4, [dev(1)] * 4], dtype=object)     # replica x data
+    mesh = types.SimpleNamespace(devices=devices, axis_names=("replica", "data"))
+    assert mesh_coordinates(mesh, 1) == "replica=1 of 2"
+    devices = np.array([[dev(0), dev(0), dev(1), dev(1)]] * 2, dtype=object)
+    mesh = types.SimpleNamespace(devices=devices, axis_names=("replica", "data"))
+    assert mesh_coordinates(mesh, 0) == "data=0..1 of 4"
+
+
+def _stall(event):
+    event.wait()  # the frame the traceback must show
+
+
+def test_watchdog_fires_with_stacks_and_names_the_stopped_process(tmp_path):
+    (tmp_path / "heartbeats").mkdir()
+    stale = {"process": 1, "pid": 4242, "host": "h1", "step": 6, "step_time": time.time() - 9,
+             "alive": time.time() - 8}
+    (tmp_path / "heartbeats/process_1.json").write_text(json.dumps(stale))
+    fired, out = [], (tmp_path / "log.txt").open("w+")
+    stop = threading.Event()
+    staller = threading.Thread(target=_stall, args=(stop,), name="stalled-loop")
+    staller.start()
+    wd = Watchdog(tmp_path, 0, timeout_s=0.5, interval=0.05,
+                  on_hang=lambda code: fired.append((code, time.time())), stream=out)
+    try:
+        time.sleep(0.7)
+        assert not fired  # not armed before the first finished step (compilation)
+        for s in range(1, 8):
+            wd.beat(s)
+            time.sleep(0.02)
+        t_last = wd.step_time  # the last beat
+        deadline = t_last + 5
+        while not fired and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        staller.join()
+        wd.stop()
+    assert fired and fired[0][0] == HANG_EXIT_CODE == 3
+    latency = fired[0][1] - t_last
+    assert 0.5 <= latency < 0.5 + 0.5, latency  # T plus at most a few check intervals
+    out.seek(0)
+    log = out.read()
+    assert "in _stall" in log  # the stalled thread, not only the watchdog
+    assert "Thread 0x" in log
+    hang = [ln for ln in log.splitlines() if ln.startswith("hang:")]
+    assert len(hang) == 1, log
+    assert "process 0: no step finished in 0.5 s (last finished step 7" in hang[0]
+    assert re.search(r"behind: process 1 \(pid 4242 on h1\) sent no heartbeat for (9|10) s, "
+                     r"last step 6: stopped or dead;", hang[0]), hang[0]
+    assert "exiting with code 3" in hang[0]
+    beats = read_heartbeats(tmp_path)
+    assert beats[0]["step"] == 7 and beats[1]["step"] == 6
+
+
+def test_behind_lines():
+    now = 100.0
+    alive = lambda p, s: {"process": p, "pid": p, "host": "h", "step": s, "alive": now - 0.1}
+    assert behind({0: alive(0, 5), 1: alive(1, 4)}, now, 2.0) == \
+        "behind: process 1 is alive at step 4 (others at 5)"
+    assert behind({0: alive(0, 5), 1: alive(1, 5)}, now, 2.0).startswith(
+        "every process is alive at step 5")
+    assert behind({}, now, 2.0) == "no heartbeats found"
+
+
+def test_step_monitor_times_steps_and_warns(tmp_path, capsys):
+    mon = StepMonitor(tmp_path, start_step=0, total_steps=30, log_every=5, hang_timeout_s=0,
+                      quiet_steps=lambda s: s == 10, process=0, num_processes=1)
+    with mon:
+        for step in range(1, 31):
+            time.sleep(0.25 if step in (11, 25) else 0.01)  # 11 follows a "checkpoint" at 10
+            m = mon.step(step, {"loss": jnp.float32(step)})
+            assert set(m) == {"loss", "step_s"} and m["step_s"] >= 0.01
+    recs = [json.loads(ln) for ln in (tmp_path / "steps/process_0.jsonl").read_text().split("\n")
+            if ln]
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    assert [r["step"] for r in recs if not r["judged"]] == [1, 11]  # compile, after a save
+    assert all(abs(r["step_s"] - r["host_s"] - r["wait_s"]) < 1e-5 for r in recs)
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "process 0: step 25 took 0.2" in warnings[0], err
+
+
+def test_launch_restarts_a_group_whose_process_hung(tmp_path):
+    """A real process hangs after its first step: its watchdog ends it with exit 3, the
+    launcher stops the group and starts it again; the second attempt finishes."""
+    code = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "marker = Path(sys.argv[1]) / ('ran_' + os.environ['JAXPAR_PROCESS_ID'])\n"
+        "if os.environ['JAXPAR_PROCESS_ID'] == '1' and not marker.exists():\n"
+        "    marker.touch()\n"
+        "    import importlib.util as u  # the watchdog module alone: no jax to import\n"
+        "    spec = u.spec_from_file_location('watchdog', sys.argv[2])\n"
+        "    w = u.module_from_spec(spec); spec.loader.exec_module(w)\n"
+        "    wd = w.Watchdog(sys.argv[1], 1, timeout_s=1.0, interval=0.1)\n"
+        "    wd.beat(1)\n"
+        "    time.sleep(60)  # the hang\n"
+        "print('finished', os.environ['JAXPAR_PROCESS_ID'])\n")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/launch.py"), "-n", "2", "--restarts",
+                        "1", "--log-dir", str(tmp_path / "logs"), "--timeout", "60", "--",
+                        sys.executable, "-c", code, str(tmp_path),
+                        str(ROOT / "jaxpar/monitor/watchdog.py")],
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "process 1 exited with 3" in r.stderr and "restart 1 of 1" in r.stderr
+    hung = (tmp_path / "logs/attempt_0/process_1.log").read_text()
+    assert "hang: process 1: no step finished in 1 s (last finished step 1" in hung
+    assert "time.sleep(60)" not in hung and 'File "<string>"' in hung  # the main thread's stack
+    assert "finished 1" in (tmp_path / "logs/process_1.log").read_text()
+    assert time.monotonic() - t0 < 60
+
+
+def test_launch_gives_up_after_k_restarts(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/launch.py"), "-n", "2", "--restarts",
+                        "2", "--log-dir", str(tmp_path), "--", sys.executable, "-c",
+                        "import sys; sys.exit(5)"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 5
+    assert r.stderr.count("exited with 5") == 3 and "restart 2 of 2" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "attempt_0", "attempt_1", "process_0.log", "process_1.log"]
