@@ -178,7 +178,7 @@ def run(tmp: Path, *, steps: int, every: int, at: int, at2: int, hang_timeout_s:
     same_keys = got.keys() == ref.keys()
     diff = max((abs(got[k] - ref[k]) for k in ref if k in got), default=None)
     ok = (final["returncode"] == 0 and same_keys and diff is not None and diff <= 1e-6
-          and [f["exit_code"] for f in faults] == [3, -9])
+          and [f["exit_code"] for f in faults] == [4, -9])
     return {"what": "2 processes x 4 CPU devices (scripts/launch.py -n 2 --restarts 2), "
                     "data-parallel mesh.data=8; SIGSTOP then SIGKILL to process 1 in one run",
             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 8 host devices; "

@@ -31,7 +31,7 @@ def test_sigstop_then_sigkill_are_detected_restarted_and_lose_nothing(tmp_path):
         c = f["step_at_fault"] // every * every  # the newest checkpoint at the fault
         assert f["resumed_from_step"] in (c, c - every), f  # c if its commit had finished
         assert f["steps_lost"] == f["step_at_fault"] - f["resumed_from_step"]
-    assert stop["exit_code"] == 3 and T - 1 <= stop["detection_latency_s"] <= T + 5, stop
+    assert stop["exit_code"] == 4 and T - 1 <= stop["detection_latency_s"] <= T + 5, stop
     assert "behind: process 1" in stop["hang_line"] and "stopped or dead" in stop["hang_line"]
     assert kill["exit_code"] == -9 and kill["detection_latency_s"] <= 3, kill
     assert kill["hang_line"] is None

@@ -95,7 +95,7 @@ def test_watchdog_fires_with_stacks_and_names_the_stopped_process(tmp_path):
         stop.set()
         staller.join()
         wd.stop()
-    assert fired and fired[0][0] == HANG_EXIT_CODE == 3
+    assert fired and fired[0][0] == HANG_EXIT_CODE == 4
     latency = fired[0][1] - t_last
     assert 0.5 <= latency < 0.5 + 0.5, latency  # T plus at most a few check intervals
     out.seek(0)
@@ -107,7 +107,7 @@ def test_watchdog_fires_with_stacks_and_names_the_stopped_process(tmp_path):
     assert "process 0: no step finished in 0.5 s (last finished step 7" in hang[0]
     assert re.search(r"behind: process 1 \(pid 4242 on h1\) sent no heartbeat for (9|10) s, "
                      r"last step 6: stopped or dead;", hang[0]), hang[0]
-    assert "exiting with code 3" in hang[0]
+    assert "exiting with code 4" in hang[0]
     beats = read_heartbeats(tmp_path)
     assert beats[0]["step"] == 7 and beats[1]["step"] == 6
 
@@ -141,7 +141,7 @@ def test_step_monitor_times_steps_and_warns(tmp_path, capsys):
 
 
 def test_launch_restarts_a_group_whose_process_hung(tmp_path):
-    """A real process hangs after its first step: its watchdog ends it with exit 3, the
+    """A real process hangs after its first step: its watchdog ends it with exit 4, the
     launcher stops the group and starts it again; the second attempt finishes."""
     code = (
         "import os, sys, time\n"
@@ -163,7 +163,7 @@ def test_launch_restarts_a_group_whose_process_hung(tmp_path):
                         str(ROOT / "jaxpar/monitor/watchdog.py")],
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
-    assert "process 1 exited with 3" in r.stderr and "restart 1 of 1" in r.stderr
+    assert "process 1 exited with 4" in r.stderr and "restart 1 of 1" in r.stderr
     hung = (tmp_path / "logs/attempt_0/process_1.log").read_text()
     assert "hang: process 1: no step finished in 1 s (last finished step 1" in hung
     assert "time.sleep(60)" not in hung and 'File "<string>"' in hung  # the main thread's stack
@@ -179,3 +179,11 @@ def test_launch_gives_up_after_k_restarts(tmp_path):
     assert r.stderr.count("exited with 5") == 3 and "restart 2 of 2" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "attempt_0", "attempt_1", "process_0.log", "process_1.log"]
+
+
+def test_launch_does_not_restart_a_bad_config(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/launch.py"), "-n", "2", "--restarts",
+                        "3", "--log-dir", str(tmp_path), "--", sys.executable, "-c",
+                        "import sys; sys.exit(2)"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "restart 1 of" not in r.stderr and r.stderr.count("exited") == 1
+    assert "exit code 2 (bad config or refused resume): not restarting" in r.stderr
