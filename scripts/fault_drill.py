@@ -113,6 +113,9 @@ def drill(tmp: Path, cfg: dict, faults: list[tuple[str, int]]) -> tuple[list[dic
                  proc.poll() is not None, 600, f"step {at}")
         if proc.poll() is not None:
             raise RuntimeError(f"{kind}: the run ended before the fault")
+        early = [x for _, x in lines if "exited with" in x][j - 1:]
+        if early:  # e.g. a watchdog T shorter than a checkpoint save on a loaded machine
+            raise RuntimeError(f"a failure before fault {j} ({kind}): {early[0]}")
         beats = read_heartbeats(run_dir)
         step_at_fault, old_pid0 = logged_step(run_dir), beats[0]["pid"]
         t_fault = time.time()
@@ -150,7 +153,9 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=10, help="checkpoint.every")
     ap.add_argument("--at", type=int, default=25, help="SIGSTOP once this step is logged")
     ap.add_argument("--at2", type=int, default=45, help="SIGKILL once this step is logged")
-    ap.add_argument("--hang-timeout", type=float, default=10.0, help="train.hang_timeout_s")
+    # 30 s: above the longest step-to-step gap seen on the loaded 2-core CPU (a first
+    # checkpoint save once took over 10 s there and set off a 10 s watchdog)
+    ap.add_argument("--hang-timeout", type=float, default=30.0, help="train.hang_timeout_s")
     args = ap.parse_args()
     result = run(Path(args.tmp), steps=args.steps, every=args.every, at=args.at, at2=args.at2,
                  hang_timeout_s=args.hang_timeout)
