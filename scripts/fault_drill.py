@@ -142,7 +142,10 @@ def drill(tmp: Path, cfg: dict, faults: list[tuple[str, int]]) -> tuple[list[dic
         rec["steps_lost"] = rec["step_at_fault"] - rec["resumed_from_step"]
         rec["hang_line"] = next((x for i in (0, 1) for x in attempt_log(j - 1, i).splitlines()
                                  if x.startswith("hang:")), None)
-    return out, {"returncode": proc.returncode, "losses": losses(run_dir)}
+    warnings = [f"attempt {a}: {x}" for a in range(len(faults) + 1) for i in (0, 1)
+                for x in attempt_log(a, i).splitlines() if x.startswith("warning:")]
+    return out, {"returncode": proc.returncode, "losses": losses(run_dir),
+                 "warnings": warnings}
 
 
 def main() -> int:
@@ -191,7 +194,8 @@ def run(tmp: Path, *, steps: int, every: int, at: int, at2: int, hang_timeout_s:
             "config": ARGS + [f"{k}={v}" for k, v in cfg.items()],
             "clean_run_s": round(clean_s, 1), "faults": faults,
             "final_returncode": final["returncode"], "losses_compared": len(ref),
-            "same_steps_as_clean": same_keys, "max_abs_loss_diff_vs_clean": diff, "ok": ok}
+            "same_steps_as_clean": same_keys, "max_abs_loss_diff_vs_clean": diff,
+            "monitor_warnings": final["warnings"], "ok": ok}
 
 
 if __name__ == "__main__":
