@@ -59,7 +59,7 @@ def to_hf(src, out, dtype: str | None = None) -> Path:
     from jaxpar.train.config import load_config
     from jaxpar.train.model import transformer_config
 
-    run_dir, step_dir = _checkpoint(Path(src))
+    run_dir, step_dir = _checkpoint(Path(src).resolve())  # orbax wants absolute paths
     cfg = load_config(run_dir / "config.yaml")
     if cfg.model.module:
         raise ValueError(f"{run_dir}: model.module={cfg.model.module!r} is a user model; only "

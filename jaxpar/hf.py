@@ -41,6 +41,7 @@ from jax.sharding import AxisType, Mesh
 
 from jaxpar import sharding
 from jaxpar.models import rope as rope_lib
+from jaxpar.models.blocks import SCAN_NAME as SCAN
 from jaxpar.models.transformer import Parallel, Transformer, TransformerConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -227,6 +228,21 @@ def _vocab_dims(name: str, transposed: bool, d: int) -> str:
     return ""
 
 
+def _param_reader(reader: _Reader, p: tuple[str, ...], shape: tuple[int, ...]):
+    """index -> block of our param `p`; a scanned decoder's stacked `layers/block/...` param
+    (leading layer axis) reads each layer's tensor."""
+    transposed = p[-1] == "kernel"
+    if p[:2] != (SCAN, "block"):
+        return _reader_fn(reader, hf_name(p), shape, transposed)
+    per_layer = [_reader_fn(reader, hf_name((f"layers_{i}",) + p[2:]), shape[1:], transposed)
+                 for i in range(shape[0])]
+
+    def read(index):
+        first, rest = index[0], tuple(index[1:])
+        return np.stack([per_layer[i](rest) for i in range(*first.indices(shape[0]))])
+    return read
+
+
 def read_params(folder, abstract, shardings=None):
     """Params shaped like `abstract` (a tree of ShapeDtypeStructs of the decoder's params)
     read from the HF folder; placed by `shardings` (each device reads its slices) or, without
@@ -241,8 +257,7 @@ def read_params(folder, abstract, shardings=None):
         reader = _Reader(folder, stack)
         for (path, leaf), sh in zip(flat, shard_leaves, strict=True):
             p = _path(path)
-            name = hf_name(p)
-            fn = _reader_fn(reader, name, tuple(leaf.shape), transposed=p[-1] == "kernel")
+            fn = _param_reader(reader, p, tuple(leaf.shape))
             if sh is None:
                 out.append(jnp.asarray(fn(tuple(slice(None) for _ in leaf.shape))))
             else:
@@ -362,17 +377,23 @@ def hf_tensors(params, c: TransformerConfig, dtype: str = "float32") -> dict[str
     dropped; kernels transposed back to [out, in])."""
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        p = _path(path)
-        name = hf_name(p)
-        a = np.asarray(jax.device_get(x))
-        if name == "model.embed_tokens.weight":
-            a = a[:c.vocab]
-        if p[-1] == "kernel":
-            a = a.T
-        if name == "lm_head.weight":
-            a = a[:c.vocab]
-        out[name] = np.ascontiguousarray(a.astype(DTYPES[dtype]))
+        p, a = _path(path), np.asarray(jax.device_get(x))
+        if p[:2] == (SCAN, "block"):  # a scanned decoder: one tensor per layer
+            out.update(_hf_tensor((f"layers_{i}",) + p[2:], a[i], c, dtype)
+                       for i in range(a.shape[0]))
+        else:
+            out.update([_hf_tensor(p, a, c, dtype)])
     return out
+
+
+def _hf_tensor(p: tuple[str, ...], a: np.ndarray, c: TransformerConfig, dtype: str):
+    """(HF name, array) of one unstacked param: [in, out] kernels transposed back to
+    [out, in], vocab padding rows dropped."""
+    name = hf_name(p)
+    a = a.T if p[-1] == "kernel" else a
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        a = a[:c.vocab]
+    return name, np.ascontiguousarray(a.astype(DTYPES[dtype]))
 
 
 def save(params, c: TransformerConfig, out, *, base_config: dict | None = None,

@@ -1,13 +1,21 @@
 """Benchmark sequence-parallel attention on the host's devices (default: 8 simulated CPU).
 
-For each N, impl and masking: forward and forward+backward wall time (median of --repeats
-after a compile/warm-up call), per-device memory of forward+backward from
+For each N, impl and masking: forward and forward+backward time (minimum over --repeats
+after a compile/warm-up call, of wall time and of the process's CPU time), per-device memory of forward+backward from
 `compiled.memory_analysis()`, and bytes sent per device counted from the compiled HLO.
 Baseline in the same process: the single-device blockwise (flash) kernel doing the same
 total work. Prints a markdown table; `--json PATH` writes the rows.
 
     python scripts/bench_attention.py --quick
     python scripts/bench_attention.py --seq-lens 2048 4096 8192 16384 --json out.json
+    python scripts/bench_attention.py --calibrate --json jaxpar/attention/profile_cpu.json
+    python scripts/bench_attention.py --grid --json docs/attention_auto_grid.json
+    python scripts/bench_attention.py --peer --json docs/attention_peer.json
+
+--calibrate measures the CPU cost profile of `impl="auto"` (kernel throughput, cost per
+kernel call, copy bandwidth and latency, elementwise bandwidth); --grid times every schedule
+on a grid of meshes and shapes and compares auto's pick with the fastest; --peer compares
+ring, TokenRing and Ulysses with the `ringattention` package (optional, benchmark only).
 """
 from __future__ import annotations
 
@@ -26,7 +34,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from jaxpar import bench, comm, make_mesh  # noqa: E402
-from jaxpar.bench import timed  # noqa: E402
 from jaxpar.attention import attention, dense_attention, flash_attention  # noqa: E402
 
 IMPLS = ("dense", "ulysses", "ring", "tokenring", "hybrid")
@@ -80,10 +87,15 @@ def bench_one(impl, n_dev, causal, cfg, repeats):
     b, n, h, kh, d, dtype = cfg
     fwd, fwd_bwd, args = build(impl, n_dev, causal, b, n, h, kh, d, dtype)
     compiled = fwd_bwd.lower(*args).compile()
+    from bench_attention_auto import timed_min
+
+    fwd_wall, fwd_cpu = timed_min(fwd, args, repeats)
+    fb_wall, fb_cpu = timed_min(fwd_bwd, args, repeats)
     row = {
-        "impl": impl, "N": n, "causal": causal, "devices": 1 if impl in ("dense", "flash (1 device)") else n_dev,
-        "fwd_ms": 1e3 * timed(fwd, args, repeats),
-        "fwd_bwd_ms": 1e3 * timed(fwd_bwd, args, repeats),
+        "impl": impl, "N": n, "causal": causal,
+        "devices": 1 if impl in ("dense", "flash (1 device)") else n_dev,
+        "fwd_ms": 1e3 * fwd_wall, "fwd_bwd_ms": 1e3 * fb_wall,  # min wall over repeats
+        "fwd_cpu_ms": 1e3 * fwd_cpu, "fwd_bwd_cpu_ms": 1e3 * fb_cpu,  # min process CPU time
         "mem_mib_per_device": per_device_mib(compiled),
         "sent_mib_per_device": comm.total_bytes(compiled.as_text()) / 2**20,
     }
@@ -111,7 +123,17 @@ def main(argv=None):
     ap.add_argument("--json", help="write the rows (and the machine) to this file")
     ap.add_argument("--plot", help="write a PNG of fwd+bwd time and bytes vs N")
     ap.add_argument("--from-json", help="skip measuring: print/plot the rows of this file")
+    ap.add_argument("--calibrate", action="store_true", help="measure the CPU auto profile")
+    ap.add_argument("--grid", action="store_true", help="auto's pick vs every impl, a grid")
+    ap.add_argument("--peer", action="store_true", help="vs the ringattention package")
+    ap.add_argument("--peer-chunks", type=int, nargs="+", default=[512, 1024],
+                    help="--peer: the peer's query/key chunk sizes to try (its best counts)")
     args = ap.parse_args(argv)
+    if args.calibrate or args.grid or args.peer:
+        from bench_attention_auto import calibrate, grid, peer
+
+        run = calibrate if args.calibrate else grid if args.grid else peer
+        return run(args)
     if args.quick:
         args.seq_lens, args.repeats = [1024, 2048], 1
     if jax.device_count() < args.devices:
@@ -139,9 +161,12 @@ def main(argv=None):
     base = {(r["N"], r["causal"]): r for r in rows if r["impl"] == "flash (1 device)"}
     nc = {(r["impl"], r["N"]): r for r in rows if not r["causal"]}
     for r in rows:
-        r["vs_single_device"] = r["fwd_bwd_ms"] / base[(r["N"], r["causal"])]["fwd_bwd_ms"]
+        # ratios of CPU time: what other jobs on a shared machine disturb least
+        r["vs_single_device"] = (r["fwd_bwd_cpu_ms"]
+                                 / base[(r["N"], r["causal"])]["fwd_bwd_cpu_ms"])
         if r["causal"]:
-            r["causal_vs_full"] = r["fwd_bwd_ms"] / nc[(r["impl"], r["N"])]["fwd_bwd_ms"]
+            r["causal_vs_full"] = (r["fwd_bwd_cpu_ms"]
+                                   / nc[(r["impl"], r["N"])]["fwd_bwd_cpu_ms"])
     machine = bench.machine()
     settings = vars(args) | {"dtype": args.dtype}
     report(rows, machine, settings, args.plot)
@@ -153,13 +178,14 @@ def main(argv=None):
 def report(rows, machine, a, plot_path=None):
     print(f"\nmachine: {machine}; B={a['batch']} H={a['heads']} K={a['kv_heads']} "
           f"D={a['head_dim']} {a['dtype']}\n")
-    print("| N | causal | impl | devices | fwd ms | fwd+bwd ms | ×single-device | causal/full "
-          "| MiB/device | MiB sent/device |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | causal | impl | devices | fwd ms (CPU) | fwd+bwd ms (CPU) | fwd+bwd ms (wall) "
+          "| ×single-device | causal/full | MiB/device | MiB sent/device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cf = f"{r['causal_vs_full']:.2f}" if "causal_vs_full" in r else ""
-        print(f"| {r['N']} | {r['causal']} | {r['impl']} | {r['devices']} | {r['fwd_ms']:.0f} | "
-              f"{r['fwd_bwd_ms']:.0f} | {r['vs_single_device']:.2f} | {cf} | "
+        print(f"| {r['N']} | {r['causal']} | {r['impl']} | {r['devices']} | "
+              f"{r['fwd_cpu_ms']:.0f} | {r['fwd_bwd_cpu_ms']:.0f} | {r['fwd_bwd_ms']:.0f} | "
+              f"{r['vs_single_device']:.2f} | {cf} | "
               f"{r['mem_mib_per_device']:.0f} | {r['sent_mib_per_device']:.1f} |")
     if plot_path:
         plot(rows, machine, plot_path)
@@ -181,14 +207,14 @@ def plot(rows, machine, path):
                 continue
             label = f"{impl}{' causal' if causal else ''}"
             n = [r["N"] for r in pts]
-            axes[0].plot(n, [r["fwd_bwd_ms"] / 1e3 for r in pts], style, color=color, marker="o",
+            axes[0].plot(n, [r["fwd_bwd_cpu_ms"] / 1e3 for r in pts], style, color=color, marker="o",
                          label=label)
             if not causal:
                 axes[1].plot(n, [r["mem_mib_per_device"] for r in pts], color=color, marker="o",
                              label=impl)
                 axes[2].plot(n, [r["sent_mib_per_device"] for r in pts], color=color,
                              marker="o", label=impl)
-    for ax, title in zip(axes, ("forward+backward time (s)", "memory per device (MiB)",
+    for ax, title in zip(axes, ("forward+backward CPU time (s)", "memory per device (MiB)",
                                 "bytes sent per device, fwd+bwd (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -66,7 +66,8 @@ def bench_prepare(work: Path, tok4k: Path) -> list[dict]:
 
 def bench_format(bpe: Path, n: int = 4000, seq_len: int = 128) -> dict:
     """Why flat token files: the same train split as ArrayRecord (one record per document,
-    the default group size) vs the memory-mapped token file; read `n` random windows of
+    the default group size) vs the token file (memory-mapped, or pread as TokenWindows
+    does); read `n` random windows of
     seq_len+1 tokens that may span documents, the access a packed-window loader makes."""
     from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
@@ -90,13 +91,17 @@ def bench_format(bpe: Path, n: int = 4000, seq_len: int = 128) -> dict:
 
     out = {"windows": n, "seq_len": seq_len, "flat_bytes": int(tokens.nbytes),
            "array_record_bytes": path.stat().st_size}
+    fd, size = os.open(bpe / "train.bin", os.O_RDONLY), tokens.dtype.itemsize
+    via_pread = lambda s: np.frombuffer(os.pread(fd, (seq_len + 1) * size, s * size),
+                                        tokens.dtype)
     for name, fn in (("flat_memmap", lambda s: np.asarray(tokens[s:s + seq_len + 1])),
-                     ("array_record", via_array_record)):
+                     ("flat_pread", via_pread), ("array_record", via_array_record)):
         t0 = time.perf_counter()
         got = [fn(int(s)) for s in starts]
         out[f"{name}_windows_per_s"] = n / (time.perf_counter() - t0)
         out[f"{name}_check"] = int(sum(int(g.astype(np.int64).sum()) for g in got))
-    assert out["flat_memmap_check"] == out["array_record_check"]
+    assert out["flat_memmap_check"] == out["array_record_check"] == out["flat_pread_check"]
+    os.close(fd)
     path.unlink()
     print(out, flush=True)
     return out
@@ -215,6 +220,7 @@ def bench_rss(work: Path, sizes=(0.1, 1.0, 2.0)) -> list[dict]:
         rec = json.loads(r.stdout.strip().splitlines()[-1])
         size = sum(p.stat().st_size for p in out.iterdir()) / 1e9
         rec.update(dataset_gb=size, write_s=write_s,
+                   offsets_mb=(out / "train_docs.npy").stat().st_size / 2 ** 20,
                    data_path_mb=rec["after_reads_mb"] - rec["base_mb"])
         rows.append(rec)
         print(rec, flush=True)
@@ -271,7 +277,8 @@ def main() -> None:
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     result["info"] = {"machine": machine(), "note": "2-core x86_64 shared with other jobs: "
-                      "timings are contended", "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                      "timings are contended", "loadavg_at_start": os.getloadavg(),
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                     time.gmtime())}
     bpe, byt = work / "bpe4k", work / "bytes"
     if not bpe.exists():

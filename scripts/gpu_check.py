@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import pathlib
 import re
 import statistics
@@ -176,6 +177,7 @@ def main(argv=None) -> bool:
              f"error against an fp32 dense reference; limit {TOLERANCE})", "",
              "| case | out | dq | dk | dv | ok |", "|---|---|---|---|---|---|"]
     ok_all = True
+    record = {"card": card, "jax": jax.__version__, "correctness": [], "throughput": []}
     cases = [
         ("local, causal, GQA, segments", "local", True, kv, True),
         ("local, non-causal, MHA", "local", False, h, False),
@@ -194,22 +196,24 @@ def main(argv=None) -> bool:
         except Exception as e:  # noqa: BLE001
             ok, row = False, f"{type(e).__name__}: {str(e).splitlines()[0][:120]} | | |"
         ok_all &= ok
+        record["correctness"].append({"case": name, "ok": ok, "rel_errors": row})
         lines.append(f"| {name} | {row} | {'yes' if ok else '**NO**'} |")
         print(lines[-1], flush=True)
 
     th, td = (2, 16) if args.tiny else (16, 128)
     lines += ["", f"## Throughput, P=1 (B=1, H={th}, D={td}, {jnp.dtype(dtype).name}; "
               f"TFLOP/s fwd / fwd+bwd; FLOPs = 4·N²·H·D, half when causal, fwd+bwd = 3.5× fwd)",
-              "", f"| N | causal | auto ({type(auto).__name__}) | xla | cuDNN |",
-              "|---|---|---|---|---|"]
+              "", f"| N | causal | auto ({type(auto).__name__}) | xla | cuDNN "
+              f"| auto / cuDNN, fwd+bwd (target ≥ 70%) |", "|---|---|---|---|---|---|"]
     notes = []
     for n in sizes:
         for causal in (False, True):
             if time.perf_counter() - start > args.budget:
                 notes.append(f"N={n} causal={causal}: skipped (time budget)")
                 continue
-            cells = []
+            cells, got = [], {}
             for impl in (auto, "xla", "cudnn"):
+                name = impl if isinstance(impl, str) else "auto"
                 if impl == "xla" and n > sizes[0]:
                     cells.append("–")
                     continue
@@ -219,7 +223,16 @@ def main(argv=None) -> bool:
                 res, err = throughput(impl, n, th, td, causal, dtype, repeats)
                 if err:
                     notes.append(f"N={n} causal={causal} {impl}: {err}")
+                got[name] = None if res is None else {"fwd_tflops": res[0],
+                                                      "fwd_bwd_tflops": res[1]}
                 cells.append("failed" if res is None else f"{res[0]:.3g} / {res[1]:.3g}")
+            share = None
+            if got.get("auto") and got.get("cudnn"):
+                share = got["auto"]["fwd_bwd_tflops"] / got["cudnn"]["fwd_bwd_tflops"]
+            missed = "" if share is None or share >= 0.7 else " (missed)"
+            cells.append("–" if share is None else f"{share:.0%}{missed}")
+            record["throughput"].append({"N": n, "causal": causal, **got,
+                                         "auto_over_cudnn": share})
             lines.append(f"| {n} | {'yes' if causal else 'no'} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     if notes:
@@ -229,7 +242,9 @@ def main(argv=None) -> bool:
     slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")
     out = pathlib.Path(args.out) if args.out else ROOT / "docs" / f"kernel_check_{slug}.md"
     out.write_text("\n".join(lines))
-    print(f"wrote {out}", flush=True)
+    record["all_correct"] = ok_all
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")  # the numbers
+    print(f"wrote {out} and {out.with_suffix('.json')}", flush=True)
     return ok_all
 
 

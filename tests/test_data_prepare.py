@@ -54,8 +54,15 @@ def check_dataset(out: Path, docs: list[str], tok) -> dict:
     return m
 
 
-def test_prepare_bytes_matches_the_utf8_bytes(corpus, tmp_path):
+def test_prepare_bytes_matches_the_utf8_bytes(corpus, tmp_path, monkeypatch):
     m = prep.prepare([corpus], tmp_path / "ds", tokenizer="bytes", progress=False)
+    # files are read in blocks: 5-byte blocks (cutting separators and characters) give the
+    # same dataset
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 5)
+    m5 = prep.prepare([corpus], tmp_path / "ds5", tokenizer="bytes", progress=False)
+    for f in ("train.bin", "eval.bin", "train_docs.npy", "eval_docs.npy"):
+        assert (tmp_path / "ds" / f).read_bytes() == (tmp_path / "ds5" / f).read_bytes()
+    assert m5["inputs"] == m["inputs"]
     docs = docs_of(corpus)
     check_dataset(tmp_path / "ds", docs, load_tokenizer("bytes"))
     assert m["vocab_size"] == 256 and m["dtype"] == "uint16" and m["tokenizer"]["file"] is None
@@ -86,9 +93,10 @@ def test_two_workers_give_the_same_dataset(corpus, tmp_path):
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
 
 
-def test_sentencepiece_and_jsonl_field(corpus, tmp_path):
+def test_sentencepiece_and_jsonl_field(corpus, tmp_path, monkeypatch):
     import sentencepiece as spm
 
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 7)  # JSON lines cut across read blocks
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
                                    vocab_size=600, byte_fallback=True, minloglevel=2,
                                    character_coverage=0.98)
@@ -157,9 +165,9 @@ def test_bad_prepare_inputs_are_one_line_exit_2(corpus, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     one_line_error(capsys, prep.main, [str(tmp_path / "bad.jsonl"), "--tokenizer", "bytes",
                                        "--out", out], "bad.jsonl:2", "'text'", "--field")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ol\xe9\n".encode("latin-1"))
+    (tmp_path / "latin1.txt").write_bytes("ok\n\ncaf\xe9 ol\xe9\n".encode("latin-1"))
     one_line_error(capsys, prep.main, [str(tmp_path / "latin1.txt"), "--tokenizer", "bytes",
-                                       "--out", out], "latin1.txt", "not UTF-8", "byte 3")
+                                       "--out", out], "latin1.txt", "not UTF-8", "byte 7")
     one_line_error(capsys, prep.main, [str(corpus), "--out", out], "--tokenizer",
                    "--train-tokenizer")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))

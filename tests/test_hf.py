@@ -4,6 +4,7 @@ and without a mesh (data x tensor, ring/TokenRing with zigzag positions); refusa
 bit-exact round trip; the padded vocab's loss."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -105,16 +106,19 @@ def test_refuses_what_it_cannot_honour(tmp_path, key, value):
     assert "\n" not in msg and (key in msg or (key == "rope_scaling" and "rope" in msg)), msg
 
 
-@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-def test_round_trip_bit_exact(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,scan", [(np.float32, False), (ml_dtypes.bfloat16, True)])
+def test_round_trip_bit_exact(tmp_path, dtype, scan):
+    """HF -> params -> HF, bit for bit; with scan_layers the params are the stacked layout."""
     cfg = dict(R.LLAMA3, rope_scaling=R.SCALINGS["llama3"])
     R.write_checkpoint(tmp_path / "in", cfg, dtype=dtype, shards=2)
     keys = hf.model_keys(hf.read_config(tmp_path / "in"))
     c = hf.transformer_config(keys, padded_vocab=70)  # as on a tensor axis of 7 or 10
+    c = dataclasses.replace(c, scan_layers=scan)
     module = Transformer(c)
     dummy = jnp.zeros((1, 8), jnp.int32)
     abstract = hf._shapes(jax.eval_shape(module.init, jax.random.key(0), dummy)["params"])
     params = hf.read_params(tmp_path / "in", abstract)
+    assert ("layers" in params) == scan and params["embed"]["embedding"].shape == (70, 32)
     name = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
     base = json.loads((tmp_path / "in" / "config.json").read_text())
     hf.save(params, c, tmp_path / "out", base_config=base, dtype=name, max_shard_bytes=20_000)

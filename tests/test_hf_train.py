@@ -46,6 +46,11 @@ def test_init_from_sets_the_model_section(tmp_path):
     assert m.rope_base == 500000.0 and m.rms_norm_eps == 1e-6 and m.tie_embeddings
     assert m.rope_scaling == R.SCALINGS["yarn"] and m.max_positions == 16
     assert cfg.replace(train={"steps": 3}).model == m  # resolved keys are consistent
+    # context extension: rope_scaling / rope_base override the checkpoint's
+    ext = load_config(None, [f"model.init_from={tmp_path}", "model.rope_base=1e6",
+                             "model.rope_scaling={rope_type: linear, factor: 8.0}"])
+    assert ext.model.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert ext.model.rope_base == 1e6 and ext.model.layers == 2
 
 
 def test_init_from_conflicting_key_is_one_line_exit_2(tmp_path, capsys):
@@ -58,8 +63,8 @@ def test_init_from_conflicting_key_is_one_line_exit_2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_convert_round_trip_and_init_from_lr0_export_equal_input(tmp_path):
-    """from-hf -> to-hf is bit-exact (bf16, 2 safetensors files); a TokenRing run with
-    model.init_from and train.lr=0 exports weights equal to the input."""
+    """from-hf -> to-hf is bit-exact (bf16, 2 safetensors files); a TokenRing run (scanned
+    layers) with model.init_from and train.lr=0 exports weights equal to the input."""
     src = tmp_path / "hf"
     R.write_checkpoint(src, HF, dtype=ml_dtypes.bfloat16, shards=2)
     (src / "tokenizer.json").write_text("{}")
@@ -73,7 +78,8 @@ def test_convert_round_trip_and_init_from_lr0_export_equal_input(tmp_path):
     assert back["torch_dtype"] == "bfloat16" and back["bos_token_id"] == 1
 
     cfg = load_config(None, [f"model.init_from={src}", f"train.run_dir={tmp_path / 'run'}",
-                             "train.steps=2", "train.lr=0", *mesh, *RUN])
+                             "train.steps=2", "train.lr=0", "model.scan_layers=true", *mesh,
+                             *RUN])  # scanned: params stacked on read, unstacked on export
     train(cfg)  # (not quiet: the run folder gets its config.yaml)
     assert convert.main(["to-hf", str(tmp_path / "run" / "checkpoints" / "2"),
                          str(tmp_path / "back")]) == 0

@@ -8,6 +8,11 @@ Global-array entry point (builds the shard_map, zigzag reorder and its inverse f
     sequence_parallel_attention(q, k, v, *, mesh, impl, axis="seq", causal=False,
                                 segment_ids=None, kernel="auto")
 
+impl="auto" picks the schedule from a cost model (`auto`; `choose_impl` says what it picks
+and the predicted times): one axis -> ulysses, ring or tokenring; two axes -> the hybrid,
+its ring on either axis (the global entry point; per device the caller's layout fixes the
+ring on the first axis), ring or TokenRing outside.
+
 `kernel` picks the block-pair kernel every schedule computes with (`kernels`): "auto"
 (Pallas flash kernel on a CUDA GPU, pure JAX elsewhere), "xla", "pallas_gpu", or a
 `kernels.BlockKernel` instance.
@@ -22,13 +27,14 @@ data by collective permutes (`layout.to_zigzag_local`), never gathering the sequ
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpar import _spmd
 from jaxpar.mesh import SEQ
-from jaxpar.attention import kernels, layout
+from jaxpar.attention import auto, kernels, layout
 from jaxpar.attention.blockwise import attend, flash_attention, merge
 from jaxpar.attention.dense import dense_attention
 from jaxpar.attention.hybrid import hybrid_attention
@@ -42,12 +48,12 @@ PER_DEVICE = {
     "tokenring": tokenring_attention,
     "hybrid": hybrid_attention,
 }
-IMPLS = ("dense", *PER_DEVICE)
+IMPLS = ("dense", *PER_DEVICE, "auto")
 
 __all__ = [
     "IMPLS", "attention", "sequence_parallel_attention", "ulysses_attention", "ring_attention",
     "tokenring_attention", "hybrid_attention", "dense_attention", "flash_attention", "attend",
-    "merge", "layout", "kernels",
+    "merge", "layout", "kernels", "auto", "choose_impl",
 ]
 
 
@@ -64,6 +70,20 @@ def attention(q_BLHD, k_BLKD, v_BLKD, *, impl: str, axis=SEQ, causal: bool = Fal
     if impl == "dense":
         raise ValueError("impl='dense' is the global-array reference, not a per-device "
                          "function; use sequence_parallel_attention or dense_attention")
+    if impl == "auto":  # the local layout fixes the axes: one axis, or hybrid (ring, ulysses)
+        axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+        sizes = tuple(jax.lax.axis_size(a) for a in axes)
+        if len(axes) == 1:
+            cands = auto.candidates(sizes[0])
+        else:
+            cands = [c for c in auto.candidates(sizes, axes) if c.axes == axes]
+        b, l, h, _ = q_BLHD.shape
+        pick = auto.choose(cands, batch=b, seq_len=l * math.prod(sizes), heads=h,
+                           kv_heads=k_BLKD.shape[2], head_dim=q_BLHD.shape[3],
+                           dtype=q_BLHD.dtype, causal=causal).pick
+        impl = pick.impl
+        if pick.ring_impl:
+            kwargs = {**kwargs, "ring_impl": pick.ring_impl}
     return PER_DEVICE[impl](q_BLHD, k_BLKD, v_BLKD, axis_name=axis, causal=causal,
                             segment_ids_BL=segment_ids, kernel=kernel, **kwargs)
 
@@ -106,14 +126,22 @@ def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis
     impl: "dense" (single-device reference), "ulysses", "ring", "tokenring", or "hybrid"
     with axis=(ring_axis, ulysses_axis), e.g. ("seq", "seq_inner"), and ring_impl "ring"
     (the default) or "tokenring" for the outer axis (a ValueError with any other impl, which
-    would ignore it). mesh: a `jax.sharding.Mesh` (unused by "dense"). kernel: the block
-    kernel ("auto", "xla", "pallas_gpu" or a `kernels.BlockKernel`; ignored by "dense").
+    would ignore it); or "auto" (`choose_impl`: one axis -> ulysses, ring or tokenring; two
+    -> the hybrid, its ring on either axis, ring or TokenRing). mesh: a
+    `jax.sharding.Mesh` (unused by "dense"). kernel: the block kernel ("auto", "xla",
+    "pallas_gpu" or a `kernels.BlockKernel`; ignored by "dense").
     """
     _check_impl(impl)
     _check_global(q_BNHD, k_BNKD, v_BNKD, segment_ids)
     if ring_impl is not None and impl != "hybrid":
         raise ValueError(f"ring_impl={ring_impl!r} is only used by impl='hybrid' (got "
                          f"impl={impl!r}); drop ring_impl or use impl='hybrid'")
+    if impl == "auto":
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh for impl='auto'; got "
+                            f"{type(mesh).__name__}")
+        pick = choose_impl(q_BNHD, k_BNKD, mesh=mesh, axis=axis, causal=causal).pick
+        impl, ring_impl, axis = pick.impl, pick.ring_impl, pick.axes or axis
     if impl == "dense":
         return dense_attention(q_BNHD, k_BNKD, v_BNKD, causal=causal, segment_ids_BN=segment_ids)
     if not isinstance(mesh, jax.sharding.Mesh):
@@ -139,6 +167,22 @@ def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis
     run = _compiled(mesh, spec, impl, axes, causal, zig,
                     (ring_impl or "ring") if impl == "hybrid" else None, kernels.resolve(kernel))
     return run(*args)
+
+
+def choose_impl(q_BNHD, k_BNKD, *, mesh, axis=SEQ, causal: bool = False, profile=None):
+    """What impl="auto" runs for these global shapes on `mesh`: an `auto.Choice` (the pick,
+    predicted seconds of every runnable schedule, and why the others cannot run)."""
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if len(axes) not in (1, 2):
+        raise ValueError(f"impl='auto' takes one mesh axis or two (hybrid); got axis={axis!r}")
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"axis {a!r} is not in the mesh; mesh axes are {list(mesh.shape)}")
+    sizes = tuple(mesh.shape[a] for a in axes)
+    cands = auto.candidates(sizes[0]) if len(axes) == 1 else auto.candidates(sizes, axes)
+    b, n, h, d = q_BNHD.shape
+    return auto.choose(cands, batch=b, seq_len=n, heads=h, kv_heads=k_BNKD.shape[2],
+                       head_dim=d, dtype=q_BNHD.dtype, causal=causal, profile=profile)
 
 
 @functools.lru_cache(maxsize=64)

@@ -135,8 +135,8 @@ def delta(out_BLHD, dout_BLHD):
 # that no more than one score tile per head is live. Within a query tile every query is
 # processed at once (one einsum), the key tiles are a `lax.scan`; query tiles (when there
 # are several) run one after the other, also a `lax.scan`. Tile sizes are per backend:
-# GPUs want big tiles (an H200 ran 2-2.7× faster with 2048 than with 512 tiles), a CPU
-# wants cache-sized ones (256² measured fastest of 128..1024 here, docs/kernels.md).
+# GPUs want big tiles (an H200 ran 1.77-2.62× faster with 2048 than with 512 tiles), a CPU
+# wants cache-sized ones (256² picked from a sweep of 128..1024 here, docs/kernels.md).
 
 
 DEFAULT_TILE: int | None = None  # key-tile length (None: per backend); read at trace time

@@ -64,49 +64,69 @@ def input_files(inputs) -> list[Path]:
     return files
 
 
+BLOCK_BYTES = 1 << 26  # files are read in 64 MiB blocks: memory stays flat in file size
+
+
+def _pieces(f, sep: bytes, sha, progress) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, piece) of a binary file split at `sep` (b'' = the whole file), read in
+    blocks. Splitting UTF-8 at the separator's own bytes never cuts a character."""
+    rest, at = b"", 0
+    while block := f.read(BLOCK_BYTES):
+        sha.update(block)
+        if progress is not None:
+            progress.update(len(block))
+        parts = (rest + block).split(sep) if sep else [rest + block]
+        rest = parts.pop()
+        for part in parts:
+            yield at, part
+            at += len(part) + len(sep)
+    yield at, rest
+
+
 class Reader:
-    """Documents of the inputs in order, with each file's sha256 and the bytes read so far."""
+    """Documents of the inputs in order, and each file's size and sha256."""
 
     def __init__(self, files: list[Path], field: str, separator: str):
         self.files, self.field, self.separator = files, field, separator
         self.hashes: list[dict] = []
 
-    def _texts(self, path: Path, raw: bytes) -> Iterator[str]:
-        if path.suffix == ".jsonl":
-            for no, line in enumerate(raw.split(b"\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{no}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or self.field not in rec:
-                    keys = list(rec)[:8] if isinstance(rec, dict) else type(rec).__name__
-                    raise ValueError(f"{path}:{no}: no field {self.field!r} (has {keys}); "
-                                     f"choose the text field with --field")
-                if not isinstance(rec[self.field], str):
-                    raise ValueError(f"{path}:{no}: field {self.field!r} is "
-                                     f"{type(rec[self.field]).__name__}, not a string")
-                yield rec[self.field]
-            return
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it "
-                             f"to UTF-8 or leave it out") from None
-        yield from (text.split(self.separator) if self.separator else [text])
+    def _jsonl(self, path: Path, lines) -> Iterator[str]:
+        for no, (_, line) in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or self.field not in rec:
+                keys = list(rec)[:8] if isinstance(rec, dict) else type(rec).__name__
+                raise ValueError(f"{path}:{no}: no field {self.field!r} (has {keys}); "
+                                 f"choose the text field with --field")
+            if not isinstance(rec[self.field], str):
+                raise ValueError(f"{path}:{no}: field {self.field!r} is "
+                                 f"{type(rec[self.field]).__name__}, not a string")
+            yield rec[self.field]
+
+    def _text(self, path: Path, pieces) -> Iterator[str]:
+        for at, raw in pieces:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text (byte {at + e.start}: {e.reason}); "
+                                 f"convert it to UTF-8 or leave it out") from None
 
     def documents(self, progress=None) -> Iterator[str]:
         self.hashes = []
         for path in self.files:
-            raw = path.read_bytes()
-            self.hashes.append({"path": str(path), "bytes": len(raw),
-                                "sha256": hashlib.sha256(raw).hexdigest()})
-            for text in self._texts(path, raw):
-                if text:
-                    yield text
-            if progress is not None:
-                progress.update(len(raw))
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                if path.suffix == ".jsonl":
+                    texts = self._jsonl(path, _pieces(f, b"\n", sha, progress))
+                else:
+                    texts = self._text(path, _pieces(f, self.separator.encode(), sha, progress))
+                yield from (t for t in texts if t)
+            self.hashes.append({"path": str(path), "bytes": path.stat().st_size,
+                                "sha256": sha.hexdigest()})
 
 
 def is_eval(seed: int, index: int, fraction: float) -> bool:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 BYTES = "bytes"
 KINDS = ("bytes", "hf", "sentencepiece")
 
@@ -23,8 +25,11 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
+
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", "replace")
+        return np.asarray(ids, np.uint8).tobytes().decode("utf-8", "replace")
 
 
 class HFTokenizer:

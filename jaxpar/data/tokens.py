@@ -9,13 +9,14 @@ memory-mapped token files.
 
 Row r of the batch of step s (replica m; DiLoCo) is element ((s-1)·M + m)·B + r of the
 shuffled dataset: a pure function of (seed, step), so the data position of a checkpoint is
-its step and a resumed run reads the same rows. Nothing is read up front: the token files
-are memory-mapped and a process touches only the windows of its own rows (`feed.place`),
-so resident memory stays flat in the dataset's size.
+its step and a resumed run reads the same rows. Nothing is read up front: a process reads
+(pread) only the windows of its own rows (`feed.place`), so resident memory stays flat in
+the dataset's size.
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import grain
@@ -26,22 +27,29 @@ from jaxpar.data.tokenizer import BYTES, load_tokenizer
 
 
 class TokenWindows:
-    """grain random-access source: fixed windows of seq_len+1 tokens over a token file."""
+    """grain random-access source: fixed windows of seq_len+1 tokens over a token file.
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seq_len: int):
-        self.tokens, self.offsets, self.seq_len = tokens, offsets, seq_len
+    Windows are read with `os.pread`, not a memory map: a mapped file's pages (and the
+    kernel's readahead around each touched page) count in the process's RSS and pile up
+    over a run; pread leaves them in the page cache only. The document offsets (8 bytes a
+    document) are memory-mapped and binary-searched."""
+
+    def __init__(self, path: Path, dtype, offsets: np.ndarray, seq_len: int):
+        self.dtype, self.offsets, self.seq_len = np.dtype(dtype), offsets, seq_len
+        self.fd = os.open(path, os.O_RDONLY)
+        self.num_tokens = os.fstat(self.fd).st_size // self.dtype.itemsize
         self.reads = 0  # windows read by this process (the per-process reading test)
 
     def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.seq_len
+        return (self.num_tokens - 1) // self.seq_len
 
     def window(self, start: int) -> np.ndarray:
         """[2, N+1]: tokens and their document indices, from token `start`."""
         self.reads += 1
-        pos = np.arange(start, start + self.seq_len + 1)
-        doc = np.searchsorted(self.offsets, pos, side="right") - 1
-        return np.stack([self.tokens[start:start + self.seq_len + 1].astype(np.int32),
-                         doc.astype(np.int32)])
+        n, size = self.seq_len + 1, self.dtype.itemsize
+        tokens = np.frombuffer(os.pread(self.fd, n * size, start * size), self.dtype)
+        doc = np.searchsorted(self.offsets, np.arange(start, start + n), side="right") - 1
+        return np.stack([tokens.astype(np.int32), doc.astype(np.int32)])
 
     def __getitem__(self, k: int) -> np.ndarray:
         return self.window(int(k) * self.seq_len)
@@ -58,12 +66,12 @@ class TokenDataset:
         self.tokenizer = load_tokenizer(BYTES if tok["file"] is None else self.path / tok["file"])
         split = {}
         for name in ("train", "eval"):
-            tokens = np.memmap(self.path / f"{name}.bin", dtype=m["dtype"], mode="r")
-            if len(tokens) < seq_len + 1:
-                raise ValueError(f"dataset {self.path}: the {name} split has {len(tokens)} "
-                                 f"tokens; train.seq_len={seq_len} needs at least {seq_len + 1}")
             offsets = np.load(self.path / f"{name}_docs.npy", mmap_mode="r")
-            split[name] = TokenWindows(tokens, offsets, seq_len)
+            split[name] = w = TokenWindows(self.path / f"{name}.bin", m["dtype"], offsets,
+                                           seq_len)
+            if w.num_tokens < seq_len + 1:
+                raise ValueError(f"dataset {self.path}: the {name} split has {w.num_tokens} "
+                                 f"tokens; train.seq_len={seq_len} needs at least {seq_len + 1}")
         self.train, self.eval = split["train"], split["eval"]
         self.dataset = grain.MapDataset.source(self.train).shuffle(seed=seed % 2 ** 32)
         ev = m["splits"]["eval"]
@@ -82,7 +90,7 @@ class TokenDataset:
     def eval_rows(self, j: int, rows: range, batch_size: int, num_batches: int):
         """Fixed windows spread evenly over the eval split (as ByteData's)."""
         n = batch_size * num_batches
-        starts = np.linspace(0, len(self.eval.tokens) - self.seq_len - 1, n).astype(np.int64)
+        starts = np.linspace(0, self.eval.num_tokens - self.seq_len - 1, n).astype(np.int64)
         w = np.stack([self.eval.window(int(starts[j * batch_size + r])) for r in rows])
         return w[:, 0], w[:, 1]
 

@@ -62,7 +62,7 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSection:
-    impl: str = "dense"     # dense | ulysses | ring | tokenring | hybrid
+    impl: str = "dense"     # dense | ulysses | ring | tokenring | hybrid | auto
     ring_impl: str = "ring"  # hybrid's outer (seq) axis: ring | tokenring
 
 
@@ -269,9 +269,15 @@ _HF_NAMES = {"layers": "num_hidden_layers", "embed": "hidden_size",
              "tie_embeddings": "tie_word_embeddings"}
 
 
+# context extension: how positions are encoded may change from the checkpoint's (the weights
+# stay valid); every other model key must match it
+EXTENSION_KEYS = ("rope_scaling", "rope_base")
+
+
 def _init_from(body: dict) -> dict:
     """The model section with the keys of `model.init_from`'s config.json filled in; a key
-    given explicitly that disagrees with the checkpoint is a ConfigError."""
+    given explicitly that disagrees with the checkpoint is a ConfigError, except the context
+    extension keys (EXTENSION_KEYS), which override it."""
     from jaxpar import hf
 
     path = body["init_from"]
@@ -283,10 +289,10 @@ def _init_from(body: dict) -> dict:
         raise ConfigError(f"model.init_from={path!r} loads the built-in decoder; it cannot be "
                           f"combined with model.module={body['module']!r}")
     for k, v in keys.items():
-        if k in body and body[k] != v:
+        if k in body and body[k] != v and k not in EXTENSION_KEYS:
             raise ConfigError(f"model.{k}={body[k]!r} conflicts with model.init_from={path!r} "
                               f"({_HF_NAMES[k]}={v!r}); drop model.{k} or set it to {v!r}")
-    return {**body, **keys}
+    return {**keys, **body}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
@@ -443,10 +449,13 @@ def _data_vocab(cfg: Config) -> int:
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary."""
-    if cfg.model.vocab:
-        return cfg
-    return cfg.replace(model={"vocab": _data_vocab(cfg)})
+    """Fill the keys that come from elsewhere: model.vocab=0 -> the data's vocabulary;
+    attention.impl=auto -> the schedule the cost model picks (`attention_choice`)."""
+    from jaxpar.train.attention_choice import resolve as resolve_attention
+
+    if not cfg.model.vocab:
+        cfg = cfg.replace(model={"vocab": _data_vocab(cfg)})
+    return resolve_attention(cfg)[0]
 
 
 def _check_stacking(cfg: Config):
@@ -464,9 +473,6 @@ def _check_stacking(cfg: Config):
         raise ConfigError(f"model.scan_layers=true stacks all layers into one param tree, which "
                           f"Streaming DiLoCo cannot split by layer; use diloco.num_fragments=1 "
                           f"(got {d.num_fragments}) or model.scan_layers=false")
-    if mo.scan_layers and mo.init_from:
-        raise ConfigError(f"model.scan_layers=true with model.init_from={mo.init_from!r}: HF "
-                          f"weights load into the per-layer layout; use model.scan_layers=false")
 
 
 def _check_builtin_model(cfg: Config):

@@ -18,6 +18,7 @@ import numpy as np
 from jaxpar import sharding
 from jaxpar.bench import machine
 from jaxpar.monitor.steps import StepMonitor
+from jaxpar.train import attention_choice
 from jaxpar.train.checkpoint import Checkpointer, layout_meta
 from jaxpar.train.config import Config, dump
 from jaxpar.train.loop import Run, peak_tflops, sample
@@ -39,6 +40,7 @@ def _write_run_files(run: Run, run_dir: Path, params) -> None:
 def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     """Run (or resume) the configured training; returns the summary dict."""
     lead = jax.process_index() == 0 and not quiet
+    attention_choice.apply(cfg, lead)  # attention.impl=auto: print and record the pick
     run = Run.create(cfg, devices)
     cfg = run.cfg  # resolved (model.vocab from the data)
     run_dir = Path(cfg.train.run_dir)
