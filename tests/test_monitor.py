@@ -138,7 +138,7 @@ def test_step_monitor_times_steps_and_warns(tmp_path, capsys):
     assert all(abs(r["step_s"] - r["host_s"] - r["wait_s"]) < 1e-5 for r in recs)
     err = capsys.readouterr().err
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
-    assert len(warnings) == 1 and "process 0: step 25 took 0.2" in warnings[0], err
+    assert len(warnings) == 1 and "process 0: step 25 took " in warnings[0], err
 
 
 def test_launch_restarts_a_group_whose_process_hung(tmp_path):
