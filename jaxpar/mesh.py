@@ -1,8 +1,14 @@
-"""Device meshes with named axes: replica, data, seq, seq_inner, tensor.
+"""Device meshes with named axes: replica, data, fsdp, seq, seq_inner, tensor.
 
 `replica` is outermost (DiLoCo replicas, slow links), `tensor` innermost (fastest links).
-`seq_inner` exists for 2-D (hybrid) sequence parallelism: Ulysses inside `seq_inner`,
-a ring across `seq`. Axes of size 1 are kept so every spec can name every axis.
+The order follows how often and how much each axis talks: `data` all-reduces gradients
+once per step; `fsdp` (ZeRO-3, MaxText's name) all-gathers each layer's weights and
+reduce-scatters its gradients, once per layer and step, so it sits inside `data` (on a
+faster link); `seq` rings K/V blocks inside every attention and `tensor` gathers or
+scatters activations around every matmul, so they sit innermost. `jax.make_mesh` lays the
+last axes over the closest devices (NVLink / ICI neighbours). `seq_inner` exists for 2-D
+(hybrid) sequence parallelism: Ulysses inside `seq_inner`, a ring across `seq`. Axes of
+size 1 are kept so every spec can name every axis.
 """
 from __future__ import annotations
 
@@ -11,15 +17,16 @@ import dataclasses
 import jax
 from jax.sharding import AxisType, Mesh
 
-AXES = ("replica", "data", "seq", "seq_inner", "tensor")
+AXES = ("replica", "data", "fsdp", "seq", "seq_inner", "tensor")
 # the names every module uses (defaults of `axis=` arguments, the rules table)
-REPLICA, DATA, SEQ, SEQ_INNER, TENSOR = AXES
+REPLICA, DATA, FSDP, SEQ, SEQ_INNER, TENSOR = AXES
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     replica: int = 1
     data: int = 1
+    fsdp: int = 1
     seq: int = 1
     seq_inner: int = 1
     tensor: int = 1
@@ -58,7 +65,7 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig | None = None, *, devices=None, **sizes) -> Mesh:
-    """Build a `jax.sharding.Mesh` with all five named axes (Auto axis types).
+    """Build a `jax.sharding.Mesh` with all six named axes (Auto axis types).
 
     `make_mesh(seq=8)` and `make_mesh(MeshConfig(seq=8))` are the same mesh.
     """

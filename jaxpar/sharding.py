@@ -10,6 +10,10 @@ name lives on the mesh. Changing how a model is sharded is editing data, not cod
 
 A rule maps to one mesh axis, a tuple of axes (sharded over their product), or None
 (replicated). Flax applies rules in order and never uses one mesh axis twice in an array.
+
+FSDP is one rule: `embed -> fsdp` shards every weight (and, through the optimizer's
+shardings, its Adam moments) on its embed dimension. Activations name `embed` too, but
+`batch` comes first and already holds `fsdp`, so activations stay unsharded on embed.
 """
 from __future__ import annotations
 
@@ -22,20 +26,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpar.mesh import DATA, REPLICA, SEQ, SEQ_INNER, TENSOR
+from jaxpar.mesh import DATA, FSDP, REPLICA, SEQ, SEQ_INNER, TENSOR
 
 Rules = tuple[tuple[str, Any], ...]
 
 DEFAULT_RULES: Rules = (
     ("replica", REPLICA),                          # DiLoCo: the leading replica axis
-    ("batch", (REPLICA, DATA)),                    # without DiLoCo replicas are more data
+    ("batch", (REPLICA, DATA, FSDP)),              # without DiLoCo replicas are more data
     ("length", (SEQ, SEQ_INNER)),                  # attention's token axis
     ("act_length", (SEQ, SEQ_INNER, TENSOR)),      # between blocks: Megatron sequence parallel
     ("heads", TENSOR),
     ("kv_heads", TENSOR),
     ("mlp", TENSOR),
     ("vocab", TENSOR),
-    ("embed", None),
+    ("embed", FSDP),                               # ZeRO-3: params (not activations) on fsdp
     ("head_dim", None),
     ("layers", None),                              # nn.scan's stacked-layers axis
 )
@@ -44,10 +48,10 @@ DEFAULT_RULES: Rules = (
 def rules(*, diloco: bool = False, overrides: dict | None = None,
           base: Rules = DEFAULT_RULES) -> Rules:
     """The rules table for a run. With DiLoCo the `replica` axis holds the replicas (a
-    leading axis of params and batch, vmapped), so `batch` is sharded on `data` only."""
+    leading axis of params and batch, vmapped), so `batch` is sharded on `data`·`fsdp` only."""
     table = dict(base)
     if diloco:
-        table["batch"] = (DATA,)
+        table["batch"] = (DATA, FSDP)
     for k, v in (overrides or {}).items():
         table[k] = tuple(v) if isinstance(v, list) else v
     return tuple(table.items())

@@ -30,8 +30,8 @@ def test_inheritance_and_overrides(tmp_path):
 def test_shipped_configs_are_valid():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        if cfg.mesh.replica * cfg.mesh.data * cfg.mesh.seq * cfg.mesh.seq_inner \
-                * cfg.mesh.tensor == 8:
+        if cfg.mesh.replica * cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.seq \
+                * cfg.mesh.seq_inner * cfg.mesh.tensor == 8:
             validate(cfg, 8)
 
 
@@ -64,7 +64,20 @@ BAD = [  # (overrides, words the one-line message must contain)
      ["mesh.seq_inner=2", "hybrid"]),
     (["mesh.data=2", "mesh.tensor=4", "model.kv_heads=2"], ["model.kv_heads=2", "mesh.tensor=4"]),
     (["model.heads=6", "model.kv_heads=4"], ["model.heads=6", "kv_heads"]),
-    (["mesh.data=8", "train.batch_size=4"], ["train.batch_size=4", "mesh.replica·data=8"]),
+    (["mesh.data=8", "train.batch_size=4"], ["train.batch_size=4", "mesh.replica·data·fsdp=8"]),
+    (["mesh.data=1", "mesh.fsdp=8", "train.batch_size=8", "train.microbatches=2"],
+     ["train.batch_size=8", "train.microbatches=2", "mesh.replica·data·fsdp=8", "in [1]"]),
+    (["train.microbatches=0"], ["train.microbatches=0", "positive"]),
+    (["mesh.data=1", "mesh.fsdp=8", "model.embed=36", "model.heads=2", "model.kv_heads=2",
+      "train.batch_size=8"], ["model.embed=36", "mesh.fsdp=8", "embed -> fsdp"]),
+    (["sharding.rules=5"], ["sharding.rules=5", "must be dict"]),
+    (["sharding.rules.mlp=mesh"], ["sharding.rules['mlp']='mesh'", "fsdp", "tensor"]),
+    (["sharding.rules.hidden=tensor"], ["sharding.rules.hidden", "no logical axis 'hidden'"]),
+    (["mesh.data=4", "mesh.tensor=2", "sharding.rules.heads=null"],
+     ["sharding.rules.heads=None", "collective matmuls", "heads: 'tensor'"]),
+    (["mesh.data=4", "mesh.seq=2", "attention.impl=ring", "sharding.rules.length=seq_inner"],
+     ["sharding.rules.length='seq_inner'", "seq·seq_inner"]),
+    (["sharding.rules.batch.x=data"], ["sharding.rules.batch.x", "section.key"]),
     (["mesh.data=4", "mesh.replica=2", "diloco.enabled=true", "diloco.sync_every=10",
       "diloco.num_fragments=4"], ["diloco.sync_every=10", "num_fragments=4", "valid"]),
     (["mesh.data=4", "mesh.replica=2", "diloco.enabled=true", "diloco.sync_every=8",
@@ -91,6 +104,25 @@ def test_bad_config_is_one_clear_line(overrides, words, tmp_path):
     assert "\n" not in msg
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_rules_from_yaml_and_command_line(tmp_path):
+    """`sharding.rules` from YAML (merged over `base:`) and `sharding.rules.NAME=...` on the
+    command line reach the run's table; the built-in decoder takes what it can."""
+    from jaxpar.train.model import run_rules
+
+    write(tmp_path, "a.yaml", "sharding: {rules: {embed: null, vocab: [tensor]}}\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\nsharding:\n  rules: {heads: null}\n")
+    cfg = load_config(tmp_path / "b.yaml", ["sharding.rules.mlp=null",
+                                            "sharding.rules.embed=[data, fsdp]"])
+    assert cfg.sharding.rules == {"embed": ["data", "fsdp"], "vocab": ["tensor"],
+                                  "heads": None, "mlp": None}
+    table = dict(run_rules(cfg))  # mesh.tensor=1: heads/mlp off `tensor` change nothing
+    assert table["embed"] == ("data", "fsdp") and table["mlp"] is None
+    assert table["vocab"] == ("tensor",) and table["batch"] == ("replica", "data", "fsdp")
+    # on a tensor-parallel mesh the same override is refused in one line
+    with pytest.raises(ConfigError, match="sharding.rules.heads=None.*collective matmuls"):
+        validate(cfg.replace(mesh={"data": 4, "tensor": 2}, train={"run_dir": str(tmp_path)}), 8)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -4,30 +4,34 @@ The reference is independent of every parallel part: the decoder without a mesh 
 Dense layers, dense softmax attention masked by positions and segments), natural token
 order (no zigzag), a plain optax loop — or the library's Streaming DiLoCo without a mesh.
 Both sides start from the same initial params, which must themselves equal an unsharded
-init, and see the same packed batches.
+init, and see the same packed batches. Compared: the first step's gradients (every leaf),
+every step's loss and grad norm, the final params — a gradient off by a constant factor
+(a sum for a mean) fails the first two even where clipping and Adam would absorb it.
 """
 import jax
 import numpy as np
-import optax
 import pytest
 
-from jaxpar.data import pack
+from jaxpar.data import ByteData, pack
 from jaxpar.models.transformer import Transformer
+from jaxpar.train import microbatch
 from jaxpar.train.config import Config
-from jaxpar.train.loop import Run, cross_entropy, inner_optimizer
+from jaxpar.train.loop import Run, cross_entropy
 from jaxpar.train.model import transformer_config
-from train_helpers import reference_diloco, run_steps
+from train_helpers import (assert_same_steps, host, reference_diloco,
+                           reference_steps)
 
 STEPS = 3
-MESHES = {  # impl -> mesh (8 devices)
+MESHES = {  # impl -> mesh (8 devices); the ring schedules run inside FSDP
     "dense": dict(replica=2, data=2, tensor=2),
     "ulysses": dict(data=2, seq=2, tensor=2),
-    "ring": dict(data=2, seq=2, tensor=2),
-    "tokenring": dict(data=2, seq=2, tensor=2),
+    "ring": dict(fsdp=2, seq=2, tensor=2),
+    "tokenring": dict(fsdp=2, seq=2, tensor=2),
     "hybrid": dict(seq=2, seq_inner=2, tensor=2),
 }
-# the default run: each overlap mode once, and the schedules through TokenRing, Ulysses
-# and the hybrid (whose outer axis is a ring); the other 12 cases are slow
+# the default run: each overlap mode once, and the schedules through TokenRing (with FSDP
+# and collective matmuls), Ulysses and the hybrid (whose outer axis is a ring); the other
+# 12 cases are slow
 FAST = {("ulysses", "auto"), ("tokenring", "collective_matmul"), ("hybrid", "none")}
 
 
@@ -50,10 +54,6 @@ def reference_loss(cfg):
     return model, loss
 
 
-def host(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
 def check_init_matches_unsharded(run, cfg, params):
     model, _ = reference_loss(cfg)
     dummy = np.zeros((1, cfg.train.seq_len), np.int32)
@@ -64,55 +64,117 @@ def check_init_matches_unsharded(run, cfg, params):
                  host(params), host(plain))
 
 
+def check_equivalent(cfg, steps=STEPS):
+    """The trainer on cfg's mesh against the plain loop; returns the run and final state."""
+    run = Run.create(cfg)
+    state = run.init_state()
+    p0 = host(state.params)
+    check_init_matches_unsharded(run, cfg, state.params)
+    ref = reference_steps(cfg, run, reference_loss(cfg)[1], p0, steps)
+    state = assert_same_steps(run, state, steps, ref)
+    assert ref["loss"][-1] < ref["loss"][0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 host(state.params), ref["params"])
+    return run, state
+
+
 @pytest.mark.parametrize("impl,overlap", [
     pytest.param(i, o, marks=() if (i, o) in FAST else pytest.mark.slow)
     for i in MESHES for o in ("none", "collective_matmul", "auto")])
 def test_sharded_run_equals_unsharded(impl, overlap, tmp_path):
     cfg = small_config(tmp_path, impl, overlap, MESHES[impl])
-    run = Run.create(cfg)
-    state = run.init_state()
-    p0 = host(state.params)
-    check_init_matches_unsharded(run, cfg, state.params)
+    run, state = check_equivalent(cfg)
     q_spec = run.param_specs["layers_0"]["q"]["kernel"]
-    assert tuple(q_spec) == (None, "tensor")       # the run really is tensor-sharded
+    assert tuple(q_spec) == ("fsdp", "tensor")      # embed on fsdp, heads on tensor
     assert state.params["layers_0"]["q"]["kernel"].sharding.spec == q_spec
 
-    state, losses = run_steps(run, state, STEPS)
 
-    _, loss_fn = reference_loss(cfg)
-    tx, _ = inner_optimizer(cfg)
-    params, opt = p0, tx.init(p0)
-    step_fn = jax.jit(jax.value_and_grad(loss_fn))
-    ref = []
-    for step in range(1, STEPS + 1):
-        b = pack(run.data.batch(step, cfg.train.batch_size), zigzag=1)
-        loss, g = step_fn(params, b)
-        u, opt = tx.update(g, opt, params)
-        params = optax.apply_updates(params, u)
-        ref.append(float(loss))
-    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
-    assert losses[-1] < losses[0]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 host(state.params), host(params))
+def test_fsdp_run_equals_unsharded(tmp_path):
+    """FSDP alone (data 2 × fsdp 4): every weight and Adam moment is cut over fsdp, and the
+    run still equals the unsharded one."""
+    cfg = small_config(tmp_path, "dense", "none", dict(data=2, fsdp=4),
+                       train=dict(batch_size=8))  # ZeRO-3 on 4 devices, 2 such groups
+    run, state = check_equivalent(cfg)
+    q = state.params["layers_0"]["q"]["kernel"]              # 32 × 32, embed on fsdp
+    assert {s.data.shape for s in q.addressable_shards} == {(8, 32)}
+    mu = state.opt_state[1][0].mu["layers_0"]["q"]["kernel"]  # AdamW's first moment
+    assert mu.sharding.spec == q.sharding.spec
+    table = {r["path"]: r for r in run.param_table(state.params)}
+    assert table["layers_0/q/kernel"]["bytes_per_device"] == 32 * 32 * 4 // 4
 
 
-def test_diloco_run_equals_library_diloco_on_one_device(tmp_path):
-    """replica 2 × seq 2 × tensor 2, TokenRing + collective matmuls, streaming DiLoCo with
-    2 fragments, τ=1, α=0.5 — against `streaming_diloco` without a mesh on the plain model."""
+def test_microbatch_grads_equal_one_batch():
+    """jaxpar.train.microbatch on the plain decoder: 4 microbatches give the one large
+    batch's loss and gradients to 1e-6 relative (fp32)."""
+    cfg = small_config("/tmp", "dense", "none", {})
+    model, loss_fn = reference_loss(cfg)
+    b = pack(ByteData.load(None, seq_len=32, seed=0).batch(1, 16), zigzag=1)
+    params = model.init(jax.random.key(0), b["tokens"])["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    loss1, g1 = jax.jit(jax.value_and_grad(loss_fn))(params, b)
+    loss4, g4 = jax.jit(microbatch.value_and_grad(loss_fn, 4))(params, b)
+    assert abs(float(loss4) - float(loss1)) <= 1e-6 * abs(float(loss1))
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(host(g))]).astype(
+        np.float64)
+    rel = np.linalg.norm(flat(g4) - flat(g1)) / np.linalg.norm(flat(g1))
+    assert rel <= 1e-6, rel
+    assert not np.allclose(flat(g1), 2 * flat(g4))  # (the check can fail)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, seq=2), dict(fsdp=2, tensor=4)])
+def test_microbatches_equal_one_batch(mesh, tmp_path):
+    """train.microbatches=4 in the trainer: the same loss and gradients as the one large
+    batch on the same mesh (fp32, <= 1e-6 relative), and the same run as the unsharded
+    reference; the compiled step's temp bytes (activations) shrink."""
+    impl = "ring" if mesh.get("seq", 1) > 1 else "dense"
+    cfg = small_config(tmp_path, impl, "none", mesh, train=dict(batch_size=16))
+    one = Run.create(cfg)
+    params = one.init_params()
+    b = one.batch(1)
+    loss1, g1 = one.grads(params, b)
+    cfg4 = cfg.replace(train=dict(microbatches=4))
+    run4 = Run.create(cfg4)
+    run4.init_params()
+    loss4, g4 = run4.grads(params, b)
+    assert abs(float(loss4) - float(loss1)) <= 1e-6 * abs(float(loss1))
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(host(g))]).astype(
+        np.float64)
+    assert np.linalg.norm(flat(g4) - flat(g1)) <= 1e-6 * np.linalg.norm(flat(g1))
+    temp = {}
+    for k, run in ((1, one), (4, run4)):
+        with run.scope():
+            c = jax.jit(run.value_and_grad()).lower(params, b).compile()
+        temp[k] = c.memory_analysis().temp_size_in_bytes
+    assert temp[4] < temp[1], temp
+    check_equivalent(cfg4)
+
+
+@pytest.mark.parametrize("mesh,microbatches", [
+    (dict(replica=2, seq=2, tensor=2), 1),
+    pytest.param(dict(replica=2, fsdp=2, seq=2), 2, marks=pytest.mark.slow)],
+    ids=["seq-tensor", "fsdp-seq-microbatches"])
+def test_diloco_run_equals_library_diloco_on_one_device(mesh, microbatches, tmp_path):
+    """Streaming DiLoCo with 2 fragments, τ=1, α=0.5, TokenRing + collective matmuls, each
+    replica sharded over seq × tensor, or FSDP × seq with 2 microbatches — against
+    `streaming_diloco` without a mesh on the plain model."""
     steps = 6
-    cfg = small_config(tmp_path, "tokenring", "collective_matmul",
-                       dict(replica=2, seq=2, tensor=2),
+    cfg = small_config(tmp_path, "tokenring", "collective_matmul", mesh,
                        diloco=dict(enabled=True, sync_every=4, num_fragments=2,
                                    overlap_steps=1, alpha=0.5),
-                       train=dict(steps=steps))
+                       train=dict(steps=steps, batch_size=4, microbatches=microbatches))
     run = Run.create(cfg)
     state = run.init_state()
     g0 = host(state.global_params)
-    state, losses = run_steps(run, state, steps)
+    if mesh.get("fsdp", 1) > 1:  # each replica's copy (and its Adam moments) cut over fsdp
+        spec = state.params["layers_0"]["q"]["kernel"].sharding.spec
+        assert tuple(spec) == ("replica", "fsdp", "tensor")
 
     _, loss_fn = reference_loss(cfg)
-    ref, ref_state = reference_diloco(cfg, run, loss_fn, g0, steps)
-    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+    record = {}
+    ref, ref_state = reference_diloco(cfg, run, loss_fn, g0, steps, record)
+    state = assert_same_steps(run, state, steps, {"loss": ref, **record})
     assert int(state.step) == steps and int(state.pending_fragment) == 0  # fragment 0 synced at t=6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  host(state.global_params), host(ref_state.global_params))

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import user_models
-from train_helpers import reference_diloco, run_steps
+from train_helpers import assert_same_steps, reference_diloco, reference_steps, run_steps
 from jaxpar import sharding
 from jaxpar.data import pack
 from jaxpar.train.__main__ import main
@@ -112,11 +112,11 @@ def test_user_model_sharded_run_equals_unsharded(kind, tmp_path):
 
     # the MLP kernel is really split over `tensor`: each device holds half of its columns
     w = mlp_kernel(state.params, kind)
-    assert w.sharding.spec == P(None, "tensor")
+    assert w.sharding.spec == P("fsdp", "tensor")  # embed -> fsdp (size 1 here)
     assert {s.data.shape for s in w.addressable_shards} == {(32, 32)}
     rows = {r["path"]: r for r in run.param_table(state.params)}
     up = rows["layers_0/up/kernel" if kind == "linen" else "layers/0/up/kernel"]
-    assert up["logical"] == ["embed", "mlp"] and up["spec"] == "P(None, 'tensor')"
+    assert up["logical"] == ["embed", "mlp"] and up["spec"] == "P('fsdp', 'tensor')"
     assert up["bytes_per_device"] == 32 * 64 * 4 // 2
     emb = rows["embed/embedding"]
     assert emb["logical"] == ["vocab", "embed"] and emb["bytes_per_device"] == 256 * 32 * 4 // 2
@@ -146,7 +146,7 @@ def test_user_model_sharded_run_equals_unsharded(kind, tmp_path):
     restored, meta = ckpt.restore(STEPS - 1, state)  # `state` gives shapes and shardings
     ckpt.close()
     assert meta["data_step"] == STEPS - 1
-    assert mlp_kernel(restored.params, kind).sharding.spec == P(None, "tensor")
+    assert mlp_kernel(restored.params, kind).sharding.spec == P("fsdp", "tensor")
     again, m = run.train_step(restored, run.batch(STEPS))
     np.testing.assert_allclose(float(m["loss"]), losses[-1], rtol=1e-6)
     close(again.params, state.params, rtol=1e-6, atol=1e-7)
@@ -193,13 +193,35 @@ def test_user_model_diloco_equals_library_diloco(kind, tmp_path):
     state = run.init_state()
     frags = run.diloco.fragments(state.global_params)
     assert len(frags.layer_names) == 2, frags.layer_names
-    assert mlp_kernel(state.params, kind).sharding.spec == P("replica", None, "tensor")
+    assert mlp_kernel(state.params, kind).sharding.spec == P("replica", "fsdp", "tensor")
     state, losses = run_steps(run, state, steps)
 
     g0, apply = reference(cfg, kind)
     ref, ref_state = reference_diloco(cfg, run, reference_loss(apply), g0, steps)
     np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
     close(state.global_params, ref_state.global_params, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_user_model_fsdp_rules_from_yaml_equals_unsharded(kind, tmp_path):
+    """`embed -> fsdp` (and the MLP replicated) from a YAML file's `sharding.rules`, on
+    data 2 × fsdp 2 × tensor 2: the same first-step gradients, grad norms, losses and
+    params as the module on one device."""
+    (tmp_path / "rules.yaml").write_text("sharding:\n  rules: {embed: fsdp, mlp: null}\n")
+    rules = load_config(tmp_path / "rules.yaml").sharding.rules
+    cfg = small_config(tmp_path, kind, dict(data=2, fsdp=2, tensor=2),
+                       sharding=dict(rules=rules))
+    run = Run.create(cfg)
+    state = run.init_state()
+    w = mlp_kernel(state.params, kind)                     # (embed, mlp): embed on fsdp
+    assert w.sharding.spec == P("fsdp", None)
+    assert {s.data.shape for s in w.addressable_shards} == {(16, 64)}
+    p0 = host(state.params)
+    _, apply = reference(cfg, kind, start=p0)
+    ref = reference_steps(cfg, run, reference_loss(apply), p0, STEPS)
+    state = assert_same_steps(run, state, STEPS, ref)
+    close(state.params, ref["params"], rtol=1e-4, atol=1e-5)
 
 
 def run_cli(tmp_path, *overrides, timeout=300):
@@ -216,7 +238,10 @@ def run_cli(tmp_path, *overrides, timeout=300):
 
 @pytest.mark.parametrize("kind", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 def test_cli_user_model(kind, tmp_path):
-    r = run_cli(tmp_path, f"model.module=user_models:{kind}_factory", "train.steps=2")
+    """The command line, with data 2 × fsdp 2 × tensor 2 and a rule from the command line
+    (`vocab` replicated): the params table and mesh.json show the resolved rules."""
+    r = run_cli(tmp_path, f"model.module=user_models:{kind}_factory", "train.steps=2",
+                "mesh.data=2", "mesh.fsdp=2", "sharding.rules.vocab=null")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if "loss" in x]
@@ -226,8 +251,11 @@ def test_cli_user_model(kind, tmp_path):
     table = (tmp_path / "params.txt").read_text()
     up = "layers_0/up/kernel" if kind == "linen" else "layers/0/up/kernel"
     row = next(x for x in table.splitlines() if x.startswith(up + " "))
-    assert "embed, mlp" in row and "P(None, 'tensor')" in row, table
-    assert "vocab, embed" in table
+    assert "embed, mlp" in row and "P('fsdp', 'tensor')" in row, table
+    emb = next(x for x in table.splitlines() if x.startswith("embed/embedding "))
+    assert "vocab, embed" in emb and "P(None, 'fsdp')" in emb, table
+    rules = dict(json.loads((tmp_path / "mesh.json").read_text())["rules"])
+    assert rules["vocab"] is None and rules["embed"] == "fsdp"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["model"]["module"] == f"user_models:{kind}_factory"
     if kind == "nnx":  # resume: the same command with more steps goes on from step 2

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpar import sharding
 from jaxpar.attention import attention as sp_attention
 from jaxpar.attention.blockwise import flash_attention
+from jaxpar.mesh import TENSOR
 from jaxpar.models import blocks
 from jaxpar.models import rope as rope_lib
 from jaxpar.overlap import ColumnParallelDense, RowParallelDense
@@ -91,8 +92,8 @@ class Parallel:
 
     @property
     def tensor_axis(self) -> str:
-        (axis,) = self.axes("heads")
-        return axis
+        axes = self.axes("heads")  # () when a rule drops `heads` on a mesh with tensor=1
+        return axes[0] if axes else TENSOR
 
     @property
     def seq_axes(self) -> tuple[str, ...]:

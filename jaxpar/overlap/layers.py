@@ -10,6 +10,15 @@ so the all-gather and reduce-scatter sit right next to matmuls: the collective m
 hide them. The layers take and return GLOBAL arrays and call `shard_map` themselves, with
 params annotated by `nn.with_partitioning` (kernel (None, tensor) / (tensor, None)).
 
+FSDP: when the rules in scope (`nn.logical_axis_rules`) also shard a kernel's other dim
+(`embed -> fsdp`), the kernel enters the shard_map sharded as stored and is all-gathered
+over those axes inside it, right before its matmul. The transpose of that `all_gather` is a
+`psum_scatter`, so the backward reduce-scatters the kernel's gradient (XLA on its own, with
+the gather outside the shard_map, all-reduces the full gradient and slices it); the kernel
+is first cast varying over the other batch/sequence axes, so their all-reduce runs on the
+1/fsdp shard, after the reduce-scatter. XLA's scheduler may start the gather early, under the
+previous layer's compute (async collectives on GPU/TPU).
+
 Any mesh: Explicit (`jax.make_mesh`), Auto, or `jaxpar.make_mesh`; inputs sharded or not.
 On Explicit axes shard_map checks the inputs' typed shardings against its in_specs, so x and
 the kernel are `jax.reshard`ed to the layer's specs first (on Auto axes shard_map reshards by
@@ -104,13 +113,13 @@ class _TPDense(nn.Module):
         axes = (*self.seq_axes, self.axis) if with_axis else tuple(self.seq_axes)
         return axes[0] if len(axes) == 1 else (axes or None)
 
-    def _kernel(self, shape, physical):
+    def _kernel(self, shape, physical, spec: P | None = None):
         init = (nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes))
                 if self.kernel_axes is not None else nn.with_partitioning(self.kernel_init,
                                                                           physical))
         # unbox=False: the partitioning is metadata, not a constraint (see module docstring)
         kernel = _value(self.param("kernel", init, shape, self.param_dtype, unbox=False))
-        return to_spec(kernel, self.mesh, P(*physical))
+        return to_spec(kernel, self.mesh, spec if spec is not None else P(*physical))
 
     def _lead(self, x):
         """Spec entries of x's leading dims: `batch_axes`, else the axes x's batch is on."""
@@ -118,6 +127,30 @@ class _TPDense(nn.Module):
         if batch is None and x.ndim >= 3:
             batch = _spmd.batch_axes(x, self.mesh, (*self.seq_axes, self.axis), x.shape[0])
         return _leading_spec(x.ndim, batch)
+
+    def _gather_axes(self, dim: int) -> tuple[str, ...]:
+        """Mesh axes (FSDP) the rules in scope put on kernel dim `dim`, the one that is not
+        the tensor-parallel dim; () without rules or logical kernel names."""
+        if self.kernel_axes is None or not nn.get_logical_axis_rules():
+            return ()
+        entry = nn.logical_to_mesh_axes(tuple(self.kernel_axes))[dim]
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        return tuple(a for a in axes if self.mesh.shape.get(a, 1) > 1)
+
+    def _kernel_io(self, dim: int, physical: tuple, lead: tuple):
+        """(kernel in_spec, local fn gathering dim `dim` of the kernel inside the shard_map)."""
+        axes = self._gather_axes(dim)
+        if not axes:
+            return P(*physical), lambda w: w
+        spec = list(physical)
+        spec[dim] = axes[0] if len(axes) == 1 else axes
+        others = {a for e in (*lead, *self.seq_axes) for a in ((e,) if isinstance(e, str)
+                                                              else (e or ()))} - set(axes)
+
+        def gather(w):
+            w = _spmd.vary_over(w, others)  # their all-reduce then runs on the 1/fsdp shard
+            return jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+        return P(*spec), gather
 
     def _check(self, x, what: str):
         p = self._size()
@@ -143,13 +176,15 @@ class ColumnParallelDense(_TPDense):
         if self.features % p:
             raise ValueError(f"ColumnParallelDense: features={self.features} not divisible by "
                              f"size {p} of axis {self.axis!r}")
-        kernel = self._kernel((e, self.features), (None, self.axis))
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         lead = self._lead(x)
-        x_spec, k_spec = P(*lead, self._n_spec(True), None), P(None, self.axis)
+        x_spec = P(*lead, self._n_spec(True), None)
+        k_spec, gather = self._kernel_io(0, (None, self.axis), lead)
+        kernel = self._kernel((e, self.features), (None, self.axis), k_spec)
         x = to_spec(x, self.mesh, x_spec)
 
         def local(x, w):
+            w = gather(w)
             m = x.size // x.shape[-1] * p  # gathered rows on this device
             overlap, direction = resolve_overlap(self.overlap, self.direction,
                                                  "all_gather_matmul", m, e, w.shape[1], p,
@@ -178,13 +213,15 @@ class RowParallelDense(_TPDense):
         if f % p:
             raise ValueError(f"RowParallelDense: input features F={f} not divisible by size "
                              f"{p} of axis {self.axis!r}")
-        kernel = self._kernel((f, self.features), (self.axis, None))
         dtype = self.dtype or jnp.result_type(h.dtype, self.param_dtype)
         lead = self._lead(h)
         h_spec = P(*lead, self._n_spec(False), self.axis)
+        k_spec, gather = self._kernel_io(1, (self.axis, None), lead)
+        kernel = self._kernel((f, self.features), (self.axis, None), k_spec)
         h = to_spec(h, self.mesh, h_spec)
 
         def local(h, w):
+            w = gather(w)
             m = h.size // h.shape[-1]
             overlap, direction = resolve_overlap(self.overlap, self.direction,
                                                  "matmul_reduce_scatter", m, w.shape[0],
@@ -193,7 +230,7 @@ class RowParallelDense(_TPDense):
                                                            direction=direction)
 
         y = jax.shard_map(local, mesh=self.mesh,
-                          in_specs=(h_spec, P(self.axis, None)),
+                          in_specs=(h_spec, k_spec),
                           out_specs=P(*lead, self._n_spec(True), None))(h.astype(dtype),
                                                                kernel.astype(dtype))
         if self.use_bias:

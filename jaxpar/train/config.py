@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 class MeshSection:
     replica: int = 1    # Streaming DiLoCo replicas (or more data parallelism without DiLoCo)
     data: int = 1
+    fsdp: int = 1       # ZeRO-3: batch split like data, params + optimizer state split too
     seq: int = 1        # sequence parallelism (the ring axis of the hybrid)
     seq_inner: int = 1  # Ulysses part of attention.impl=hybrid
     tensor: int = 1     # tensor parallelism (Megatron-SP layout)
@@ -96,10 +97,19 @@ class TrainSection:
     b2: float = 0.95
     clip: float = 1.0
     seed: int = 0
+    microbatches: int = 1     # gradient accumulation: one optimizer step over k microbatches
     run_dir: str = "runs/default"
     log_every: int = 10
+    nonfinite: str = "stop"   # a non-finite loss/grad: stop | skip | rollback (train/faults.py)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
     hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 4; 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingSection:
+    # overrides of jaxpar.sharding.DEFAULT_RULES: {logical name: mesh axis | [axes] | null},
+    # e.g. {mlp: null, embed: fsdp}; on the command line sharding.rules.mlp=null
+    rules: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +141,7 @@ class Config:
     attention: AttentionSection = AttentionSection()
     overlap: OverlapSection = OverlapSection()
     diloco: DiLoCoSection = DiLoCoSection()
+    sharding: ShardingSection = ShardingSection()
     train: TrainSection = TrainSection()
     data: DataSection = DataSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -185,21 +196,31 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
 
 
+def _dict_keys() -> list[str]:
+    """The keys whose value is a mapping (`sharding.rules`): they take `key.sub=value`."""
+    return [f"{s}.{f.name}" for s, t in _SECTION_TYPES.items() for f in dataclasses.fields(t)
+            if typing.get_type_hints(t)[f.name] is dict]
+
+
 def parse_override(item: str) -> tuple[str, str, Any]:
-    """'model.layers=4' -> ('model', 'layers', 4); the value is read as YAML."""
+    """'model.layers=4' -> ('model', 'layers', 4); the value is read as YAML. A mapping key
+    takes one entry: 'sharding.rules.mlp=null' -> ('sharding', 'rules', {'mlp': None})."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. "
                           f"model.layers=4")
     key, value = item.split("=", 1)
-    if key.count(".") != 1:
-        raise ConfigError(f"override key {key!r} must be section.key{_closest(key, all_keys())}"
-                          f" (keys: {', '.join(all_keys()[:6])}, ...)")
-    section, name = key.split(".")
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
-    return section, name, parsed
+    parts = key.split(".")
+    if len(parts) == 3 and ".".join(parts[:2]) in _dict_keys() and parts[2]:
+        return parts[0], parts[1], {parts[2]: parsed}
+    if len(parts) != 2:
+        raise ConfigError(f"override key {key!r} must be section.key{_closest(key, all_keys())}"
+                          f" (keys: {', '.join(all_keys()[:6])}, ...; mappings take "
+                          f"section.key.name: {', '.join(_dict_keys())})")
+    return parts[0], parts[1], parsed
 
 
 def _coerce(key: str, value, typ):
@@ -303,6 +324,8 @@ def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section {section!r} must be a mapping of keys")
+        if isinstance(value, dict) and isinstance(raw[section].get(name), dict):
+            value = {**raw[section][name], **value}  # sharding.rules.mlp=null adds one entry
         raw[section] = dict(raw[section], **{name: value})
     return from_dict(raw)
 
@@ -315,11 +338,11 @@ def dump(cfg: Config) -> str:
 
 
 def _positive(cfg: Config):
-    for key in ("mesh.replica", "mesh.data", "mesh.seq", "mesh.seq_inner", "mesh.tensor",
-                "model.layers", "model.embed", "model.heads", "model.kv_heads", "model.mlp",
-                "train.steps", "train.batch_size", "train.seq_len",
-                "train.log_every", "diloco.sync_every", "diloco.num_fragments",
-                "checkpoint.keep", "eval.batches"):
+    for key in ("mesh.replica", "mesh.data", "mesh.fsdp", "mesh.seq", "mesh.seq_inner",
+                "mesh.tensor", "model.layers", "model.embed", "model.heads", "model.kv_heads",
+                "model.mlp", "train.steps", "train.batch_size", "train.seq_len",
+                "train.log_every", "train.microbatches", "diloco.sync_every",
+                "diloco.num_fragments", "checkpoint.keep", "eval.batches"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v < 1:
@@ -357,6 +380,7 @@ def validate(cfg: Config, device_count: int) -> None:
     from jaxpar.diloco.quantize import FORMATS
     from jaxpar.mesh import MeshConfig
     from jaxpar.overlap import DIRECTIONS, OVERLAPS
+    from jaxpar.train.faults import POLICIES
 
     _positive(cfg)
     _check_data(cfg)
@@ -368,6 +392,7 @@ def validate(cfg: Config, device_count: int) -> None:
     _choice("overlap.direction", cfg.overlap.direction, DIRECTIONS)
     _choice("diloco.quantize", d.quantize, FORMATS)
     _choice("model.dtype", mo.dtype, ("float32", "bfloat16"))
+    _choice("train.nonfinite", t.nonfinite, POLICIES)
     _check_stacking(cfg)
     mesh = MeshConfig(**dataclasses.asdict(m))
     try:
@@ -375,6 +400,9 @@ def validate(cfg: Config, device_count: int) -> None:
     except ValueError as e:
         raise ConfigError(str(e).replace("mesh ", "mesh.* = ", 1)) from None
 
+    from jaxpar.train.model import check_config_rules  # rules need the model's names
+
+    check_config_rules(cfg)
     if not mo.module:
         _check_builtin_model(cfg)
     seq_shards = m.seq * m.seq_inner
@@ -398,12 +426,19 @@ def validate(cfg: Config, device_count: int) -> None:
                           f"zigzag layout (2·mesh.seq={zig} chunks, each split over "
                           f"seq_inner·tensor)"
                           f"; e.g. train.seq_len={unit * max(1, t.seq_len // unit)}")
-    batch_shards = m.data * (1 if d.enabled else m.replica)
+    batch_shards = m.data * m.fsdp * (1 if d.enabled else m.replica)
+    who = "mesh.data·fsdp" if d.enabled else "mesh.replica·data·fsdp"
     if t.batch_size % batch_shards:
-        who = "mesh.data" if d.enabled else "mesh.replica·data"
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by {who}="
                           f"{batch_shards}; e.g. train.batch_size="
                           f"{batch_shards * max(1, t.batch_size // batch_shards)}")
+    unit = batch_shards * t.microbatches  # every microbatch is split over the batch axes
+    if t.batch_size % unit:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by "
+                          f"train.microbatches={t.microbatches} × {who}={batch_shards}; e.g. "
+                          f"train.batch_size={unit * max(1, t.batch_size // unit)} or "
+                          f"train.microbatches in "
+                          f"{divisors(t.batch_size // batch_shards)}")
     if d.enabled:
         if d.sync_every % d.num_fragments:
             raise ConfigError(f"diloco.sync_every={d.sync_every} must be divisible by "
@@ -498,6 +533,11 @@ def _check_builtin_model(cfg: Config):
             valid = divisors(math.gcd(mo.kv_heads, mo.mlp))
             raise ConfigError(f"{key}={v} must be divisible by mesh.tensor={m.tensor} "
                               f"(tensor parallelism splits it); mesh.tensor in {valid} would fit")
+    if "embed" not in cfg.sharding.rules and mo.embed % m.fsdp:
+        valid = [x for x in divisors(mo.embed) if x <= 64]
+        raise ConfigError(f"model.embed={mo.embed} must be divisible by mesh.fsdp={m.fsdp} "
+                          f"(the rule embed -> fsdp splits every weight on it); mesh.fsdp in "
+                          f"{valid} would fit")
     h, kh = mo.heads // m.tensor, mo.kv_heads // m.tensor  # heads on one tensor shard
     ulysses = {"ulysses": ("mesh.seq", m.seq), "hybrid": ("mesh.seq_inner", m.seq_inner)}
     if a.impl in ulysses:

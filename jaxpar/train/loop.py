@@ -5,7 +5,9 @@
     state, metrics = run.train_step(state, run.batch(step))
 
 Without DiLoCo the state is `TrainState(step, params, opt_state)` and the batch is sharded
-on `batch` (replica·data) and the token axes. With `diloco.enabled` it is the library's
+on `batch` (replica·data·fsdp) and the token axes; params and Adam moments follow the
+rules (`embed -> fsdp`: ZeRO-3). `train.microbatches=k` accumulates k microbatches' fp32
+gradients in one step (`jaxpar.train.microbatch`). With `diloco.enabled` it is the library's
 `DiLoCoState`: params carry a leading replica axis on the `replica` mesh axis, the inner
 step is `jax.vmap(..., spmd_axis_name='replica')` of the same sharded model (so each
 replica's step is itself sharded over data/seq/tensor and never talks across replicas), and
@@ -30,6 +32,7 @@ from jaxpar.data import ByteData, feed, open_data, pack
 from jaxpar.data.tokens import TokenDataset
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
 from jaxpar.mesh import MeshConfig, make_mesh
+from jaxpar.train import faults, microbatch
 from jaxpar.train import model as model_lib
 from jaxpar.train.config import Config, ConfigError, head_dim, resolve, validate
 
@@ -80,6 +83,9 @@ class Run:
     diloco: StreamingDiLoCo | None = None
     param_specs: Any = None
     logical: Any = None
+    # metrics also carry the step's gradients tree (tests compare it with a reference);
+    # set before the first step compiles
+    report_grads: bool = False
     _compiled: dict = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
@@ -205,6 +211,29 @@ class Run:
         fn = self._jit("finalize", lambda s: self.diloco.finalize(s).global_params)
         return fn(state)
 
+    # ------------------------------------------------------------------ gradients
+    def value_and_grad(self):
+        """(params, batch) -> (loss, grads) of one step: the mean over train.microbatches
+        microbatches; with DiLoCo vmapped over the replicas (per-replica losses and grads)."""
+        keep = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh,
+                                                                                 spec))
+        spec_leaves = jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, P))
+
+        def keep_grads(g):  # the fp32 accumulator sharded like the params (FSDP: 1/fsdp)
+            leaves, treedef = jax.tree.flatten(g)
+            return treedef.unflatten([keep(x, s) for x, s in zip(leaves, spec_leaves)])
+        vg = microbatch.value_and_grad(
+            self.loss, self.cfg.train.microbatches, constrain_grads=keep_grads,
+            constrain_batch=lambda mb: jax.tree.map(lambda x: keep(x, self._batch_spec(0)), mb))
+        if self.cfg.diloco.enabled:
+            return jax.vmap(vg, spmd_axis_name=sharding.REPLICA)
+        return vg
+
+    def grads(self, params, b):
+        """(loss, grads) of `value_and_grad` under jit, for tests and tools."""
+        with self.scope():
+            return self._jit("grads", self.value_and_grad())(params, b)
+
     # ------------------------------------------------------------------ steps
     def _jit(self, name, fn, **kw):
         if name not in self._compiled:
@@ -212,23 +241,25 @@ class Run:
         return self._compiled[name]
 
     def _step_fn(self):
+        grad = self.value_and_grad()
         if self.diloco is not None:
-            grad = jax.vmap(jax.value_and_grad(self.loss), spmd_axis_name=sharding.REPLICA)
-
             def step(state: DiLoCoState, b):
                 loss_M, grads_M = grad(state.params, b)
                 norm_M = jax.vmap(optax.tree.norm)(grads_M)
                 lr = self.schedule(state.step)
                 state = self.diloco.update(grads_M, state)
-                return state, {"loss": jnp.mean(loss_M), "grad_norm": jnp.mean(norm_M), "lr": lr}
+                metrics = {"loss": jnp.mean(loss_M), "grad_norm": jnp.mean(norm_M), "lr": lr}
+                return state, {**metrics, "grads": grads_M} if self.report_grads else metrics
             return step
 
         def step(state: TrainState, b):
-            loss, grads = jax.value_and_grad(self.loss)(state.params, b)
+            loss, grads = grad(state.params, b)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                        "lr": self.schedule(state.step)}
+            if self.report_grads:
+                metrics["grads"] = grads
             return TrainState(state.step + 1, params, opt_state), metrics
         return step
 
@@ -237,7 +268,8 @@ class Run:
         step to step (so it never recompiles) and is donated."""
         if "train" not in self._compiled:
             shardings = jax.tree.map(lambda x: x.sharding, state)
-            fn = jax.jit(self._step_fn(), donate_argnums=0, out_shardings=(shardings, None))
+            fn = jax.jit(faults.guard(self._step_fn()), donate_argnums=0,
+                         out_shardings=(shardings, None))
             with self.scope():
                 self._compiled["train"] = fn.lower(state, b).compile()
         return self._compiled["train"]

@@ -98,30 +98,87 @@ def import_factory(spec: str) -> Callable:
     return fn
 
 
-def rule_overrides(cfg: Config) -> dict:
-    """The user factory's own rules (`factory.rules = {"mlp": None, "my_axis": "tensor"}`),
-    merged over `jaxpar.sharding.DEFAULT_RULES` by the run; {} for the built-in model."""
-    if not cfg.model.module:
-        return {}
-    over = getattr(import_factory(cfg.model.module), "rules", None) or {}
+def _check_rules(over, where: str) -> dict:
     from jaxpar.mesh import AXES
 
     if not isinstance(over, dict):
-        raise ConfigError(f"model.module={cfg.model.module!r}: factory.rules must be a dict "
-                          f"{{logical name: mesh axis | [mesh axes] | None}}, got {over!r}")
+        raise ConfigError(f"{where} must be a dict {{logical name: mesh axis | [mesh axes] | "
+                          f"None}}, got {over!r}")
     for k, v in over.items():
-        axes = (v,) if isinstance(v, str) else tuple(v or ())
-        bad = [a for a in axes if a not in AXES]
+        axes = (v,) if isinstance(v, str) else v if isinstance(v, (list, tuple)) else ()
+        bad = [a for a in axes if a not in AXES] or ([v] if not isinstance(
+            v, (str, list, tuple, type(None))) else [])
         if not isinstance(k, str) or bad:
-            raise ConfigError(f"model.module={cfg.model.module!r}: factory.rules[{k!r}]={v!r} "
-                              f"must name mesh axes among {list(AXES)} (or None)")
+            raise ConfigError(f"{where}[{k!r}]={v!r} must name mesh axes among {list(AXES)} "
+                              f"(or None)")
     return over
 
 
+def rule_overrides(cfg: Config) -> dict:
+    """The overrides of `jaxpar.sharding.DEFAULT_RULES` a run applies: the user factory's
+    own (`factory.rules = {"mlp": None, "my_axis": "tensor"}`), then the config's
+    `sharding.rules` (YAML or `sharding.rules.mlp=null`), which win."""
+    over = {}
+    if cfg.model.module:
+        factory_rules = getattr(import_factory(cfg.model.module), "rules", None) or {}
+        over.update(_check_rules(factory_rules, f"model.module={cfg.model.module!r}: "
+                                                f"factory.rules"))
+    over.update(_check_rules(cfg.sharding.rules, "sharding.rules"))
+    return over
+
+
+# The logical names whose mesh axes the built-in decoder's shard_map layers fix, and why.
+_BUILTIN_FIXED = {
+    "replica": "Streaming DiLoCo keeps its replicas on the replica axis",
+    "batch": "the data pipeline and attention's shard_map split the batch over "
+             "replica·data·fsdp",
+    "length": "attention's shard_map splits the tokens over seq·seq_inner",
+    "act_length": "the collective-matmul layers split the tokens between blocks over "
+                  "seq·seq_inner·tensor",
+    "heads": "q/k/v/o are tensor-parallel collective matmuls (jaxpar.overlap) that split "
+             "heads over tensor",
+    "kv_heads": "k/v are tensor-parallel collective matmuls that split kv_heads over tensor",
+    "mlp": "gate/up/down are tensor-parallel collective matmuls that split mlp over tensor",
+    "head_dim": "attention's shard_map keeps head_dim whole on each device",
+}
+
+
+def _check_builtin_rules(cfg: Config, table: sharding.Rules) -> None:
+    """The built-in decoder honours any rule for `embed` and `vocab` (plain XLA-sharded
+    params) and, for the names its shard_map layers fix, any rule that puts them on the
+    same mesh axes of size > 1; anything else is a one-line ConfigError saying why."""
+    sizes = dataclasses.asdict(cfg.mesh)
+    default = dict(sharding.rules(diloco=cfg.diloco.enabled))
+    table = dict(table)
+    real = lambda name, t: tuple(a for a in sharding.mesh_axes(name, tuple(t.items()))
+                                 if sizes[a] > 1)
+    for name, value in cfg.sharding.rules.items():
+        if name not in default:
+            raise ConfigError(f"sharding.rules.{name}: the built-in decoder has no logical axis "
+                              f"{name!r}{_close(name, list(default))}; its names are "
+                              f"{list(default)}")
+        if name in _BUILTIN_FIXED and real(name, table) != real(name, default):
+            raise ConfigError(f"sharding.rules.{name}={value!r} cannot apply to the built-in "
+                              f"decoder on mesh {sizes}: {_BUILTIN_FIXED[name]}, so it needs "
+                              f"{name}: {default[name]!r} (axes of size 1 may be dropped)")
+
+
+def check_config_rules(cfg: Config) -> None:
+    """The checks of `sharding.rules` that need no import of a user module (config.validate
+    calls this): mesh axis names, and for the built-in decoder what it can honour."""
+    _check_rules(cfg.sharding.rules, "sharding.rules")
+    if not cfg.model.module:
+        _check_builtin_rules(cfg, sharding.rules(diloco=cfg.diloco.enabled,
+                                                 overrides=cfg.sharding.rules))
+
+
 def run_rules(cfg: Config) -> sharding.Rules:
-    """The run's rules table: DEFAULT_RULES, `batch` on `data` only with DiLoCo, then the
-    user factory's `rules`. A factory that builds shard_map layers can call this too."""
-    return sharding.rules(diloco=cfg.diloco.enabled, overrides=rule_overrides(cfg))
+    """The run's rules table: DEFAULT_RULES, `batch` on `data`·`fsdp` only with DiLoCo,
+    then `rule_overrides`. A factory that builds shard_map layers can call this too."""
+    table = sharding.rules(diloco=cfg.diloco.enabled, overrides=rule_overrides(cfg))
+    if not cfg.model.module:
+        _check_builtin_rules(cfg, table)
+    return table
 
 
 def _key(k) -> str:
@@ -154,7 +211,7 @@ def check_params(boxed, rules: sharding.Rules, mesh: Mesh, name: str,
                 raise ConfigError(
                     f"model.module={name!r}: param {where} {tuple(shape)} has dimension {dim} "
                     f"({names[dim]!r}) of size {n}, which its mesh axes {axes} (size {size}) "
-                    f"do not divide; change the model size or the rules (factory.rules)")
+                    f"do not divide; change the model size or the rules (sharding.rules)")
     if cfg is not None and cfg.diloco.enabled and cfg.diloco.num_fragments > 1:
         from jaxpar.diloco import split_fragments
 
@@ -174,8 +231,7 @@ def _linen(module: nn.Module, kind: str, name: str, mesh: Mesh, rules: sharding.
            cfg: Config) -> ModelFns:
     def init(rng, *inputs):
         params = module.init(rng, *inputs)["params"]
-        if kind != "builtin":
-            check_params(params, rules, mesh, name, cfg)
+        check_params(params, rules, mesh, name, cfg)
         return params
 
     def apply(params, *inputs):
