@@ -13,8 +13,8 @@ counter stay as they were (with DiLoCo the whole DiLoCo state, so its sync sched
 by the skipped step) — and the step reports `nonfinite=1`. The loop then applies the policy:
 
 - `stop` (the default): save the state as it was before the bad step (a checkpoint at the
-  step before it), say which step and why in one line, exit 4 (`STOP_EXIT_CODE`; 3 is the
-  hang watchdog's, which a launcher may restart — a restart here would only stop again).
+  step before it), say which step and why in one line, exit 3 (`STOP_EXIT_CODE`; 4 is the
+  hang watchdog's: `launch.py --restarts` restarts 4, not 3, which would only stop again).
   A run that diverges stops instead of spending days on NaN, and nothing is lost: the same
   command with `train.nonfinite=skip` or `rollback` (changes a resume allows) goes on.
 - `skip`: go on with the next batch; the count is `nonfinite` in metrics.jsonl and
@@ -34,11 +34,11 @@ import numpy as np
 
 POLICIES = ("stop", "skip", "rollback")
 MAX_ROLLBACKS = 3
-STOP_EXIT_CODE = 4
+STOP_EXIT_CODE = 3
 
 
 class Stopped(RuntimeError):
-    """The run stopped on a non-finite step (`python -m jaxpar.train` exits with 4)."""
+    """The run stopped on a non-finite step (`python -m jaxpar.train` exits with 3)."""
 
 
 def guard(step_fn):
