@@ -102,7 +102,7 @@ class TrainSection:
     log_every: int = 10
     nonfinite: str = "stop"   # a non-finite loss/grad: stop | skip | rollback (train/faults.py)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
-    hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 3; 0 = off
+    hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 4; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
