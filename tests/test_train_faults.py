@@ -399,3 +399,20 @@ def test_sigterm_in_process_checkpoints_the_step_and_the_resume_runs_its_eval(tm
     assert abs(ref["final_eval_loss"] - again["final_eval_loss"]) <= 1e-6
     evals = [(r["step"], r["eval_loss"]) for r in records(d) if "eval_loss" in r]
     assert [s for s, _ in evals] == [4, 8]
+
+
+def test_cli_exit_codes_for_a_refused_resume_and_a_non_finite_stop(tmp_path, monkeypatch, capsys):
+    """A refused resume / unrestorable folder is exit 2, a non-finite stop exit 3 (not the
+    hang watchdog's 4, which launch.py restarts), each one line on stderr."""
+    import jaxpar.train.run as run_mod
+    from jaxpar.train.__main__ import main
+
+    args = ["configs/base.yaml", f"train.run_dir={tmp_path}", "train.steps=2", "mesh.data=8"]
+    for exc, code in [(faults.Stopped("step 3: loss nan"), 3),
+                      (CheckpointError("no checkpoint in x restores"), 2)]:
+        def boom(cfg, exc=exc):
+            raise exc
+        monkeypatch.setattr(run_mod, "train", boom)
+        assert main(args) == code
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(exc) in err

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from jaxpar.train.faults import Stopped
+    from jaxpar.train.faults import STOP_EXIT_CODE, Stopped
     from jaxpar.train.run import train
 
     try:
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         return 2
     except Stopped as e:  # a non-finite step under train.nonfinite=stop
         print(f"stopped: {e}", file=sys.stderr)
-        return 3
+        return STOP_EXIT_CODE
     return 0
 
 

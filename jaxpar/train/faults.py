@@ -13,9 +13,10 @@ counter stay as they were (with DiLoCo the whole DiLoCo state, so its sync sched
 by the skipped step) — and the step reports `nonfinite=1`. The loop then applies the policy:
 
 - `stop` (the default): save the state as it was before the bad step (a checkpoint at the
-  step before it), say which step and why in one line, exit 3. A run that diverges stops
-  instead of spending days on NaN, and nothing is lost: the same command with
-  `train.nonfinite=skip` or `rollback` (changes a resume allows) goes on from there.
+  step before it), say which step and why in one line, exit 3 (`STOP_EXIT_CODE`; 4 is the
+  hang watchdog's: `launch.py --restarts` restarts 4, not 3, which would only stop again).
+  A run that diverges stops instead of spending days on NaN, and nothing is lost: the same
+  command with `train.nonfinite=skip` or `rollback` (changes a resume allows) goes on.
 - `skip`: go on with the next batch; the count is `nonfinite` in metrics.jsonl and
   `nonfinite_steps` in summary.json, and each log window with one says so in a line.
 - `rollback`: PaLM's remedy for loss spikes — restore the newest checkpoint and skip the
@@ -33,6 +34,7 @@ import numpy as np
 
 POLICIES = ("stop", "skip", "rollback")
 MAX_ROLLBACKS = 3
+STOP_EXIT_CODE = 3
 
 
 class Stopped(RuntimeError):

@@ -33,7 +33,7 @@ SAFE = {"train.run_dir", "train.log_every", "train.peak_tflops", "train.nonfinit
         "train.hang_timeout_s",
         "checkpoint.every", "checkpoint.keep", "eval.every", "eval.batches",
         "eval.sample_bytes", "eval.prompt", "attention.impl", "attention.ring_impl",
-        "overlap.mode", "overlap.direction", "mesh.data", "mesh.seq", "mesh.seq_inner",
+        "overlap.mode", "overlap.direction", "mesh.data", "mesh.fsdp", "mesh.seq", "mesh.seq_inner",
         "mesh.tensor", "mesh.replica"}
 HISTORY = "config_history.jsonl"
 # files a fresh start would overwrite
