@@ -223,6 +223,17 @@ def test_attention_mesh_none_is_a_type_error():
         sequence_parallel_attention(q, q, q, mesh=None, impl="ring")
 
 
+def test_attention_argument_types():
+    q = jnp.ones((1, 16, 2, 8))
+    mesh = make_mesh(seq=4, devices=jax.devices()[:4])
+    with pytest.raises(TypeError, match=r"causal must be True or False, got 'yes'"):
+        sequence_parallel_attention(q, q, q, mesh=mesh, impl="ring", causal="yes")
+    with pytest.raises(TypeError, match=r"q must be an array \(jax or numpy\), got list"):
+        sequence_parallel_attention(q.tolist(), q, q, mesh=mesh, impl="ring")
+    with pytest.raises(TypeError, match=r"segment_ids must be an array.*got list"):
+        sequence_parallel_attention(q, q, q, mesh=mesh, impl="ring", segment_ids=[[0] * 16])
+
+
 def test_attention_unused_ring_impl_is_a_value_error():
     q = jnp.ones((1, 16, 2, 8))
     mesh = make_mesh(seq=4, devices=jax.devices()[:4])
