@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 CPU8 := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)" JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu}
 
-.PHONY: demo test test-slow bench bench-train clean
+.PHONY: demo test test-slow bench bench-train bench-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(CPU8) $(BIN)/python scripts/bench_train.py
+
+bench-data: $(STAMP)
+	$(CPU8) $(BIN)/python scripts/bench_data.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

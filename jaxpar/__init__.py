@@ -4,8 +4,9 @@
     jaxpar.overlap     T3-style collective matmuls and tensor-parallel Flax layers
     jaxpar.diloco      streaming DiLoCo outer optimizer around any optax optimizer
     jaxpar.comm        collective bytes from compiled HLO, and closed forms
+    jaxpar.hf          Hugging Face Llama checkpoints: load (sharded reads), save
 """
-from jaxpar import attention, comm, diloco, overlap
+from jaxpar import attention, comm, diloco, hf, overlap
 from jaxpar.attention import sequence_parallel_attention
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
 from jaxpar.mesh import AXES, MeshConfig, make_mesh
@@ -14,7 +15,7 @@ from jaxpar.overlap import (ColumnParallelDense, ParallelMLP, RowParallelDense,
                             matmul_reduce_scatter)
 
 __all__ = [
-    "AXES", "MeshConfig", "make_mesh", "attention", "comm", "diloco", "overlap",
+    "AXES", "MeshConfig", "make_mesh", "attention", "comm", "diloco", "hf", "overlap",
     "sequence_parallel_attention", "streaming_diloco", "StreamingDiLoCo", "DiLoCoState",
     "all_gather_matmul", "matmul_reduce_scatter", "matmul_all_reduce", "hlo_report",
     "ColumnParallelDense", "RowParallelDense", "ParallelMLP",

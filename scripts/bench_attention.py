@@ -126,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--calibrate", action="store_true", help="measure the CPU auto profile")
     ap.add_argument("--grid", action="store_true", help="auto's pick vs every impl, a grid")
     ap.add_argument("--peer", action="store_true", help="vs the ringattention package")
+    ap.add_argument("--grid-only", type=int, nargs="+",
+                    help="--grid: only these configurations (1-based, in GRID order)")
     ap.add_argument("--peer-chunks", type=int, nargs="+", default=[512, 1024],
                     help="--peer: the peer's query/key chunk sizes to try (its best counts)")
     args = ap.parse_args(argv)

@@ -233,17 +233,18 @@ def bench_rss(work: Path, sizes=(0.1, 1.0, 2.0)) -> list[dict]:
 # ----------------------------------------------------------------------------- bpb
 
 
-def bench_bpb(work: Path, bytes_ds: Path, bpe: Path, steps: int) -> list[dict]:
+def bench_bpb(work: Path, runs, steps: int) -> list[dict]:
     """The demo config (8 devices, DiLoCo + TokenRing + collective matmuls) for `steps`
     steps on the same documents as bytes and as a 4k BPE; eval on the same held-out
     documents, bits per byte from the decoded eval text."""
     rows = []
-    for name, data in (("bytes", bytes_ds), ("bpe 4k", bpe)):
-        run_dir = work / f"run_{name.replace(' ', '_')}"
+    for name, data in runs:
+        run_dir = work / f"run_{name.replace(' ', '_')}_{steps}"
         t0 = time.perf_counter()
         r = subprocess.run([PY, "-m", "jaxpar.train", str(ROOT / "configs/demo.yaml"),
                             f"data.path={data}", f"train.run_dir={run_dir}",
-                            f"train.steps={steps}", "checkpoint.every=0", "eval.every=50"],
+                            f"train.steps={steps}", "checkpoint.every=0",
+                            f"eval.every={min(50, steps // 2)}"],
                            capture_output=True, text=True, env=env8())
         wall = time.perf_counter() - t0
         assert r.returncode == 0, r.stderr[-3000:]
@@ -268,6 +269,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="format,prepare,loader,rss,bpb")
     ap.add_argument("--bpb-steps", type=int, default=150)
+    ap.add_argument("--bpb-bpe-short-steps", type=int, default=40,
+                    help="section bpb_bpe_short: BPE steps that fit the bytes run's wall time")
     ap.add_argument("--out", default=str(ROOT / "docs/data_bench.json"))
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
     args = ap.parse_args()
@@ -294,7 +297,9 @@ def main() -> None:
     if "rss" in sections:
         result["rss"] = bench_rss(work)
     if "bpb" in sections:
-        result["bpb"] = bench_bpb(work, byt, bpe, args.bpb_steps)
+        result["bpb"] = bench_bpb(work, [("bytes", byt), ("bpe 4k", bpe)], args.bpb_steps)
+    if "bpb_bpe_short" in sections:  # a BPE run whose wall time is near the bytes run's
+        result["bpb_bpe_short"] = bench_bpb(work, [("bpe 4k", bpe)], args.bpb_bpe_short_steps)
     out.write_text(json.dumps(result, indent=1) + "\n")
     f1 = lambda k, fmt="{:.1f}": (lambda r: fmt.format(r[k]) if r.get(k) is not None else "—")
     if "prepare" in result:
@@ -317,7 +322,8 @@ def main() -> None:
                                     ("RSS after 200 steps MB", f1("after_reads_mb")),
                                     ("data path MB", f1("data_path_mb"))]))
     if "bpb" in result:
-        print(table(result["bpb"], [("data", lambda r: r["data"]), ("steps", f1("steps", "{}")),
+        print(table(result["bpb"] + result.get("bpb_bpe_short", []),
+                    [("data", lambda r: r["data"]), ("steps", f1("steps", "{}")),
                                     ("wall s", f1("wall_s", "{:.0f}")),
                                     ("tokens/s", f1("tokens_per_s", "{:,.0f}")),
                                     ("eval bits/byte", f1("final_eval_bpb", "{:.3f}"))]))

@@ -1,6 +1,7 @@
 """Context extension end to end, small enough for a CPU: pretrain a byte-level base model at
 64 tokens, export it as a Hugging Face Llama folder, import it with `model.init_from` and
-continue pretraining at 256 tokens (4x) with linear RoPE scaling and TokenRing, export again.
+continue pretraining at 256 tokens (4x) with linear RoPE scaling and TokenRing (and, as a
+control, with plain RoPE), export again.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/hf_demo.py [OUT_JSON]
 
@@ -51,9 +52,10 @@ def main(out_json: str = "docs/hf_demo.json") -> None:
     frozen = [f"model.init_from={hf}", "train.lr=0", "train.steps=1", "eval.every=0"]
     results["runs"].append(run("at_4x_no_scaling", frozen + LONG_MESH))
     results["runs"].append(run("at_4x_linear", frozen + LONG_MESH + [LINEAR4]))
-    # 3. continued pretraining at 4x with linear scaling and TokenRing
-    results["runs"].append(run("extend_4x", [f"model.init_from={hf}", LINEAR4, "train.steps=100",
-                                             "train.lr=1e-3", "eval.every=25"] + LONG_MESH))
+    # 3. continued pretraining at 4x with TokenRing: linear scaling, and plain RoPE as control
+    cont = [f"model.init_from={hf}", "train.steps=200", "train.lr=1e-3", "eval.every=50"]
+    results["runs"].append(run("extend_4x", cont + LONG_MESH + [LINEAR4]))
+    results["runs"].append(run("extend_4x_plain_rope", cont + LONG_MESH))
     convert.main(["to-hf", str(ROOT / "extend_4x"), str(ROOT / "extend_4x_hf")])
     results["extended_hf_config"] = json.loads(
         (ROOT / "extend_4x_hf" / "config.json").read_text())

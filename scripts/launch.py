@@ -9,10 +9,12 @@ the others are stopped; so is the whole group after --timeout seconds. The exit 
 first failure's (0 if all succeed).
 
 `--restarts k`: a group whose process failed (died, or hung and was ended by the trainer's
-hang watchdog with exit 3) is stopped and started again, up to k times, with the same
-command, so `python -m jaxpar.train` resumes from the run folder's last checkpoint. Each
-attempt's logs are kept (`process_{i}.log` is the last, `attempt_{j}/` the earlier ones).
-The --timeout covers all attempts together.
+hang watchdog with exit 4) is stopped and started again, up to k times, with the same
+command, so `python -m jaxpar.train` resumes from the run folder's last checkpoint. Exit
+codes that the same command would only repeat are not restarted: 2 (a bad config or a
+refused resume) and 3 (stopped on a non-finite step). Each attempt's logs are kept
+(`process_{i}.log` is the last, `attempt_{j}/` the earlier ones). The --timeout covers all
+attempts together.
 
 On a cluster, skip this script: start one process per host with `--distributed` and
 `jax.distributed.initialize()` reads the cluster environment (the cluster's scheduler then
@@ -28,6 +30,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+# exit codes of `python -m jaxpar.train` that a restart would only repeat
+FINAL = {2: "bad config or refused resume", 3: "stopped on a non-finite step"}
 
 
 def free_port() -> int:
@@ -55,7 +61,10 @@ def launch(cmd: list[str], n: int, *, devices: int = 8, log_dir: str = "launch_l
             print(f"restart {attempt} of {restarts}: starting the group again "
                   f"(earlier logs in {keep}/)", file=sys.stderr, flush=True)
         code = _run_group(cmd, n, devices, logs, deadline, timeout, echo and attempt == 0)
-        if code in (0, 124):  # done, or out of time: a restart would not help
+        if code in FINAL and attempt < restarts:
+            print(f"exit code {code} ({FINAL[code]}): not restarting, the same command would "
+                  f"end the same way", file=sys.stderr, flush=True)
+        if code in (0, 124) or code in FINAL:  # done, out of time, or would fail again
             break
     if echo and code == 0:
         sys.stdout.write((logs / "process_0.log").read_text())

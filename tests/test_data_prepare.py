@@ -78,6 +78,7 @@ def test_train_tokenizer_bpe(corpus, tmp_path):
     docs = docs_of(corpus)
     check_dataset(tmp_path / "bpe", docs, tok)
     assert tok.decode(tok.encode(docs[3])) == docs[3]  # byte-level BPE round-trips
+    assert load_tokenizer(tmp_path / "bpe").encode(docs[3]) == tok.encode(docs[3])  # a folder
     # BPE compresses: fewer tokens than bytes; the eval bytes come from decoding
     assert m["tokens"] < 0.7 * sum(len(d.encode()) for d in docs)
     assert m["splits"]["eval"]["decoded_bytes"] == m["splits"]["eval"]["text_bytes"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-T = 10.0
+T = 30.0  # above a checkpoint save's step-to-step gap on a loaded 2-core CPU
 
 
 def drill_module():
@@ -31,7 +31,7 @@ def test_sigstop_then_sigkill_are_detected_restarted_and_lose_nothing(tmp_path):
         c = f["step_at_fault"] // every * every  # the newest checkpoint at the fault
         assert f["resumed_from_step"] in (c, c - every), f  # c if its commit had finished
         assert f["steps_lost"] == f["step_at_fault"] - f["resumed_from_step"]
-    assert stop["exit_code"] == 3 and T - 1 <= stop["detection_latency_s"] <= T + 5, stop
+    assert stop["exit_code"] == 4 and T - 1 <= stop["detection_latency_s"] <= T + 5, stop
     assert "behind: process 1" in stop["hang_line"] and "stopped or dead" in stop["hang_line"]
     assert kill["exit_code"] == -9 and kill["detection_latency_s"] <= 3, kill
     assert kill["hang_line"] is None

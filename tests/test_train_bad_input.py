@@ -147,7 +147,8 @@ VALUES = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True, allow_infinit
 
 @settings(max_examples=60, deadline=None)
 @given(st.one_of(st.text(max_size=30),
-                 st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS + ["a.b.c", "x"]),
+                 st.builds(lambda k, v: f"{k}={v}",
+                           st.sampled_from(KEYS + ["a.b.c", "x", "sharding.rules.mlp"]),
                            st.text(max_size=12))))
 def test_parse_override_never_crashes(item):
     try:
@@ -155,7 +156,8 @@ def test_parse_override_never_crashes(item):
     except ConfigError as e:
         assert "\n" not in str(e)
         return
-    assert f"{section}.{name}" == item.split("=", 1)[0]
+    key = item.split("=", 1)[0]
+    assert key == f"{section}.{name}" or key.startswith(f"{section}.{name}.")  # mapping keys
 
 
 # values near each key's bounds, so generated configs often validate
@@ -219,6 +221,17 @@ def test_attention_mesh_none_is_a_type_error():
     q = jnp.ones((1, 16, 2, 8))
     with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh.*got NoneType"):
         sequence_parallel_attention(q, q, q, mesh=None, impl="ring")
+
+
+def test_attention_argument_types():
+    q = jnp.ones((1, 16, 2, 8))
+    mesh = make_mesh(seq=4, devices=jax.devices()[:4])
+    with pytest.raises(TypeError, match=r"causal must be True or False, got 'yes'"):
+        sequence_parallel_attention(q, q, q, mesh=mesh, impl="ring", causal="yes")
+    with pytest.raises(TypeError, match=r"q must be an array \(jax or numpy\), got list"):
+        sequence_parallel_attention(q.tolist(), q, q, mesh=mesh, impl="ring")
+    with pytest.raises(TypeError, match=r"segment_ids must be an array.*got list"):
+        sequence_parallel_attention(q, q, q, mesh=mesh, impl="ring", segment_ids=[[0] * 16])
 
 
 def test_attention_unused_ring_impl_is_a_value_error():

@@ -155,3 +155,27 @@ def nnx_factory(cfg, mesh):
 
 def not_a_module(cfg, mesh):
     return "no module here"
+
+
+# ------------------------------------------------------------------ fault injection
+
+
+class NanOnTrigger(nn.Module):
+    """The Linen decoder, whose logits turn NaN in any batch whose first row starts with
+    `trigger` (bytes): a non-finite step at a chosen data step, found by the test."""
+    decoder: LinenDecoder
+    trigger: tuple[int, ...]
+
+    def __call__(self, tokens_BN, positions_BN, segment_ids_BN):
+        logits_BNV = self.decoder(tokens_BN, positions_BN, segment_ids_BN)
+        hit = jnp.all(tokens_BN[0, :len(self.trigger)] == jnp.asarray(self.trigger))
+        return jnp.where(hit, jnp.nan, logits_BNV)
+
+
+def nan_factory(cfg, mesh):
+    """`linen_factory`'s model, NaN where the batch's first row starts with the bytes in
+    $JAXPAR_TEST_NAN_TRIGGER (comma-separated; empty = never)."""
+    import os
+    raw = os.environ.get("JAXPAR_TEST_NAN_TRIGGER", "")
+    trigger = tuple(int(x) for x in raw.split(",") if x) or (-1,)
+    return NanOnTrigger(linen_factory(cfg, mesh), trigger)

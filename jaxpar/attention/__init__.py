@@ -102,7 +102,12 @@ def _axes(impl, axis, mesh):
     return axes
 
 
-def _check_global(q, k, v, segment_ids):
+def _check_global(q, k, v, segment_ids, causal):
+    for name, x in (("q", q), ("k", k), ("v", v), ("segment_ids", segment_ids)):
+        if x is not None and not (hasattr(x, "shape") and hasattr(x, "ndim")):
+            raise TypeError(f"{name} must be an array (jax or numpy), got {type(x).__name__}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be rank 4 [B, N, heads, D]; got ranks "
                          f"{q.ndim}, {k.ndim}, {v.ndim}")
@@ -132,7 +137,7 @@ def sequence_parallel_attention(q_BNHD, k_BNKD, v_BNKD, *, mesh, impl: str, axis
     "pallas_gpu" or a `kernels.BlockKernel`; ignored by "dense").
     """
     _check_impl(impl)
-    _check_global(q_BNHD, k_BNKD, v_BNKD, segment_ids)
+    _check_global(q_BNHD, k_BNKD, v_BNKD, segment_ids, causal)
     if ring_impl is not None and impl != "hybrid":
         raise ValueError(f"ring_impl={ring_impl!r} is only used by impl='hybrid' (got "
                          f"impl={impl!r}); drop ring_impl or use impl='hybrid'")

@@ -7,7 +7,8 @@
 INPUT: text files, folders (every file below, sorted) or JSONL files (`*.jsonl`; one document
 per line, the text in `--field`, default `text`). A text file is split into documents at
 `--doc-separator` (default a blank line; '' = one document per file). TOKENIZER: `bytes`, a
-Hugging Face `tokenizer.json`, or a SentencePiece `.model`; `--train-tokenizer VOCAB` trains
+Hugging Face `tokenizer.json`, a SentencePiece `.model`, or a folder holding one (a Hugging
+Face model folder, as `model.init_from` takes); `--train-tokenizer VOCAB` trains
 a byte-level BPE on the training documents first (no network).
 
 DIR gets (format in docs/data.md): `train.bin` / `eval.bin` (the documents' tokens back to

@@ -78,10 +78,17 @@ class SentencePieceTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike):
-    """'bytes', a `tokenizer.json` (Hugging Face `tokenizers`) or a SentencePiece `.model`."""
+    """'bytes', a `tokenizer.json` (Hugging Face `tokenizers`), a SentencePiece `.model`, or
+    a folder holding one of them (a Hugging Face model folder)."""
     if str(spec) == BYTES:
         return ByteTokenizer()
     path = Path(spec)
+    if path.is_dir():  # a Hugging Face model folder (as model.init_from takes)
+        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        if not found:
+            raise ValueError(f"tokenizer folder {str(spec)!r} has no tokenizer.json or "
+                             f"tokenizer.model")
+        path = found[0]
     if not path.is_file():
         raise ValueError(f"tokenizer {str(spec)!r} does not exist; give 'bytes', a Hugging Face "
                          f"tokenizer.json, or a SentencePiece .model file")

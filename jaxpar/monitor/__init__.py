@@ -4,7 +4,7 @@
                   slower than its peers (numpy only)
     watchdog.py   heartbeats in RUN_DIR/heartbeats/, and a thread that, when no step has
                   finished in T seconds, dumps every thread's stack, names the processes
-                  behind and exits with code 3 (no jax)
+                  behind and exits with code 4 (no jax)
     steps.py      StepMonitor: the one call the training loop makes per step
 
 `scripts/launch.py --restarts k` restarts a group whose process died or hung; the run

@@ -10,10 +10,15 @@ Per step and process it records `step_s` (finished-to-finished wall time), `host
 part spent outside waiting on the device) and `wait_s` to `RUN_DIR/steps/process_{i}.jsonl`,
 and adds `step_s` to the step's metrics (so the logged records in `metrics.jsonl` carry it).
 A slow step (robust z-score over the process's own last 50 steps) is a warning line from
-that process. Every `train.log_every` steps, with more than one process, the processes
-exchange their median host time per step (`process_allgather`); one slower than its peers
-for 3 intervals in a row is a warning line from process 0 naming it and the mesh
-coordinates its devices hold. `train.hang_timeout_s` > 0 starts the hang watchdog.
+that process. The first step (compilation) and steps whose window held an eval, a
+checkpoint save or (with `log_every` > 1) the logging are recorded but not judged.
+
+Every `train.log_every` steps, with more than one process, the processes exchange their
+median host time per step (`process_allgather`); one slower than its peers for 3 intervals
+in a row is a warning line from process 0 naming it and the mesh coordinates its devices
+hold. Steps whose window held the logging (which only process 0 does) are left out of that
+comparison, so with `log_every=1` there is none. `train.hang_timeout_s` > 0 starts the hang
+watchdog.
 
 Blocking on each step keeps one step in flight: the next batch is built on the host while
 the device runs this step (the loop builds it before calling `step`), then the host waits.
@@ -90,13 +95,16 @@ class StepMonitor:
             if step == self.total:
                 self.watchdog.stop()  # what follows the last step is not a step
         first = step == self.start + 1  # compiles
-        judge = not first and not self.quiet_steps(step - 1)
+        # the loop logs after this call, so step s's logging falls in step s+1's window
+        after_log = (step - 1) % self.log_every == 0 or step - 1 == self.start + 1
+        judge = (not first and not self.quiet_steps(step - 1)
+                 and not (after_log and self.log_every > 1))
         self.log.write(f'{{"step": {step}, "step_s": {step_s:.6f}, "host_s": {host_s:.6f}, '
                        f'"wait_s": {wait_s:.6f}, "judged": {str(judge).lower()}}}\n')
         msg = self.outliers.observe(step, step_s, judge=judge)
         if msg:
             warn(f"process {self.process}: {msg}")
-        if judge:
+        if judge and not after_log:  # process 0 alone logs: never compare that time
             self.interval_host.append(host_s)
         if step % self.log_every == 0:
             self.log.flush()

@@ -8,7 +8,7 @@ or dead process stops both. When no step has finished for `timeout_s`, the watch
 
 1. writes the stack of every thread to stderr (`faulthandler.dump_traceback`),
 2. prints one line naming the processes that are behind, read from the heartbeats,
-3. ends the process with `HANG_EXIT_CODE` (3) via `os._exit` (a thread blocked inside a
+3. ends the process with `HANG_EXIT_CODE` (4) via `os._exit` (a thread blocked inside a
    collective cannot be interrupted; `scripts/launch.py --restarts k` then restarts the group).
 
 It is armed by the first finished step (the first step compiles, which can take minutes) and
@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-HANG_EXIT_CODE = 3
+HANG_EXIT_CODE = 4  # distinct from 1 (exception), 2 (bad config), 3 (non-finite stop)
 
 
 def heartbeat_dir(run_dir) -> Path:

@@ -49,13 +49,17 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from jaxpar.train.faults import STOP_EXIT_CODE, Stopped
     from jaxpar.train.run import train
 
     try:
         train(cfg)
-    except ConfigError as e:  # found while building (e.g. a user factory that cannot import)
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:  # found while building (e.g. a user factory that cannot import),
+        print(f"error: {e}", file=sys.stderr)  # or a resume the run folder refuses
         return 2
+    except Stopped as e:  # a non-finite step under train.nonfinite=stop
+        print(f"stopped: {e}", file=sys.stderr)
+        return STOP_EXIT_CODE
     return 0
 
 

@@ -100,8 +100,9 @@ class TrainSection:
     microbatches: int = 1     # gradient accumulation: one optimizer step over k microbatches
     run_dir: str = "runs/default"
     log_every: int = 10
+    nonfinite: str = "stop"   # a non-finite loss/grad: stop | skip | rollback (train/faults.py)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
-    hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 3; 0 = off
+    hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 4; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,6 +380,7 @@ def validate(cfg: Config, device_count: int) -> None:
     from jaxpar.diloco.quantize import FORMATS
     from jaxpar.mesh import MeshConfig
     from jaxpar.overlap import DIRECTIONS, OVERLAPS
+    from jaxpar.train.faults import POLICIES
 
     _positive(cfg)
     _check_data(cfg)
@@ -390,6 +392,7 @@ def validate(cfg: Config, device_count: int) -> None:
     _choice("overlap.direction", cfg.overlap.direction, DIRECTIONS)
     _choice("diloco.quantize", d.quantize, FORMATS)
     _choice("model.dtype", mo.dtype, ("float32", "bfloat16"))
+    _choice("train.nonfinite", t.nonfinite, POLICIES)
     _check_stacking(cfg)
     mesh = MeshConfig(**dataclasses.asdict(m))
     try:

@@ -32,7 +32,7 @@ from jaxpar.data import ByteData, feed, open_data, pack
 from jaxpar.data.tokens import TokenDataset
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
 from jaxpar.mesh import MeshConfig, make_mesh
-from jaxpar.train import microbatch
+from jaxpar.train import faults, microbatch
 from jaxpar.train import model as model_lib
 from jaxpar.train.config import Config, ConfigError, head_dim, resolve, validate
 
@@ -291,7 +291,8 @@ class Run:
         step to step (so it never recompiles) and is donated."""
         if "train" not in self._compiled:
             shardings = jax.tree.map(lambda x: x.sharding, state)
-            fn = jax.jit(self._step_fn(), donate_argnums=0, out_shardings=(shardings, None))
+            fn = jax.jit(faults.guard(self._step_fn()), donate_argnums=0,
+                         out_shardings=(shardings, None))
             with self.scope():
                 self._compiled["train"] = fn.lower(state, b).compile()
         return self._compiled["train"]

@@ -1,10 +1,20 @@
 """Where a run's numbers go: metrics.jsonl (one JSON object per line), TensorBoard events
 when tensorboardX is installed, and a tqdm progress bar on a terminal (plain lines when
-stdout is not a TTY, e.g. under CI or `scripts/launch.py`)."""
+stdout is not a TTY, e.g. under CI or `scripts/launch.py`).
+
+Across restarts: a resume (or a rollback) keeps the lines up to the step it restarts from,
+written to a temporary file and moved over metrics.jsonl (`os.replace`, atomic), and drops a
+last line cut short by a kill; TensorBoard gets `purge_step`, so its events hold no step
+twice. Non-finite numbers are written as the strings "nan", "inf", "-inf" (bare NaN is not
+JSON; `float(x)` reads both forms back).
+"""
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,29 +24,40 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
-        if enabled and start_step > 0 and self.path.exists():
-            # resuming: drop lines written after the checkpoint we restart from
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln and json.loads(ln).get("step", 0) <= start_step]
-            self.path.write_text("".join(k + "\n" for k in kept))
-        elif enabled:
-            self.path.write_text("")
         self.tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
-            except ImportError:
-                pass
         self.tty = enabled and sys.stdout.isatty()
         self.bar = (tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
                     if self.tty else None)
+        self.restart_at(start_step)
+
+    def restart_at(self, step: int) -> None:
+        """Keep the records of steps <= `step` (all of them go at step 0), atomically."""
+        if not self.enabled:
+            return
+        kept = [ln for ln in read_lines(self.path) if json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+        if self.tb is not None:
+            self.tb.close()
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            if not getattr(self, "_said_tb", False):
+                self.print("tensorboardX is not installed: no TensorBoard events (metrics.jsonl "
+                           "has every number; pip install tensorboardX)")
+                self._said_tb = True
+            return
+        # a unique file per writer (a rollback may reopen within the same second)
+        self.tb = SummaryWriter(str(self.path.parent / "tb"), purge_step=step + 1,
+                                filename_suffix=f".{time.time_ns()}")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        line = json.dumps({k: finite_or_str(v) for k, v in record.items()}, allow_nan=False)
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(line + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -68,3 +89,42 @@ class MetricsWriter:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def finite_or_str(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "nan", "inf", "-inf"
+    return v
+
+
+def read_lines(path: Path) -> list[str]:
+    """The JSON lines of a metrics file; a line a kill cut short (only ever the last) is
+    dropped."""
+    if not path.exists():
+        return []
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        out.append(ln)
+    return out
+
+
+class StepRate:
+    """Tokens per second over the training steps alone: each step's own time (the loop
+    waits for it before eval, checkpoint or logging), summed since the last `take`."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds: float, *, timed: bool = True) -> None:
+        if timed:
+            self.seconds += seconds
+            self.steps += 1
+
+    def take(self, tokens_per_step: int) -> float | None:
+        rate = tokens_per_step * self.steps / self.seconds if self.steps else None
+        self.seconds, self.steps = 0.0, 0
+        return rate

@@ -18,16 +18,18 @@ import numpy as np
 from jaxpar import sharding
 from jaxpar.bench import machine
 from jaxpar.monitor.steps import StepMonitor
-from jaxpar.train import attention_choice
+from jaxpar.train import attention_choice, faults, runfolder
 from jaxpar.train.checkpoint import Checkpointer, layout_meta
-from jaxpar.train.config import Config, dump
+from jaxpar.train.config import Config
 from jaxpar.train.loop import Run, peak_tflops, sample
-from jaxpar.train.metrics import MetricsWriter
+from jaxpar.train.metrics import MetricsWriter, StepRate
+
+
+def _floats(m: dict) -> dict:
+    return {k: (int(v) if k == "nonfinite" else float(v)) for k, v in jax.device_get(m).items()}
 
 
 def _write_run_files(run: Run, run_dir: Path, params) -> None:
-    cfg = run.cfg
-    (run_dir / "config.yaml").write_text(dump(cfg))
     mesh = {"axes": dict(run.mesh.shape), "devices": len(run.mesh.devices.flat),
             "processes": jax.process_count(), "machine": machine(),
             "rules": [[k, v] for k, v in run.rules]}
@@ -38,70 +40,101 @@ def _write_run_files(run: Run, run_dir: Path, params) -> None:
 
 
 def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
-    """Run (or resume) the configured training; returns the summary dict."""
+    """Run (or resume) the configured training; returns the summary dict (or, when a signal
+    stopped it, `{"preempted_at": step, ...}`)."""
     lead = jax.process_index() == 0 and not quiet
+    say = (lambda msg: print(msg, flush=True)) if lead else (lambda msg: None)
     attention_choice.apply(cfg, lead)  # attention.impl=auto: print and record the pick
     run = Run.create(cfg, devices)
     cfg = run.cfg  # resolved (model.vocab from the data)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = run.init_state()
+    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep)
+    if not ckpt.steps():
+        runfolder.check_fresh(run_dir, cfg)
+    diff = {}
+    start, state, meta = ckpt.restore_newest(
+        run.init_state(), say, lambda s, m: diff.update(runfolder.check_resume(run_dir, s, m, cfg)),
+        expect=layout_meta(cfg))
+    offset = meta["data_step"] - start if meta else 0  # batches skipped by rollbacks
     params_for_table = run.eval_params(state) if run.diloco else state.params
     if lead:
+        runfolder.record(run_dir, cfg, start, diff)
         _write_run_files(run, run_dir, params_for_table)
-    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep)
-    latest = ckpt.latest_step()  # step 0: a checkpoint written by `jaxpar-convert from-hf`
-    start = latest or 0
     writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, enabled=lead)
-    if latest is not None:
-        state, meta = ckpt.restore(start, state, expect=layout_meta(cfg))
+    if start:
         writer.print(f"resumed from {run_dir}/checkpoints step {start} "
-                     f"(data position: step {meta['data_step']})")
+                     f"(data position: step {start + offset})")
+        if diff:
+            writer.print(f"changed since that checkpoint: {runfolder.describe(diff)} (allowed: "
+                         f"they do not change the math; see {runfolder.HISTORY})")
     else:
         writer.print(f"mesh {dict(run.mesh.shape)} on {machine()}")
         if lead:
             writer.print(sharding.format_table(run.param_table(params_for_table)))
 
-    b = run.batch(start + 1)
+    b = run.batch(start + 1 + offset)
     comm_bytes = run.comm_bytes(state, b)
     flops_tok = run.flops_per_token(params_for_table)
     peak = peak_tflops(cfg)
     n_dev = len(run.mesh.devices.flat)
     evals = run.eval_batches()
     history, evals_seen = [], []
-    busy, last_t, last_step = 0.0, time.perf_counter(), start
-    steps = cfg.train.steps
-    with StepMonitor.for_run(run, run_dir, start) as monitor:
-        for step in range(start + 1, steps + 1):
+    rate, guard = StepRate(), faults.NonFinite(cfg.train.nonfinite)
+    meta_of = lambda s, offset: {"data_step": s + offset, "seed": cfg.train.seed,
+                                 "config": cfg.to_dict(), **layout_meta(cfg)}
+    steps, step = cfg.train.steps, start
+    eval_due = lambda s: bool(cfg.eval.every and s % cfg.eval.every == 0) or s == steps
+
+    def evaluate(s):
+        loss = float(run.eval_loss(run.eval_params(state), evals))
+        writer.write({"step": s, "eval_loss": loss, "eval_bpb": run.data.bits_per_byte(loss)})
+        evals_seen.append([s, loss])
+    if meta and meta.get("eval_due"):  # a signal stopped the run before this step's eval
+        evaluate(start)
+    with (faults.Preemption(cfg.train.log_every) as preempt,
+          StepMonitor.for_run(run, run_dir, start) as monitor):
+        while step < steps:
+            step += 1
+            t0 = time.perf_counter()
             state, m = run.train_step(state, b)
             if step < steps:
-                b = run.batch(step + 1)  # built on the host while the device runs this step
+                b = run.batch(step + 1 + offset)  # built on the host while the device runs
             m = monitor.step(step, m)  # waits for the step: times, heartbeat, straggler warnings
+            bad = int(m["nonfinite"])
+            rate.add(time.perf_counter() - t0, timed=step > start + 1)  # 1st: compilation
+            if bad:
+                back = guard.handle(step, m, state, offset, run=run, ckpt=ckpt, writer=writer,
+                                    meta_of=meta_of, say=say)
+                if back:  # a rollback: go on from the checkpoint it restored
+                    step, state, offset = back
+                    history = [h for h in history if h["step"] <= step]
+                    evals_seen = [e for e in evals_seen if e[0] <= step]
+                    b = run.batch(step + 1 + offset)
+                    continue
             if step % cfg.train.log_every == 0 or step == steps or step == start + 1:
-                m = {k: float(v) for k, v in jax.device_get(m).items()}
-                now = time.perf_counter()
-                dt = now - last_t - busy
-                rec = {"step": step, **m}
-                if step > start + 1:  # the first step includes compilation
-                    tok_s = run.tokens_per_step() * (step - last_step) / dt
+                rec = {"step": step, **_floats(m), "comm_bytes": sum(comm_bytes.values())}
+                tok_s = rate.take(run.tokens_per_step())
+                if tok_s:
                     rec.update(tokens_per_s=tok_s, tflops=flops_tok * tok_s / 1e12)
                     if peak:
                         rec["mfu"] = rec["tflops"] / (peak * n_dev)
-                rec["comm_bytes"] = sum(comm_bytes.values())
                 writer.write(rec)
                 writer.progress(step, rec)
                 history.append(rec)
-                busy, last_t, last_step = 0.0, time.perf_counter(), step
-            t0 = time.perf_counter()
-            if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
-                loss = float(run.eval_loss(run.eval_params(state), evals))
-                writer.write({"step": step, "eval_loss": loss,
-                              "eval_bpb": run.data.bits_per_byte(loss)})
-                evals_seen.append([step, loss])
+            # save before eval: the checkpoint's commit does not wait for eval (or its compile)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
-                ckpt.save(step, state, {"data_step": step, "seed": cfg.train.seed,
-                                        **layout_meta(cfg)})
-            busy += time.perf_counter() - t0
+                ckpt.save(step, state, meta_of(step, offset))
+            if step < steps and preempt.stop(step):  # before the eval: exit sooner
+                ckpt.save(step, state, {**meta_of(step, offset), "eval_due": eval_due(step)})
+                ckpt.wait()
+                say(f"{preempt.signal}: stopped after step {step} with a checkpoint of it, "
+                    f"{time.monotonic() - preempt.at:.1f} s after the signal; the same command "
+                    f"resumes")
+                ckpt.close(), writer.close()
+                return {"preempted_at": step, "signal": preempt.signal}
+            if eval_due(step):
+                evaluate(step)
     ckpt.wait()
     ckpt.close()
 
@@ -114,8 +147,8 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         text = sample(run, final_params, cfg.eval.prompt, cfg.eval.sample_bytes)
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
     summary = {
-        "steps": steps, "final_eval_loss": final_eval,
-        "final_eval_bpb": run.data.bits_per_byte(final_eval),
+        "steps": steps, "nonfinite_steps": guard.count, "rollbacks": guard.rollbacks,
+        "final_eval_loss": final_eval, "final_eval_bpb": run.data.bits_per_byte(final_eval),
         "tokens_per_s": float(np.median(rates)) if rates else None,
         "step_time_s": run.tokens_per_step() / float(np.median(rates)) if rates else None,
         "evals": evals_seen,  # [step, eval loss] of this process's run (after a resume: since)

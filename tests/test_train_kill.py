@@ -1,0 +1,155 @@
+"""Real `python -m jaxpar.train` processes: SIGTERM / SIGINT stop after a checkpoint of the
+current step (exit 0) and SIGKILL at seeded random moments — between steps, while a
+checkpoint is being written, around an eval — and after each the same command goes on:
+per-step and eval losses equal a run never interrupted (fp32, <= 1e-6)."""
+import json
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train_resume import command, env
+
+PLAIN = ["mesh.data=4", "mesh.tensor=2"]
+DILOCO = ["mesh.replica=2", "mesh.data=2", "mesh.tensor=2", "diloco.enabled=true",
+          "diloco.sync_every=4", "diloco.num_fragments=2", "diloco.overlap_steps=1"]
+STEPS = 12
+ARGS = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "eval.every=3"]
+
+
+def cmd(run_dir, extra):
+    return [a for a in command(run_dir, extra) if not a.startswith(
+        ("train.steps", "checkpoint.every", "eval.every"))] + ARGS
+
+
+def lines(run_dir) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def losses(run_dir):
+    return ({r["step"]: r["loss"] for r in lines(run_dir) if "loss" in r},
+            {r["step"]: r["eval_loss"] for r in lines(run_dir) if "eval_loss" in r})
+
+
+def same_as(ref_dir, run_dir):
+    (ref, ref_ev), (got, got_ev) = losses(ref_dir), losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1)) and sorted(got_ev) == sorted(ref_ev)
+    for s in ref:
+        assert abs(ref[s] - got[s]) <= 1e-6, (s, ref[s], got[s])
+    for s in ref_ev:
+        assert abs(ref_ev[s] - got_ev[s]) <= 1e-6, (s, ref_ev[s], got_ev[s])
+
+
+def run_to_end(c):
+    r = subprocess.run(c, env=env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    made = {}
+
+    def get(name, extra):
+        if name not in made:
+            d = tmp_path_factory.mktemp(f"ref_{name}")
+            run_to_end(cmd(d, extra))
+            made[name] = d
+        return made[name]
+    return get
+
+
+def wait_for(proc, cond, timeout=600):
+    t0 = time.monotonic()
+    while not cond():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() - t0 < timeout
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_a_checkpoint_of_the_current_step(tmp_path, reference, sig):
+    d = tmp_path / "run"
+    proc = subprocess.Popen(cmd(d, PLAIN), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    wait_for(proc, lambda: max(losses(d)[0], default=0) >= 3)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, err.decode()[-3000:]
+    stopped = max(losses(d)[0])
+    assert stopped < STEPS
+    assert f"stopped after step {stopped} with a checkpoint" in out.decode()
+    ckpts = sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts[-1] == stopped
+    print(f"{sig.name}: exit 0 {seconds:.2f} s after the signal, stopped at step {stopped}")
+    r = run_to_end(cmd(d, PLAIN))
+    assert f"resumed from {d}/checkpoints step {stopped}" in r.stdout
+    same_as(reference("plain", PLAIN), d)
+
+
+def checkpoint_in_progress(run_dir):
+    ck = Path(run_dir) / "checkpoints"
+    return ck.exists() and any("tmp" in p.name for p in ck.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,extra", [("plain", PLAIN), ("diloco", DILOCO)])
+def test_sigkill_anywhere_then_the_same_command_loses_nothing(tmp_path, reference, name,
+                                                              extra):
+    """Three kills in one run folder: while a checkpoint is being written, right after an
+    eval line, and at a seeded random moment after the first step; then the same command
+    runs to the end."""
+    rng = random.Random(12)
+    d = tmp_path / "run"
+    evals = lambda: sum("eval_loss" in r for r in lines(d))
+    moments = [("during a checkpoint save", lambda: checkpoint_in_progress(d)),
+               ("after an eval", lambda: evals() > seen),
+               ("random", None)]
+    for what, cond in moments:
+        seen = evals()
+        proc = subprocess.Popen(cmd(d, extra), env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        if cond is None:
+            wait_for(proc, lambda: len(lines(d)) > 0)
+            time.sleep(rng.uniform(0.0, 2.0))
+        else:
+            wait_for(proc, cond)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, what
+        assert max(losses(d)[0], default=0) < STEPS, f"finished before the kill {what}"
+    run_to_end(cmd(d, extra))
+    same_as(reference(name, extra), d)
+
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_resumes_in_one(tmp_path, reference):
+    """A run as 2 processes x 4 devices (scripts/launch.py), its last checkpoint removed,
+    resumed by 1 process x 8 devices: orbax stores global arrays, so the state comes back
+    on the new process layout; steps 11-12 and the eval at 12 equal a 1-process run
+    within 1e-5 (the 2-vs-1-process tolerance of test_train_multiprocess)."""
+    import sys
+
+    from test_train_resume import ROOT
+    d = tmp_path / "run"
+    c = cmd(d, PLAIN) + ["checkpoint.keep=10"]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/launch.py"), "-n", "2",
+                        "--log-dir", str(tmp_path / "logs"), "--timeout", "900", "--"] + c,
+                       env=env(), capture_output=True, text=True, timeout=1000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import shutil
+    shutil.rmtree(d / "checkpoints" / "12")
+    r = run_to_end(c)
+    assert f"resumed from {d}/checkpoints step 10" in r.stdout
+    (ref, ref_ev), (got, got_ev) = losses(reference("plain", PLAIN)), losses(d)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in (11, 12):
+        assert abs(ref[s] - got[s]) <= 1e-5, (s, ref[s], got[s])
+    assert abs(ref_ev[12] - got_ev[12]) <= 1e-5
