@@ -71,6 +71,7 @@ def _temp_bytes(remat, scan):
     return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_full_remat_lowers_activation_memory():
     # scanned: the loop orders each block's recompute into the backward. (Unscanned, the
     # CPU backend's scheduler hoists the recompute into the forward and the saving is lost;
