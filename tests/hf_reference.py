@@ -80,6 +80,17 @@ def write_checkpoint(folder, cfg: dict, *, seed: int = 0, dtype=np.float32,
     return {k: v.astype(np.float64) for k, v in weights.items()}
 
 
+def read_tensors(folder) -> dict[str, np.ndarray]:
+    """Every tensor of an HF folder's safetensors files, as stored (dtype kept)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="numpy") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
 # --------------------------------------------------------------------------- RoPE (HF)
 
 

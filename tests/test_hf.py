@@ -123,15 +123,7 @@ def test_round_trip_bit_exact(tmp_path, dtype, scan):
     base = json.loads((tmp_path / "in" / "config.json").read_text())
     hf.save(params, c, tmp_path / "out", base_config=base, dtype=name, max_shard_bytes=20_000)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
-    from safetensors import safe_open
-
-    def tensors(folder):
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(f, framework="numpy") as h:
-                out.update({k: h.get_tensor(k) for k in h.keys()})
-        return out
-    a, b = tensors(tmp_path / "in"), tensors(tmp_path / "out")
+    a, b = R.read_tensors(tmp_path / "in"), R.read_tensors(tmp_path / "out")
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k

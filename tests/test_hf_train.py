@@ -20,16 +20,6 @@ RUN = ["train.batch_size=4", "train.log_every=1", "eval.sample_bytes=0", "eval.b
        "checkpoint.keep=1"]
 
 
-def _tensors(folder):
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, framework="numpy") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 def _same_bytes(a, b):
     assert a.keys() == b.keys()
     for k in a:
@@ -72,7 +62,7 @@ def test_convert_round_trip_and_init_from_lr0_export_equal_input(tmp_path):
             "train.seq_len=32"]
     assert convert.main(["from-hf", str(src), str(tmp_path / "run0"), *mesh, *RUN]) == 0
     assert convert.main(["to-hf", str(tmp_path / "run0"), str(tmp_path / "back0")]) == 0
-    _same_bytes(_tensors(src), _tensors(tmp_path / "back0"))
+    _same_bytes(R.read_tensors(src), R.read_tensors(tmp_path / "back0"))
     assert (tmp_path / "back0" / "tokenizer.json").is_file()
     back = json.loads((tmp_path / "back0" / "config.json").read_text())
     assert back["torch_dtype"] == "bfloat16" and back["bos_token_id"] == 1
@@ -83,7 +73,7 @@ def test_convert_round_trip_and_init_from_lr0_export_equal_input(tmp_path):
     train(cfg)  # (not quiet: the run folder gets its config.yaml)
     assert convert.main(["to-hf", str(tmp_path / "run" / "checkpoints" / "2"),
                          str(tmp_path / "back")]) == 0
-    _same_bytes(_tensors(src), _tensors(tmp_path / "back"))
+    _same_bytes(R.read_tensors(src), R.read_tensors(tmp_path / "back"))
 
 
 @pytest.mark.slow
