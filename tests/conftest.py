@@ -1,8 +1,12 @@
 """Eight simulated CPU devices, set before jax is imported anywhere in the test session."""
 import os
 
+# 8 host devices share 2 cores in CI: a collective's rendezvous can wait longer than XLA:CPU's
+# default termination timeout under load, which aborts the whole pytest process, so the
+# timeout is raised (a real deadlock still ends, after 10 minutes).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
