@@ -89,7 +89,7 @@ def test_prepare_train_resume(tmp_path, kind):
     data = dataset(tmp_path, kind)
     cfg = cfg_for(data, tmp_path / "run", ["train.steps=4", "checkpoint.every=2",
                                            "checkpoint.keep=3", "eval.every=2"],
-                  mesh=["mesh.data=8"])
+                  mesh=["mesh.data=8", "train.batch_size=8"])
     first = train(cfg)
     before = losses(tmp_path / "run")
     shutil.rmtree(tmp_path / "run/checkpoints/4")
