@@ -10,6 +10,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jaxpar  # noqa: E402,F401  (adds XLA:CPU's DFS-scheduler flag before the backend starts)
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
