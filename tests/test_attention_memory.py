@@ -30,7 +30,10 @@ def temp_bytes(impl, p, causal):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("impl,ps", [("ring", (2, 8)), ("tokenring", (2, 8)), ("ulysses", (2, 4))])
+# Ring and TokenRing from P=4: at P=2 their middle scan (steps 1..P-2) is empty, so fewer
+# loop buffers are live and P=2 -> 8 mixes that in (0.43 with XLA:CPU's DFS scheduler);
+# P=4 -> 8 measures the 1/P scaling itself (measured 0.55-0.58 against the ideal 0.5).
+@pytest.mark.parametrize("impl,ps", [("ring", (4, 8)), ("tokenring", (4, 8)), ("ulysses", (2, 4))])
 @pytest.mark.parametrize("causal", [False, True])
 def test_memory_falls_with_p(impl, ps, causal, monkeypatch):
     from jaxpar.attention import blockwise
@@ -38,7 +41,7 @@ def test_memory_falls_with_p(impl, ps, causal, monkeypatch):
     lo, hi = ps
     ratio = temp_bytes(impl, hi, causal) / temp_bytes(impl, lo, causal)
     ideal = lo / hi
-    assert ratio <= 1.6 * ideal, f"{impl}: temp memory ratio P={hi}/P={lo} is {ratio:.2f}"
+    assert ratio <= 1.25 * ideal, f"{impl}: temp memory ratio P={hi}/P={lo} is {ratio:.2f}"
 
 
 def test_never_holds_full_scores():

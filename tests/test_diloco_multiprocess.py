@@ -7,6 +7,7 @@ import sys
 
 import jax.tree_util as tu
 import numpy as np
+import pytest
 
 import diloco_multiprocess_worker as worker
 
@@ -19,6 +20,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     port, out = free_port(), tmp_path / "two.npz"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

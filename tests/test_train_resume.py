@@ -95,8 +95,9 @@ def test_resume_after_sigkill(tmp_path):
                             "attention.impl=tokenring", "overlap.mode=collective_matmul"])
 
 
+@pytest.mark.slow
 def test_resume_in_process_from_a_pending_diloco_merge(tmp_path):
-    """The default-run version: a finished run loses its last checkpoint, and the same
+    """In process (no SIGKILL): a finished run loses its last checkpoint, and the same
     config resumes from step 4 — where a DiLoCo merge is pending (τ=1) — and recomputes
     steps 5 and 6 exactly."""
     args = [a for a in command(tmp_path, [])[4:] if not a.startswith("train.steps")]

@@ -101,7 +101,7 @@ def mlp_kernel(params, kind):
         params["layers"][0]["up"]["kernel"])
 
 
-@pytest.mark.parametrize("kind", ["linen", "nnx"])
+@pytest.mark.parametrize("kind", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 def test_user_model_sharded_run_equals_unsharded(kind, tmp_path):
     cfg = small_config(tmp_path, kind, dict(data=4, tensor=2))
     run = Run.create(cfg)
