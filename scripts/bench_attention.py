@@ -11,11 +11,13 @@ total work. Prints a markdown table; `--json PATH` writes the rows.
     python scripts/bench_attention.py --calibrate --json jaxpar/attention/profile_cpu.json
     python scripts/bench_attention.py --grid --json docs/attention_auto_grid.json
     python scripts/bench_attention.py --peer --json docs/attention_peer.json
+    python scripts/bench_attention.py --tiles --json docs/kernels_cpu_tiles.json
 
 --calibrate measures the CPU cost profile of `impl="auto"` (kernel throughput, cost per
 kernel call, copy bandwidth and latency, elementwise bandwidth); --grid times every schedule
 on a grid of meshes and shapes and compares auto's pick with the fastest; --peer compares
-ring, TokenRing and Ulysses with the `ringattention` package (optional, benchmark only).
+ring, TokenRing and Ulysses with the `ringattention` package (optional, benchmark only);
+--tiles sweeps the CPU kernel's tile sizes on the --peer configuration.
 """
 from __future__ import annotations
 
@@ -126,15 +128,21 @@ def main(argv=None):
     ap.add_argument("--calibrate", action="store_true", help="measure the CPU auto profile")
     ap.add_argument("--grid", action="store_true", help="auto's pick vs every impl, a grid")
     ap.add_argument("--peer", action="store_true", help="vs the ringattention package")
+    ap.add_argument("--tiles", action="store_true", help="CPU kernel tile sweep (peer config)")
+    ap.add_argument("--tile-sizes", type=int, nargs="+", default=[256, 512, 1024],
+                    help="--tiles: key-tile lengths to try (query tile = 1x and 4x)")
+    ap.add_argument("--tile-impls", nargs="+", default=["ring", "ulysses"],
+                    choices=["ring", "tokenring", "ulysses"], help="--tiles: schedules")
     ap.add_argument("--grid-only", type=int, nargs="+",
                     help="--grid: only these configurations (1-based, in GRID order)")
     ap.add_argument("--peer-chunks", type=int, nargs="+", default=[512, 1024],
                     help="--peer: the peer's query/key chunk sizes to try (its best counts)")
     args = ap.parse_args(argv)
-    if args.calibrate or args.grid or args.peer:
-        from bench_attention_auto import calibrate, grid, peer
+    if args.calibrate or args.grid or args.peer or args.tiles:
+        from bench_attention_auto import calibrate, grid, peer, tiles
 
-        run = calibrate if args.calibrate else grid if args.grid else peer
+        run = (calibrate if args.calibrate else grid if args.grid else
+               peer if args.peer else tiles)
         return run(args)
     if args.quick:
         args.seq_lens, args.repeats = [1024, 2048], 1

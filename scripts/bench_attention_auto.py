@@ -1,4 +1,4 @@
-"""`scripts/bench_attention.py --calibrate / --grid / --peer` (see its docstring).
+"""`scripts/bench_attention.py --calibrate / --grid / --peer / --tiles` (see its docstring).
 
 Timings on a shared machine: each measurement is the *minimum* over repeats after a
 compile/warm-up call, of both wall time and the process's CPU time (`time.process_time`,
@@ -72,7 +72,7 @@ def calibrate(args):
             return kernels.local_attention(q, k, v, causal=causal, kernel="xla")[0]
 
         f = fwd_bwd(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-        for l in (256, 512, 1024, 2048, 4096):
+        for l in (256, 512, 1024, 2048, 4096, 8192):  # 8192: the grid's longest calls
             q, k, v = put(mesh, spec, *(randn((n_dev, l, h, d), i) for i in range(3)))
             wall, cpu = timed_min(f, (q, k, v), reps)
             flops = n_dev * 3.5 * 4 * l * l * h * d * (0.5 if causal else 1)
@@ -287,4 +287,54 @@ def peer(args):
     write(args.json, payload)
 
 
-__all__ = ["calibrate", "grid", "peer"]
+# --------------------------------------------------------------------------- tiles
+
+
+def tiles(args):
+    """The CPU kernel's tile sizes on the peer's configuration (causal fwd+bwd, N=8192, H=8,
+    D=64, fp32, 8 devices): key tile × query-tile factor with invisible tiles skipped, then
+    the best of those with causal halving instead. One process, CPU time, min of repeats."""
+    from jaxpar.attention import blockwise
+    n_dev, n, h, d = args.devices, 8192, 8, 64
+    mesh = jax.make_mesh((n_dev,), ("seq",), devices=jax.devices()[:n_dev])
+    spec = P(None, "seq")
+    q, k, v = put(mesh, spec, *(randn((1, n, h, d), i) for i in range(3)))
+    saved = blockwise.DEFAULT_TILE, blockwise.Q_TILE_FACTOR, dict(blockwise.CAUSAL_HALVING)
+    rows = []
+
+    def measure(impl, tile, factor, halving):
+        blockwise.DEFAULT_TILE, blockwise.Q_TILE_FACTOR = tile, factor
+        blockwise.CAUSAL_HALVING["cpu"] = halving
+        attn = jax.shard_map(lambda q, k, v: attention(q, k, v, impl=impl, axis="seq",
+                                                       causal=True),
+                             mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+        wall, cpu = timed_min(fwd_bwd(attn), (q, k, v), args.repeats)
+        row = {"impl": impl, "key_tile": tile, "q_tile": tile * factor, "halving": halving,
+               "cpu_ms": 1e3 * cpu, "wall_ms": 1e3 * wall}
+        rows.append(row)
+        print(row, flush=True)
+        return row
+
+    try:
+        for impl in args.tile_impls:
+            first = [measure(impl, t, f, False) for t in args.tile_sizes for f in (1, 4)]
+            best = min(first, key=lambda r: r["cpu_ms"])
+            measure(impl, best["key_tile"], best["q_tile"] // best["key_tile"], True)
+    finally:
+        blockwise.DEFAULT_TILE, blockwise.Q_TILE_FACTOR = saved[:2]
+        blockwise.CAUSAL_HALVING.clear()
+        blockwise.CAUSAL_HALVING.update(saved[2])
+    payload = {"machine": bench.machine(),
+               "config": dict(N=n, H=h, K=h, D=d, dtype="float32", causal=True,
+                              devices=n_dev, kernel="xla"),
+               "timing": f"fwd+bwd, min of {args.repeats} after a warm-up, process CPU time "
+                         f"(all threads) and wall time", "rows": rows}
+    print("| impl | key tile | query tile | causal | CPU ms | wall ms |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['key_tile']} | {r['q_tile']} | "
+              f"{'halving' if r['halving'] else 'skip tiles'} | {r['cpu_ms']:.0f} | "
+              f"{r['wall_ms']:.0f} |")
+    write(args.json, payload)
+
+
+__all__ = ["calibrate", "grid", "peer", "tiles"]

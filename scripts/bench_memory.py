@@ -204,12 +204,18 @@ def gib(x) -> str:
     return "—" if x is None else f"{x / GiB:.2f}"
 
 
+# runs recorded before the scheduler was recorded (and before jaxpar turned BFS off)
+OLD_SCHEDULER = ("BFS (concurrency-optimized), the default before jaxpar turned it off; "
+                 "see docs/architecture.md")
+
+
 def markdown(res: dict) -> str:
     s = res["setup"]
     lines = [f"Measured by `scripts/bench_memory.py` on {res['machine']} "
              f"({res['date']}); numbers from `docs/memory_bench.json`. "
              f"Compile-only (tables 1-3): per-device bytes of the compiled step's "
-             f"`memory_analysis()` on 8 host CPU devices.", ""]
+             f"`memory_analysis()` on 8 host CPU devices, XLA:CPU scheduler "
+             f"{res.get('xla_cpu_scheduler', OLD_SCHEDULER)}.", ""]
     m = s["model"]
     lines += [f"### 1. Params + optimizer state per device "
               f"({m['layers']} layers x {m['embed']} wide, vocab {m['vocab']}, "
@@ -277,6 +283,8 @@ def main(argv=None) -> int:
     model = model_keys(a.layers, a.width, a.vocab)
     remat_layout = "FSDP 8" if HAS_FSDP else "DP 8"
     res = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "xla_cpu_scheduler": "DFS" if "concurrency_optimized_scheduler=false"
+           in os.environ.get("XLA_FLAGS", "") else "BFS (concurrency-optimized)",
            "setup": {"model": model, "seq_len": a.seq_len, "batch": a.batch,
                      "budget_gib": a.budget_gib, "fit_seq_len": a.seq_len,
                      "fsdp": HAS_FSDP, "microbatches": HAS_MICRO},
