@@ -107,17 +107,6 @@ def test_prepare_train_resume(tmp_path, kind):
 
 
 @pytest.mark.slow
-def test_bpe_run_resumed_after_sigkill_repeats_every_loss(tmp_path):
-    """tests/test_train_resume.py's SIGKILL check on a prepared BPE dataset, data 2 × seq 2
-    × tensor 2 with ring attention (the zigzag layout): the killed and resumed run's 24
-    losses and 3 evals equal a run never killed."""
-    from test_train_resume import check_resume
-
-    data = dataset(tmp_path, "bpe")
-    check_resume(tmp_path, [f"data.path={data}"] + SP_MESH)
-
-
-@pytest.mark.slow
 def test_killed_prepare_leaves_no_dataset(tmp_path):
     """SIGKILL while tokenizing: DIR never appears; the DIR.tmp-* left behind has no manifest
     and a run refuses it in one line."""

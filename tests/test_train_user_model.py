@@ -137,7 +137,7 @@ def test_user_model_sharded_run_equals_unsharded(kind, tmp_path):
     np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
     assert losses[-1] < losses[0]
     close(state.params, ref_params, rtol=1e-4, atol=1e-5)
-    if kind == "linen":  # eval and resume of Linen dicts: test_cli_user_model, test_train_resume
+    if kind == "linen":  # eval and resume of Linen dicts: test_cli_user_model, test_train_kill
         return
 
     ev = float(run.eval_loss(run.eval_params(state), run.eval_batches()))
