@@ -20,9 +20,9 @@ from jaxpar import attention, comm, diloco, hf, overlap  # noqa: E402
 from jaxpar.attention import sequence_parallel_attention  # noqa: E402
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco  # noqa: E402
 from jaxpar.mesh import AXES, MeshConfig, make_mesh  # noqa: E402
-from jaxpar.overlap import (ColumnParallelDense,  # noqa: E402 ParallelMLP, RowParallelDense,
-                            all_gather_matmul, hlo_report, matmul_all_reduce,
-                            matmul_reduce_scatter)
+from jaxpar.overlap import (  # noqa: E402
+    ColumnParallelDense, ParallelMLP, RowParallelDense, all_gather_matmul, hlo_report,
+    matmul_all_reduce, matmul_reduce_scatter)
 
 __all__ = [
     "AXES", "MeshConfig", "make_mesh", "attention", "comm", "diloco", "hf", "overlap",
