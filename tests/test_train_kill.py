@@ -17,28 +17,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+PLAIN = ["mesh.data=4", "mesh.tensor=2"]
+DILOCO = ["mesh.replica=2", "mesh.data=2", "mesh.tensor=2", "diloco.enabled=true",
+          "diloco.sync_every=4", "diloco.num_fragments=2", "diloco.overlap_steps=1"]
+STEPS = 12
 
-def command(run_dir, extra):
+
+def cmd(run_dir, extra):
+    """The training command of every run here: a tiny decoder, 12 steps, a checkpoint every
+    2 steps (the newest 2 kept), an eval every 3; `extra` picks the mesh and DiLoCo."""
     return [sys.executable, "-m", "jaxpar.train", str(ROOT / "configs" / "base.yaml"),
             f"train.run_dir={run_dir}", "train.log_every=1", "train.batch_size=4",
             "train.seq_len=32", "model.layers=2", "model.embed=32", "model.heads=4",
-            "model.kv_heads=2", "model.mlp=64", "checkpoint.keep=2",
-            "eval.sample_bytes=0"] + extra
+            "model.kv_heads=2", "model.mlp=64", "eval.sample_bytes=0", *extra,
+            f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "eval.every=3"]
 
 
 def env():
     return dict(os.environ, JAX_PLATFORMS="cpu",
                 XLA_FLAGS="--xla_force_host_platform_device_count=8")
-
-PLAIN = ["mesh.data=4", "mesh.tensor=2"]
-DILOCO = ["mesh.replica=2", "mesh.data=2", "mesh.tensor=2", "diloco.enabled=true",
-          "diloco.sync_every=4", "diloco.num_fragments=2", "diloco.overlap_steps=1"]
-STEPS = 12
-ARGS = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "eval.every=3"]
-
-
-def cmd(run_dir, extra):
-    return command(run_dir, extra) + ARGS
 
 
 def lines(run_dir) -> list[dict]:
