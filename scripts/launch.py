@@ -71,6 +71,14 @@ def launch(cmd: list[str], n: int, *, devices: int = 8, log_dir: str = "launch_l
     return code
 
 
+def _consequence_rank(failure: tuple[int, int]) -> int:
+    """Which of several processes found failed in one poll is the cause: when one process
+    is killed from outside, its peers abort (SIGABRT) moments later in a broken collective,
+    often before the next poll; naming the abort would blame the wrong process."""
+    code = failure[1]
+    return 1 if code == -signal.SIGABRT else 0
+
+
 def _run_group(cmd, n, devices, logs: Path, deadline: float, timeout: float,
                echo: bool) -> int:
     port = free_port()
@@ -98,9 +106,10 @@ def _run_group(cmd, n, devices, logs: Path, deadline: float, timeout: float,
             states = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(states) if c not in (None, 0)]
             if failed:
-                i, code = failed[0]
+                i, code = min(failed, key=_consequence_rank)
+                also = "".join(f"; process {j} also ended ({c})" for j, c in failed if j != i)
                 print(f"process {i} exited with {code}; stopping the group "
-                      f"(see {logs}/process_{i}.log)", file=sys.stderr, flush=True)
+                      f"(see {logs}/process_{i}.log){also}", file=sys.stderr, flush=True)
                 break
             if all(c == 0 for c in states):
                 break
@@ -108,7 +117,7 @@ def _run_group(cmd, n, devices, logs: Path, deadline: float, timeout: float,
                 print(f"timeout after {timeout:.0f} s; stopping the group", file=sys.stderr)
                 code = 124
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -202,3 +202,22 @@ def test_launch_does_not_restart_a_bad_config(tmp_path):
                         "import sys; sys.exit(2)"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "restart 1 of" not in r.stderr and r.stderr.count("exited") == 1
     assert "exit code 2 (bad config or refused resume): not restarting" in r.stderr
+
+
+def test_launch_blames_the_killed_process_not_the_peer_that_aborted_after_it(tmp_path):
+    """Process 1 is SIGKILLed; process 0 aborts a moment later, as a survivor does in a broken
+    collective. Both are usually found dead in the same poll: the launcher must name the
+    SIGKILL as the failure (what the fault drill and a restart policy read), not the abort."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "marker = Path(sys.argv[1]) / 'killed'\n"
+        "if os.environ['JAXPAR_PROCESS_ID'] == '1':\n"
+        "    marker.touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "while not marker.exists(): time.sleep(0.001)\n"
+        "os.abort()\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/launch.py"), "-n", "2", "--log-dir",
+                        str(tmp_path / "logs"), "--", sys.executable, "-c", code, str(tmp_path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == -9 % 256, r.stderr  # sys.exit(-9) as an exit status
+    assert r.stderr.startswith("process 1 exited with -9; stopping the group"), r.stderr
