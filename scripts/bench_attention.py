@@ -13,8 +13,8 @@ total work. Prints a markdown table; `--json PATH` writes the rows.
     python scripts/bench_attention.py --peer --json docs/attention_peer.json
     python scripts/bench_attention.py --tiles --json docs/kernels_cpu_tiles.json
 
---calibrate measures the CPU cost profile of `impl="auto"` (kernel throughput, cost per
-kernel call, copy bandwidth and latency, elementwise bandwidth); --grid times every schedule
+--calibrate measures the CPU cost profile of `impl="auto"` (the kernel's tile model fitted
+to calls of several shapes, copy bandwidth and latency, elementwise bandwidth); --grid times every schedule
 on a grid of meshes and shapes and compares auto's pick with the fastest; --peer compares
 ring, TokenRing and Ulysses with the `ringattention` package (optional, benchmark only);
 --tiles sweeps the CPU kernel's tile sizes on the --peer configuration.

@@ -7,6 +7,7 @@ figure the CPU profile is calibrated in and auto is judged on.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -56,31 +57,66 @@ def write(path, payload):
 # --------------------------------------------------------------------------- calibrate
 
 
+# (Lq, Lk, heads, kv heads, D, causal) of the calls the tile model is fitted to: the lengths,
+# heads per call (MHA and GQA) and head dims that ring pair calls (L × L, L × L/2) and
+# Ulysses' whole-sequence calls take in the grid, short and long, D 16-64.
+CALIBRATION_CALLS = [
+    (128, 128, 8, 8, 32, False), (256, 256, 1, 1, 32, False), (256, 256, 8, 8, 32, False),
+    (256, 128, 8, 2, 16, False), (512, 512, 4, 4, 64, False), (1024, 1024, 1, 1, 32, False),
+    (1024, 1024, 8, 8, 32, False), (1024, 1024, 8, 8, 16, False), (1024, 512, 2, 2, 64, False),
+    (1024, 1024, 4, 4, 16, False), (1024, 1024, 8, 2, 32, False), (2048, 1024, 4, 1, 16, False),
+    (2048, 2048, 1, 1, 16, False), (2048, 2048, 2, 2, 32, False), (4096, 4096, 1, 1, 32, False),
+    (1024, 1024, 8, 8, 32, True), (2048, 2048, 1, 1, 16, True), (4096, 4096, 1, 1, 32, True),
+    (8192, 8192, 2, 1, 16, True)]
+TILE_COST_TERMS = ("call_s", "tile_s", "score_s", "score_d_s", "gqa_s", "spill_s")
+
+
+def fit_tile_cost(calls, per_call_s, tile):
+    """Least squares in relative error, non-negative: the TileCost whose seconds match the
+    measured ones (each term of the model is linear in one coefficient)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    def features(lq, lk, h, kh, d, causal):
+        zero = dict.fromkeys(TILE_COST_TERMS, 0.0)
+        return [auto.TileCost(tile, **zero | {t: 1.0}).seconds(lq, lk, h, d, causal, kh)
+                for t in TILE_COST_TERMS]
+
+    a = np.array([features(*c) for c in calls]) / np.array(per_call_s)[:, None]
+    x, _ = nnls(a, np.ones(len(calls)))
+    return auto.TileCost(tile, **dict(zip(TILE_COST_TERMS, map(float, x))))
+
+
 def calibrate(args):
     """The CPU profile: every device busy at once, as in a sequence-parallel run."""
+    from jaxpar.attention import blockwise
     n_dev, reps = args.devices, max(args.repeats, 3)
     mesh = jax.make_mesh((n_dev,), ("d",), devices=jax.devices()[:n_dev])
     spec = P("d")
-    meas = {}
+    meas = {"devices": n_dev, "kernel_calls": []}
 
-    # kernel throughput per call length: each device one local fwd+bwd over L tokens
-    # (B = devices, sharded), full and causal
-    by_len = {"full": {}, "causal": {}}
-    h, d = 1, 32
-    for causal in (False, True):
+    # the kernel: each device one local fwd+bwd call of the shape (B = devices, sharded)
+    per_call = []
+    for lq, lk, h, kh, d, causal in CALIBRATION_CALLS:
         def local(q, k, v, causal=causal):
             return kernels.local_attention(q, k, v, causal=causal, kernel="xla")[0]
 
         f = fwd_bwd(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-        for l in (256, 512, 1024, 2048, 4096, 8192):  # 8192: the grid's longest calls
-            q, k, v = put(mesh, spec, *(randn((n_dev, l, h, d), i) for i in range(3)))
-            wall, cpu = timed_min(f, (q, k, v), reps)
-            flops = n_dev * 3.5 * 4 * l * l * h * d * (0.5 if causal else 1)
-            key = "causal" if causal else "full"
-            by_len[key][str(l)] = flops / cpu
-            meas[f"kernel_{key}_{l}"] = {"L": l, "H": h, "D": d, "wall_s": wall, "cpu_s": cpu}
-            print(key, l, f"{flops / cpu / 1e9:.1f} GFLOP/s (CPU time)", flush=True)
-    kernel_flops = by_len["full"]["2048"]
+        q, k, v = put(mesh, spec, randn((n_dev, lq, h, d), 0), randn((n_dev, lk, kh, d), 1),
+                      randn((n_dev, lk, kh, d), 2))
+        wall, cpu = timed_min(f, (q, k, v), reps)
+        per_call.append(cpu / n_dev)
+        meas["kernel_calls"].append({"Lq": lq, "Lk": lk, "H": h, "K": kh, "D": d,
+                                     "causal": causal, "wall_s": wall, "cpu_s": cpu})
+        print(f"call Lq={lq} Lk={lk} H={h} K={kh} D={d} causal={causal}: "
+              f"{cpu / n_dev * 1e3:.2f} ms CPU per call", flush=True)
+    tile_cost = fit_tile_cost(CALIBRATION_CALLS, per_call, blockwise.tile_sizes()[1])
+    for rec, c in zip(meas["kernel_calls"], CALIBRATION_CALLS):
+        lq, lk, h, kh, d, causal = c
+        rec["fit_over_measured"] = (tile_cost.seconds(lq, lk, h, d, causal, kh)
+                                    / (rec["cpu_s"] / n_dev))
+    print("tile model / measured per call:",
+          " ".join(f"{r['fit_over_measured']:.2f}" for r in meas["kernel_calls"]), flush=True)
 
     # copies: a ring shift of `size` bytes per device, 8 in a row inside one program
     def shifts(x):
@@ -107,29 +143,15 @@ def calibrate(args):
     mem_bw = 8 * n_dev * 4 * (8 << 20) / cpu  # read 3, write 1 array per step
     meas["elementwise"] = {"wall_s": wall, "cpu_s": cpu}
 
-    # cost per kernel call: a tiny ring (P·2 pair calls per device) minus the model without it
-    prof0 = auto.Profile("cpu", kernel_flops, 0.0, link_bw, latency, mem_bw, overlap=False,
-                         bidirectional=False, shared_cores=True, kernel_by_len=by_len)
-    n, hh = 64 * n_dev, 2
-    smesh = jax.make_mesh((n_dev,), ("seq",), devices=jax.devices()[:n_dev])
-    sspec = P(None, "seq")
-    q, k, v = put(smesh, sspec, *(randn((1, n, hh, d), 20 + i) for i in range(3)))
-    f = fwd_bwd(jax.shard_map(lambda q, k, v: attention(q, k, v, impl="ring", axis="seq"),
-                              mesh=smesh, in_specs=(sspec,) * 3, out_specs=sspec))
-    wall, cpu = timed_min(f, (q, k, v), reps)
-    shape = auto.Shape(1, n, hh, hh, d, 4, False)
-    rest = auto.predict(auto.Candidate("ring", (n_dev,)), shape, prof0)
-    call_s = max(cpu - rest, 0.0) / (n_dev * 2 * n_dev)
-    meas["tiny_ring"] = {"N": n, "H": hh, "D": d, "wall_s": wall, "cpu_s": cpu,
-                         "model_without_calls_s": rest}
-    prof = auto.Profile("cpu", kernel_flops, call_s, link_bw, latency, mem_bw, overlap=False,
-                        bidirectional=False, shared_cores=True,
-                        source="scripts/bench_attention.py --calibrate (this file)",
-                        kernel_by_len=by_len)
+    # the machine's figures, every device busy: CPU seconds add up over devices
+    prof = auto.Profile("cpu", kernel_flops=0.0, call_s=tile_cost.call_s, link_bw=link_bw,
+                        latency_s=latency, mem_bw=mem_bw, overlap=False, bidirectional=False,
+                        shared_cores=True, tile_cost=tile_cost,
+                        source="scripts/bench_attention.py --calibrate (this file)")
+    raw = dataclasses.asdict(prof)
     payload = {"machine": bench.machine(), "timing": "min over repeats of process CPU time",
-               "profile": {k: v for k, v in prof.__dict__.items() if k != "scale"},
-               "measurements": meas}
-    print(json.dumps(payload["profile"], indent=1))
+               "profile": raw, "measurements": meas}
+    print(json.dumps(raw, indent=1))
     write(args.json, payload)
 
 
@@ -197,7 +219,7 @@ def grid(args):
 def grid_payload(rows, prof):
     ok = sum(r["pick_over_fastest"] <= 1.10 for r in rows)
     ok_w = sum(r["pick_over_fastest_wall"] <= 1.10 for r in rows)
-    return {"machine": bench.machine(), "profile": prof.__dict__,
+    return {"machine": bench.machine(), "profile": dataclasses.asdict(prof),
             "timing": "fwd+bwd of one attention call; min over repeats of process CPU time "
                       "(and of wall time) after a warm-up call, B=1, fp32",
             "within_10pct": ok, "within_10pct_wall": ok_w, "configs": len(rows),

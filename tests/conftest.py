@@ -1,5 +1,8 @@
 """Eight simulated CPU devices, set before jax is imported anywhere in the test session."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # 8 host devices share 2 cores in CI: a collective's rendezvous can wait longer than XLA:CPU's
 # default termination timeout under load, which aborts the whole pytest process, so the
@@ -9,6 +12,16 @@ os.environ["XLA_FLAGS"] = (
     " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the session and every process its tests start: the
+# suite compiles the same small programs many times over (a killed run and its resume, each
+# equivalence test's reference), and a hit skips XLA. Removed at exit unless the caller
+# chose the folder (JAX_COMPILATION_CACHE_DIR).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxpar-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jaxpar  # noqa: E402,F401  (adds XLA:CPU's DFS-scheduler flag before the backend starts)
 import jax  # noqa: E402

@@ -89,10 +89,43 @@ def test_overlap_and_bidirectional_links():
 
 def test_profiles():
     cpu = auto.profile_for("cpu")
-    assert cpu.shared_cores and not cpu.overlap and cpu.kernel_flops > 0
+    assert cpu.shared_cores and not cpu.overlap and cpu.tile_cost is not None
     assert auto.profile_for("gpu").name == "h200"
     with pytest.raises(ValueError, match="no cost profile for backend 'tpu'"):
         auto.profile_for("tpu")
+
+
+@pytest.mark.parametrize("lq,lk,tile", [(1024, 1024, 256), (768, 768, 256), (256, 128, 256),
+                                        (96, 96, 64), (4096, 4096, 1024)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_model_counts_the_kernels_tiles(lq, lk, tile, causal):
+    # Count by positions, as the kernel decides (blockwise._tile_has_work): a tile has work
+    # unless its last query is before its first key. One unit per tile.
+    if causal and lq != lk:
+        pytest.skip("causal calls have equal lengths")
+    tq, tk = np.gcd(lq, tile), np.gcd(lk, tile)
+    q_last = np.arange(lq).reshape(-1, tq).max(1)
+    k_first = np.arange(lk).reshape(-1, tk).min(1)
+    want = int((q_last[:, None] >= k_first[None, :]).sum()) if causal else (lq // tq) * (lk // tk)
+    per_tile = auto.TileCost(tile, call_s=0.0, tile_s=1.0, score_s=0.0, score_d_s=0.0)
+    assert per_tile.seconds(lq, lk, 8, 32, causal) == want
+    per_score = auto.TileCost(tile, call_s=0.0, tile_s=0.0, score_s=1.0, score_d_s=1.0,
+                              gqa_s=100.0)
+    assert per_score.seconds(lq, lk, 3, 16, causal) == want * tq * tk * 3 * 17
+    assert per_score.seconds(lq, lk, 3, 16, causal, kv_heads=1) == want * tq * tk * 3 * 117
+
+
+def test_cpu_profile_fits_its_own_calibration_calls():
+    # profile_cpu.json holds the measured calls the tile model was fitted to: the model must
+    # reproduce each (fit quality, recomputed here from the raw CPU seconds)
+    raw = json.loads(auto.CPU_PROFILE.read_text())
+    cost, n_dev = auto.profile_for("cpu").tile_cost, raw["measurements"]["devices"]
+    calls = raw["measurements"]["kernel_calls"]
+    assert len(calls) >= 12 and {c["D"] for c in calls} >= {16, 32, 64}
+    assert any(c["K"] < c["H"] for c in calls) and any(c["causal"] for c in calls)
+    ratios = [cost.seconds(c["Lq"], c["Lk"], c["H"], c["D"], c["causal"], c["K"]) /
+              (c["cpu_s"] / n_dev) for c in calls]
+    assert 0.75 < min(ratios) and max(ratios) < 1.33, ratios
 
 
 # --- the library: impl="auto" runs what it picks, and it matches dense -----------------

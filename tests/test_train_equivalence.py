@@ -31,9 +31,6 @@ MESHES = {  # impl -> mesh (8 devices); the ring schedules run inside FSDP
     "tokenring": dict(fsdp=2, seq=2, tensor=2),
     "hybrid": dict(seq=2, seq_inner=2, tensor=2),
 }
-# the default run: each overlap mode once, and the schedules through TokenRing (with FSDP
-# and collective matmuls), Ulysses and the hybrid (whose outer axis is a ring); the other
-# 12 cases are slow
 FAST = {("tokenring", "collective_matmul")}  # the demo's pair; the rest run with -m slow
 
 
@@ -80,9 +77,14 @@ def check_equivalent(cfg, steps=STEPS):
     return run, state
 
 
+# Every schedule with collective matmuls (the layers whose layout each schedule changes), and
+# the plain and XLA-auto tensor paths each with two schedules: 9 of the 15 pairs.
+PAIRS = [(i, "collective_matmul") for i in MESHES] + [
+    ("dense", "none"), ("ring", "none"), ("ulysses", "auto"), ("hybrid", "auto")]
+
+
 @pytest.mark.parametrize("impl,overlap", [
-    pytest.param(i, o, marks=() if (i, o) in FAST else pytest.mark.slow)
-    for i in MESHES for o in ("none", "collective_matmul", "auto")])
+    pytest.param(i, o, marks=() if (i, o) in FAST else pytest.mark.slow) for i, o in PAIRS])
 def test_sharded_run_equals_unsharded(impl, overlap, tmp_path):
     cfg = small_config(tmp_path, impl, overlap, MESHES[impl])
     run, state = check_equivalent(cfg)

@@ -416,3 +416,21 @@ def test_cli_exit_codes_for_a_refused_resume_and_a_non_finite_stop(tmp_path, mon
         assert main(args) == code
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(exc) in err
+
+
+def test_preemption_flags_both_signals_and_a_second_ctrl_c_stops_now():
+    """SIGTERM and SIGINT set the flag (the step in flight finishes and is checkpointed); a
+    second SIGINT raises KeyboardInterrupt; the old handlers come back on exit."""
+    import os
+    import signal
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with faults.Preemption() as p:
+            assert not p.stop(1)
+            os.kill(os.getpid(), sig)
+            assert p.stop(1) and p.signal == sig.name
+    with faults.Preemption() as p:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -5,9 +5,12 @@ each runnable schedule's time from
 
 * the closed-form bytes per device (`jaxpar.comm.attention_bytes`, the same numbers the
   compiled HLO sends) over the link bandwidth, plus a latency per collective step;
-* the attention FLOPs per device (4·B·N²·H·D, half when causal, fwd+bwd = 3.5× fwd) over the
-  local kernel's measured throughput, plus a fixed cost per kernel call (ring and TokenRing
-  make one call per step, Ulysses one in all) and the memory traffic of merging partials;
+* the local kernel's cost per call, summed over the calls each schedule makes (ring and
+  TokenRing one pair call per step, Ulysses one over the whole sequence): on CPU a tile
+  model of the tiled XLA kernel (`TileCost`: a cost per call, per tile, and per score
+  element growing with the head dim, fitted to measured calls of several shapes), on GPU
+  the FLOPs (4·B·Lq·Lk·H·D, half when causal, fwd+bwd = 3.5× fwd) over the measured kernel
+  throughput; plus the memory traffic of merging partials;
 * how the backend runs them: a GPU overlaps a ring step's transfer with its compute and
   drives both link directions at once; host devices share the CPU's cores, so every
   device's work and copies add up (`Profile.shared_cores`).
@@ -37,18 +40,57 @@ CPU_PROFILE = pathlib.Path(__file__).with_name("profile_cpu.json")  # --calibrat
 
 
 @dataclasses.dataclass(frozen=True)
+class TileCost:
+    """CPU seconds of one fwd+bwd call of the tiled XLA kernel (`blockwise.tiled_fwd/bwd`):
+
+        call_s + Σ over tiles with work of
+                 (tile_s + S · (score_s + score_d_s · D + gqa_s · [K < H]) + spill_s · S⁺)
+
+    with S = heads · tq · tk the tile's score elements and S⁺ = max(0, S − 2¹⁸) those beyond
+    1 MiB of fp32 scores (the tile no longer stays in a core's cache). tq × tk tiles as the
+    kernel cuts them (gcd of the length and `tile`); causal calls skip the tiles above the
+    diagonal. Per score: the elementwise softmax work (exp, max, rescale; independent of D),
+    the matmuls (∝ D), and GQA's grouped layout (measured: +30-45% per score). A FLOP rate
+    alone misses all three, and that short calls pay the fixed costs more often. Fitted to
+    measured calls of several shapes by `scripts/bench_attention.py --calibrate`."""
+
+    tile: int
+    call_s: float
+    tile_s: float
+    score_s: float
+    score_d_s: float
+    gqa_s: float = 0.0
+    spill_s: float = 0.0
+
+    CACHE_SCORES = 1 << 18
+
+    def seconds(self, lq: int, lk: int, heads: int, d: int, causal: bool,
+                kv_heads: int | None = None) -> float:
+        tq, tk = math.gcd(lq, self.tile), math.gcd(lk, self.tile)
+        nq, nk = lq // tq, lk // tk
+        # tile (i, j) has work unless every key in it is after every query in it
+        tiles = (sum(min(nk, ((i + 1) * tq - 1) // tk + 1) for i in range(nq)) if causal
+                 else nq * nk)
+        scores = heads * tq * tk
+        grouped = kv_heads is not None and kv_heads < heads
+        per_score = self.score_s + self.score_d_s * d + (self.gqa_s if grouped else 0.0)
+        spill = max(0, scores - self.CACHE_SCORES) * self.spill_s
+        return self.call_s + tiles * (self.tile_s + scores * per_score + spill)
+
+
+@dataclasses.dataclass(frozen=True)
 class Profile:
     """What the cost model knows about a backend (per device unless `shared_cores`).
 
-    kernel_flops: local kernel fwd+bwd throughput, FLOP/s (shared_cores: of the whole
-      machine with every device busy); kernel_by_len: the same measured per call length
-      {"causal"/"full": {L: FLOP/s}} where it depends on the length (CPU: short calls are
-      less efficient), interpolated in log L; call_s: fixed cost of one kernel call (fwd+bwd
-      pair calls of a ring step, or Ulysses' single call); link_bw: bytes/s one device sends in
-      one direction; latency_s: per collective step; mem_bw: bytes/s of elementwise work
-      (merges); overlap: ring transfers hide behind compute; bidirectional: both link
-      directions at full rate at once; shared_cores: all devices share one machine's cores
-      (host devices), so their work adds up.
+    kernel_flops: local kernel fwd+bwd throughput, FLOP/s; kernel_by_len: the same measured
+      per call length {"causal"/"full": {L: FLOP/s}}, interpolated in log L; call_s: fixed
+      cost of one kernel call (fwd+bwd); tile_cost: a `TileCost` (dict in JSON) that replaces
+      those three where set (CPU); link_bw: bytes/s one device sends in one direction;
+      latency_s: per collective step; mem_bw: bytes/s of elementwise work (merges);
+      overlap: ring transfers hide behind compute; bidirectional: both link directions at
+      full rate at once; shared_cores: all devices share one machine's cores (host
+      devices), so their work adds up: kernel, link and memory figures are then the whole
+      machine's, measured with every device busy.
     """
 
     name: str
@@ -62,7 +104,7 @@ class Profile:
     shared_cores: bool
     source: str = ""
     kernel_by_len: dict | None = None
-    scale: float = 1.0  # kernel throughput share of one device (shared cores: 1/P)
+    tile_cost: TileCost | None = None
 
     def flops_at(self, length: int, causal: bool) -> float:
         """Kernel throughput for calls over `length` tokens (queries × keys of that order)."""
@@ -77,11 +119,23 @@ class Profile:
                 return f0 + t * (f1 - f0)
         return pts[-1][1]
 
+    def kernel_s(self, lq: int, lk: int, heads: int, d: int, causal: bool,
+                 kv_heads: int | None = None) -> float:
+        """Seconds of one fwd+bwd kernel call: queries [lq, heads, d] over lk keys of
+        kv_heads heads (`heads`: batch × heads; causal: equal lengths, the lower triangle)."""
+        if self.tile_cost is not None:
+            return self.tile_cost.seconds(lq, lk, heads, d, causal, kv_heads)
+        flops = 3.5 * 4 * lq * lk * heads * d * (0.5 if causal else 1)
+        return self.call_s + flops / self.flops_at(max(lq, lk), causal)
+
     @classmethod
     def from_json(cls, path) -> Profile:
         raw = json.loads(pathlib.Path(path).read_text())
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw["profile"].items() if k in fields})
+        kw = {k: v for k, v in raw["profile"].items() if k in fields}
+        if kw.get("tile_cost"):
+            kw["tile_cost"] = TileCost(**kw["tile_cost"])
+        return cls(**kw)
 
 
 # H200: kernel throughput measured (docs/measurements/h200-pallas-ring-block-kernel.json:
@@ -185,59 +239,62 @@ def flexible(p: int) -> list[Candidate]:
     return out
 
 
-def _ring_part(impl, pr, s: Shape, heads, kv_heads, seq_len, prof: Profile, flops_dev):
-    """(compute s, comm s) of a ring/TokenRing pass of pr steps, fwd+bwd."""
+def _ring_part(impl, pr, s: Shape, heads, kv_heads, prof: Profile, devices: int):
+    """(compute s, comm s) of a ring/TokenRing pass of pr steps, fwd+bwd, on one device (on
+    shared cores: on all `devices` together)."""
     b, d = s.batch, s.head_dim
-    tok = b * seq_len // pr  # tokens per ring shard
-    calls = 2 * pr  # one pair call per step, forward and backward
-    merge_bytes = pr * tok * heads * (d + 1) * 4 * 3  # read two partials, write one (fwd)
-    merge_bytes += pr * tok * kv_heads * d * 4 * 2 * 2  # dK/dV (or dQ) accumulation (bwd)
-    # pair calls: L × L, or causal L × L/2 halves (one causal L × L on the diagonal)
-    rate = prof.flops_at(tok // b // (2 if s.causal else 1), False) * prof.scale
-    compute = flops_dev / rate + calls * prof.call_s + merge_bytes / prof.mem_bw
-    sent = comm.attention_bytes(impl, batch=b, seq_len=seq_len, heads=heads,
+    tok = s.seq_len // pr  # tokens per ring shard
+    bh, bk = b * heads, b * kv_heads
+    if s.causal:  # zigzag: the causal diagonal pair, then L × L/2 halves (kernels.pair_fwd)
+        compute = (prof.kernel_s(tok, tok, bh, d, True, bk)
+                   + (pr - 1) * prof.kernel_s(tok, tok // 2, bh, d, False, bk))
+    else:
+        compute = pr * prof.kernel_s(tok, tok, bh, d, False, bk)
+    merge_bytes = pr * b * tok * heads * (d + 1) * 4 * 3  # read two partials, write one (fwd)
+    merge_bytes += pr * b * tok * kv_heads * d * 4 * 2 * 2  # dK/dV (or dQ) accumulation (bwd)
+    compute += merge_bytes / prof.mem_bw
+    sent = comm.attention_bytes(impl, batch=b, seq_len=s.seq_len, heads=heads,
                                 kv_heads=kv_heads, head_dim=d, shards=pr,
                                 itemsize=s.itemsize, backward=True, causal=s.causal)
     total = sum(sent.values())
     if impl == "tokenring" and prof.bidirectional:
         # queries one way, partials (and dQ) the other: the busier direction sets the time
-        q_way = (pr - 1) * tok * heads * d * s.itemsize * 3 + (pr - 1) * tok * heads * 8
+        q_way = (pr - 1) * b * tok * heads * d * s.itemsize * 3 + (pr - 1) * b * tok * heads * 8
         total = max(q_way, total - q_way)
     steps = 2 * (pr - 1) + 1 if pr > 1 else 0  # forward P−1 hops, backward P
     link = total / prof.link_bw + steps * prof.latency_s
-    return compute, link
+    return _on(compute, devices, prof), _on(link, devices, prof)
+
+
+def _on(seconds: float, devices: int, prof: Profile) -> float:
+    """One device's seconds as the time they take: on shared cores every device's adds up."""
+    return seconds * devices if prof.shared_cores else seconds
 
 
 def predict(c: Candidate, s: Shape, prof: Profile) -> float:
     """Predicted seconds of one fwd+bwd attention call (all layers' calls scale alike)."""
     total = math.prod(c.shards)
-    flops = 4 * s.batch * s.seq_len ** 2 * s.heads * s.head_dim * (0.5 if s.causal else 1)
-    flops_dev = 3.5 * flops / total
-    if prof.shared_cores:  # host devices: every device's work runs on the same cores
-        prof = dataclasses.replace(prof, mem_bw=prof.mem_bw / total,
-                                   link_bw=prof.link_bw / total, call_s=prof.call_s * total,
-                                   scale=1 / total)
     if c.impl == "ulysses":
         sent = comm.attention_bytes("ulysses", batch=s.batch, seq_len=s.seq_len,
                                     heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim,
                                     shards=total, itemsize=s.itemsize, backward=True)
-        rate = prof.flops_at(s.seq_len, s.causal) * prof.scale  # one call, whole sequence
-        compute = flops_dev / rate + 2 * prof.call_s
-        return compute + sum(sent.values()) / prof.link_bw + 4 * prof.latency_s
+        # one call over the whole sequence with H/P heads (K/P kv heads, at least one)
+        compute = prof.kernel_s(s.seq_len, s.seq_len, s.batch * s.heads // total,
+                                s.head_dim, s.causal, s.batch * max(s.kv_heads // total, 1))
+        link = sum(sent.values()) / prof.link_bw + 4 * prof.latency_s
+        return _on(compute + link, total, prof)
     if c.impl in ("ring", "tokenring"):
-        compute, link = _ring_part(c.impl, total, s, s.heads, s.kv_heads, s.seq_len, prof,
-                                   flops_dev)
-    else:  # hybrid: Ulysses all-to-alls over pu, then the ring over pr on H/pu heads
-        pr, pu = c.shards
-        kv_u = s.kv_heads if s.kv_heads % pu == 0 else pu
-        a2a = comm.attention_bytes("ulysses", batch=s.batch, seq_len=s.seq_len // pr,
-                                   heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim,
-                                   shards=pu, itemsize=s.itemsize, backward=True)
-        compute, link = _ring_part(c.ring_impl, pr, s, s.heads // pu, kv_u // pu, s.seq_len,
-                                   prof, flops_dev)
-        link_u = sum(a2a.values()) / prof.link_bw + 4 * prof.latency_s
-        return (max(compute, link) if prof.overlap else compute + link) + link_u
-    return max(compute, link) if prof.overlap else compute + link
+        compute, link = _ring_part(c.impl, total, s, s.heads, s.kv_heads, prof, total)
+        return max(compute, link) if prof.overlap else compute + link
+    # hybrid: Ulysses all-to-alls over pu, then the ring over pr on H/pu heads
+    pr, pu = c.shards
+    kv_u = s.kv_heads if s.kv_heads % pu == 0 else pu
+    a2a = comm.attention_bytes("ulysses", batch=s.batch, seq_len=s.seq_len // pr,
+                               heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim,
+                               shards=pu, itemsize=s.itemsize, backward=True)
+    compute, link = _ring_part(c.ring_impl, pr, s, s.heads // pu, kv_u // pu, prof, total)
+    link_u = _on(sum(a2a.values()) / prof.link_bw + 4 * prof.latency_s, total, prof)
+    return (max(compute, link) if prof.overlap else compute + link) + link_u
 
 
 @dataclasses.dataclass(frozen=True)
