@@ -44,39 +44,48 @@ def make_mask(q_pos_L, k_pos_M, q_seg_BL=None, k_seg_BM=None, *, causal: bool):
     return mask
 
 
-def _grouped(q_BLHD, num_kv_heads):
-    b, l, h, d = q_BLHD.shape
-    if h % num_kv_heads:
-        raise ValueError(f"query heads={h} must be a multiple of kv heads={num_kv_heads}")
-    return q_BLHD.reshape(b, l, num_kv_heads, h // num_kv_heads, d)
+def _per_query_head(x_BMKD, heads):
+    """GQA: each kv head repeated for the H/K query heads that share it (query head i reads
+    kv head i // (H/K)). The per-head layout is faster than a grouped [B, K, G, L, M] one —
+    XLA:CPU, 1024 tokens, H = 8, K = 2: forward 78 ms against 126 ms — and the copy is one
+    K/V tile, small beside the tile's scores."""
+    kv_heads = x_BMKD.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query heads={heads} must be a multiple of kv heads={kv_heads}")
+    return x_BMKD if kv_heads == heads else jnp.repeat(x_BMKD, heads // kv_heads, axis=2)
 
 
-def _scores(q_BLHD, k_BMKD, mask_BLM):
-    """scale·q·kᵀ in fp32, masked to −inf: [B, K, G, L, M]."""
-    q_BLKGD = _grouped(q_BLHD, k_BMKD.shape[2])
+def _sum_groups(x_BMHD, kv_heads):
+    """The adjoint of `_per_query_head`: a kv head's gradient sums over its query heads."""
+    b, m, h, d = x_BMHD.shape
+    return x_BMHD if h == kv_heads else x_BMHD.reshape(b, m, kv_heads, h // kv_heads, d).sum(3)
+
+
+def _scores(q_BLHD, k_BMHD, mask_BLM):
+    """scale·q·kᵀ in fp32, masked to −inf: [B, H, L, M]."""
     scale = q_BLHD.shape[-1] ** -0.5
-    s_BKGLM = jnp.einsum("blkgd,bmkd->bkglm", q_BLKGD, k_BMKD,
-                         preferred_element_type=jnp.float32) * scale
+    s_BHLM = jnp.einsum("blhd,bmhd->bhlm", q_BLHD, k_BMHD,
+                        preferred_element_type=jnp.float32) * scale
     if mask_BLM is None:
-        return s_BKGLM
-    return jnp.where(mask_BLM[:, None, None], s_BKGLM, NEG_INF)
+        return s_BHLM
+    return jnp.where(mask_BLM[:, None], s_BHLM, NEG_INF)
 
 
 def attend(q_BLHD, k_BMKD, v_BMKD, mask_BLM):
     """Partial attention of a query block over one key block: (out fp32, lse fp32)."""
-    b, l, h, d = q_BLHD.shape
-    s_BKGLM = _scores(q_BLHD, k_BMKD, mask_BLM)
-    m_BKGL = jnp.max(s_BKGLM, axis=-1)
-    m_BKGL = jnp.where(jnp.isfinite(m_BKGL), m_BKGL, 0.0)  # fully-masked rows
-    p_BKGLM = jnp.exp(s_BKGLM - m_BKGL[..., None])
-    denom_BKGL = jnp.sum(p_BKGLM, axis=-1)
-    o_BLKGD = jnp.einsum("bkglm,bmkd->blkgd", p_BKGLM.astype(v_BMKD.dtype), v_BMKD,
-                         preferred_element_type=jnp.float32)
-    safe_BKGL = jnp.where(denom_BKGL > 0, denom_BKGL, 1.0)
-    o_BLKGD = o_BLKGD / jnp.moveaxis(safe_BKGL, -1, 1)[..., None]
-    lse_BKGL = jnp.where(denom_BKGL > 0, m_BKGL + jnp.log(safe_BKGL), NEG_INF)
-    lse_BLH = jnp.moveaxis(lse_BKGL, -1, 1).reshape(b, l, h)
-    return o_BLKGD.reshape(b, l, h, d), lse_BLH
+    h = q_BLHD.shape[2]
+    k_BMHD, v_BMHD = _per_query_head(k_BMKD, h), _per_query_head(v_BMKD, h)
+    s_BHLM = _scores(q_BLHD, k_BMHD, mask_BLM)
+    m_BHL = jnp.max(s_BHLM, axis=-1)
+    m_BHL = jnp.where(jnp.isfinite(m_BHL), m_BHL, 0.0)  # fully-masked rows
+    p_BHLM = jnp.exp(s_BHLM - m_BHL[..., None])
+    denom_BHL = jnp.sum(p_BHLM, axis=-1)
+    o_BLHD = jnp.einsum("bhlm,bmhd->blhd", p_BHLM.astype(v_BMHD.dtype), v_BMHD,
+                        preferred_element_type=jnp.float32)
+    safe_BHL = jnp.where(denom_BHL > 0, denom_BHL, 1.0)
+    o_BLHD = o_BLHD / jnp.moveaxis(safe_BHL, -1, 1)[..., None]
+    lse_BHL = jnp.where(denom_BHL > 0, m_BHL + jnp.log(safe_BHL), NEG_INF)
+    return o_BLHD, jnp.moveaxis(lse_BHL, -1, 1)
 
 
 def merge(out1_BLHD, lse1_BLH, out2_BLHD, lse2_BLH):
@@ -105,25 +114,23 @@ def attend_bwd(q_BLHD, k_BMKD, v_BMKD, mask_BLM, lse_BLH, dout_BLHD, delta_BLH):
 
     p = exp(s − lse) is the block's slice of the *global* softmax, so per-block gradients
     simply add up over blocks:  dv = pᵀ dout,  ds = p ⊙ (dout vᵀ − delta),
-    dq = scale · ds k,  dk = scale · dsᵀ q.
+    dq = scale · ds k,  dk = scale · dsᵀ q  (GQA: dk, dv summed over each kv head's group).
     """
-    b, l, h, d = q_BLHD.shape
-    kh = k_BMKD.shape[2]
-    g = h // kh
+    h, d = q_BLHD.shape[2:]
+    kv_heads = k_BMKD.shape[2]
     scale = d ** -0.5
-    s_BKGLM = _scores(q_BLHD, k_BMKD, mask_BLM)
-    lse_BKGL = jnp.moveaxis(lse_BLH.reshape(b, l, kh, g), 1, -1)
-    lse_BKGL = jnp.where(jnp.isfinite(lse_BKGL), lse_BKGL, 0.0)
-    p_BKGLM = jnp.exp(s_BKGLM - lse_BKGL[..., None])  # masked entries: exp(−inf) = 0
-    do_BLKGD = dout_BLHD.astype(jnp.float32).reshape(b, l, kh, g, d)
-    dv_BMKD = jnp.einsum("bkglm,blkgd->bmkd", p_BKGLM, do_BLKGD)
-    dp_BKGLM = jnp.einsum("blkgd,bmkd->bkglm", do_BLKGD, v_BMKD.astype(jnp.float32))
-    delta_BKGL = jnp.moveaxis(delta_BLH.reshape(b, l, kh, g), 1, -1)
-    ds_BKGLM = p_BKGLM * (dp_BKGLM - delta_BKGL[..., None]) * scale
-    dq_BLKGD = jnp.einsum("bkglm,bmkd->blkgd", ds_BKGLM, k_BMKD.astype(jnp.float32))
-    dk_BMKD = jnp.einsum("bkglm,blkgd->bmkd", ds_BKGLM,
-                         _grouped(q_BLHD, kh).astype(jnp.float32))
-    return dq_BLKGD.reshape(b, l, h, d), dk_BMKD, dv_BMKD
+    k_BMHD, v_BMHD = _per_query_head(k_BMKD, h), _per_query_head(v_BMKD, h)
+    s_BHLM = _scores(q_BLHD, k_BMHD, mask_BLM)
+    lse_BHL = jnp.moveaxis(lse_BLH, 1, -1)
+    lse_BHL = jnp.where(jnp.isfinite(lse_BHL), lse_BHL, 0.0)
+    p_BHLM = jnp.exp(s_BHLM - lse_BHL[..., None])  # masked entries: exp(−inf) = 0
+    do_BLHD = dout_BLHD.astype(jnp.float32)
+    dv_BMHD = jnp.einsum("bhlm,blhd->bmhd", p_BHLM, do_BLHD)
+    dp_BHLM = jnp.einsum("blhd,bmhd->bhlm", do_BLHD, v_BMHD.astype(jnp.float32))
+    ds_BHLM = p_BHLM * (dp_BHLM - jnp.moveaxis(delta_BLH, 1, -1)[..., None]) * scale
+    dq_BLHD = jnp.einsum("bhlm,bmhd->blhd", ds_BHLM, k_BMHD.astype(jnp.float32))
+    dk_BMHD = jnp.einsum("bhlm,blhd->bmhd", ds_BHLM, q_BLHD.astype(jnp.float32))
+    return dq_BLHD, _sum_groups(dk_BMHD, kv_heads), _sum_groups(dv_BMHD, kv_heads)
 
 
 def delta(out_BLHD, dout_BLHD):
