@@ -50,7 +50,8 @@ class TileCost:
     1 MiB of fp32 scores (the tile no longer stays in a core's cache). tq × tk tiles as the
     kernel cuts them (gcd of the length and `tile`); causal calls skip the tiles above the
     diagonal. Per score: the elementwise softmax work (exp, max, rescale; independent of D),
-    the matmuls (∝ D), and GQA's grouped layout (measured: +30-45% per score). A FLOP rate
+    the matmuls (∝ D), and GQA (the grouped layout the kernel once had cost +30-45% per
+    score; per head, about 3%). A FLOP rate
     alone misses all three, and that short calls pay the fixed costs more often. Fitted to
     measured calls of several shapes by `scripts/bench_attention.py --calibrate`."""
 

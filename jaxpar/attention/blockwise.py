@@ -47,8 +47,9 @@ def make_mask(q_pos_L, k_pos_M, q_seg_BL=None, k_seg_BM=None, *, causal: bool):
 def _per_query_head(x_BMKD, heads):
     """GQA: each kv head repeated for the H/K query heads that share it (query head i reads
     kv head i // (H/K)). The per-head layout is faster than a grouped [B, K, G, L, M] one —
-    XLA:CPU, 1024 tokens, H = 8, K = 2: forward 78 ms against 126 ms — and the copy is one
-    K/V tile, small beside the tile's scores."""
+    XLA:CPU, one 1024-token fwd+bwd call at H = 8, K = 2: 152 ms against 266 ms, and MHA
+    gains too (D = 64: 274 against 377 ms) — and the copy is one K/V tile, small beside the
+    tile's scores."""
     kv_heads = x_BMKD.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads={heads} must be a multiple of kv heads={kv_heads}")
