@@ -14,10 +14,10 @@ total work. Prints a markdown table; `--json PATH` writes the rows.
     python scripts/bench_attention.py --tiles --json docs/kernels_cpu_tiles.json
 
 --calibrate measures the CPU cost profile of `impl="auto"` (the kernel's tile model fitted
-to calls of several shapes, copy bandwidth and latency, elementwise bandwidth); --grid times every schedule
-on a grid of meshes and shapes and compares auto's pick with the fastest; --peer compares
-ring, TokenRing and Ulysses with the `ringattention` package (optional, benchmark only);
---tiles sweeps the CPU kernel's tile sizes on the --peer configuration.
+to calls of several shapes, copy bandwidth and latency, elementwise bandwidth); --grid
+times every schedule on a grid of meshes and shapes and compares auto's pick with the
+fastest; --peer compares ring, TokenRing and Ulysses with the `ringattention` package
+(optional, benchmark only); --tiles sweeps the CPU kernel's tile sizes on the --peer configuration.
 """
 from __future__ import annotations
 

@@ -86,7 +86,8 @@ def wait_for(proc, cond, timeout=600):
 
 @pytest.mark.slow
 def test_sigterm_stops_after_a_checkpoint_of_the_current_step(tmp_path, reference):
-    # SIGINT takes the same handler (test_train_faults.py::test_preemption_flags_both_signals)
+    # SIGINT takes the same handler:
+    # test_train_faults.py::test_preemption_flags_both_signals_and_a_second_ctrl_c_stops_now
     sig = signal.SIGTERM
     d = tmp_path / "run"
     proc = subprocess.Popen(cmd(d, PLAIN), env=env(), stdout=subprocess.PIPE,

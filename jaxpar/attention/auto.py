@@ -51,9 +51,9 @@ class TileCost:
     kernel cuts them (gcd of the length and `tile`); causal calls skip the tiles above the
     diagonal. Per score: the elementwise softmax work (exp, max, rescale; independent of D),
     the matmuls (∝ D), and GQA (the grouped layout the kernel once had cost +30-45% per
-    score; per head, about 3%). A FLOP rate
-    alone misses all three, and that short calls pay the fixed costs more often. Fitted to
-    measured calls of several shapes by `scripts/bench_attention.py --calibrate`."""
+    score; per head, about 3%). A FLOP rate alone misses all three, and that short calls
+    pay the fixed costs more often. Fitted to measured calls of several shapes by
+    `scripts/bench_attention.py --calibrate`."""
 
     tile: int
     call_s: float
