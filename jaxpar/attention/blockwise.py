@@ -46,47 +46,102 @@ def make_mask(q_pos_L, k_pos_M, q_seg_BL=None, k_seg_BM=None, *, causal: bool):
 
 def _per_query_head(x_BMKD, heads):
     """GQA: each kv head repeated for the H/K query heads that share it (query head i reads
-    kv head i // (H/K)). The per-head layout is faster than a grouped [B, K, G, L, M] one —
-    XLA:CPU, one 1024-token fwd+bwd call at H = 8, K = 2: 152 ms against 266 ms, and MHA
-    gains too (D = 64: 274 against 377 ms) — and the copy is one K/V tile, small beside the
-    tile's scores."""
+    kv head i // (H/K)). Per-head tiles are faster on XLA:CPU than a grouped [B, K, G, L, M]
+    layout (one 1024-token fwd+bwd call at H = 8, K = 2: 152 against 266 ms), and the copy
+    is the size of q, once per call."""
     kv_heads = x_BMKD.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads={heads} must be a multiple of kv heads={kv_heads}")
     return x_BMKD if kv_heads == heads else jnp.repeat(x_BMKD, heads // kv_heads, axis=2)
 
 
-def _sum_groups(x_BMHD, kv_heads):
-    """The adjoint of `_per_query_head`: a kv head's gradient sums over its query heads."""
-    b, m, h, d = x_BMHD.shape
-    return x_BMHD if h == kv_heads else x_BMHD.reshape(b, m, kv_heads, h // kv_heads, d).sum(3)
+def _sum_groups(x_BHMD, kv_heads):
+    """The adjoint of `_per_query_head` (head-major): a kv head's gradient sums over its
+    query heads."""
+    b, h, m, d = x_BHMD.shape
+    return x_BHMD if h == kv_heads else x_BHMD.reshape(b, kv_heads, h // kv_heads, m, d).sum(2)
 
 
-def _scores(q_BLHD, k_BMHD, mask_BLM):
-    """scale·q·kᵀ in fp32, masked to −inf: [B, H, L, M]."""
-    scale = q_BLHD.shape[-1] ** -0.5
-    s_BHLM = jnp.einsum("blhd,bmhd->bhlm", q_BLHD, k_BMHD,
-                        preferred_element_type=jnp.float32) * scale
-    if mask_BLM is None:
-        return s_BHLM
-    return jnp.where(mask_BLM[:, None], s_BHLM, NEG_INF)
+def _heads_first(x_BLHD):
+    return jnp.swapaxes(x_BLHD, 1, 2)
+
+
+_heads_last = _heads_first  # [B, H, L, ...] <-> [B, L, H, ...]
+
+
+# Every tile below computes in the head-major layout [B, H, L, D]: the score tile of each
+# head is then one contiguous [L, M] matrix, so the dots read and write their operands in
+# place. In the token-major layout of the interface, XLA:CPU transposed every score tile
+# (and every K/V tile) once more per step. Inputs are transposed once per call.
+
+
+def _tile_scores(q_BHLD, k_BHMD, mask_BLM):
+    """q·kᵀ in fp32 (unscaled), masked to −inf where mask is False (None: nothing masked).
+    The caller scales inside the exp's fusion: as a separate op, the scale was one more
+    pass over the score tile."""
+    s_BHLM = jnp.einsum("bhld,bhmd->bhlm", q_BHLD, k_BHMD, preferred_element_type=jnp.float32)
+    return s_BHLM if mask_BLM is None else jnp.where(mask_BLM[:, None], s_BHLM, NEG_INF)
+
+
+def _running_start(q_BHLD, *refs):
+    """Online softmax before any key: (Σ p·v = 0, running max = −inf, Σ p = 0)."""
+    b, h, l, d = q_BHLD.shape
+    acc = varying_like(jnp.zeros((b, h, l, d), jnp.float32), q_BHLD, *refs)
+    m = varying_like(jnp.full((b, h, l), NEG_INF, jnp.float32), q_BHLD, *refs)
+    return acc, m, jnp.zeros_like(m)
+
+
+def _running_add(running, q_BHLD, k_BHMD, v_BHMD, mask_BLM, scale):
+    """One key tile into the running (Σ p·v, max, Σ p) of online softmax: the earlier tiles'
+    sums are rescaled by e^{max_old − max_new}; no per-tile (out, lse) partials to merge."""
+    acc_BHLD, m_BHL, l_BHL = running
+    s_BHLM = _tile_scores(q_BHLD, k_BHMD, mask_BLM)
+    m_new = jnp.maximum(m_BHL, scale * jnp.max(s_BHLM, axis=-1))  # scale > 0 commutes
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with no visible key yet
+    p_BHLM = jnp.exp(s_BHLM * scale - m_safe[..., None])
+    alpha_BHL = jnp.exp(m_BHL - m_safe)
+    pv_BHLD = jnp.einsum("bhlm,bhmd->bhld", p_BHLM.astype(v_BHMD.dtype), v_BHMD,
+                         preferred_element_type=jnp.float32)
+    return (alpha_BHL[..., None] * acc_BHLD + pv_BHLD, m_new,
+            alpha_BHL * l_BHL + jnp.sum(p_BHLM, axis=-1))
+
+
+def _running_finish(running):
+    """(out, lse) from the running sums; a row that saw no key: out 0, lse −inf."""
+    acc_BHLD, m_BHL, l_BHL = running
+    seen = l_BHL > 0
+    out_BHLD = acc_BHLD / jnp.where(seen, l_BHL, 1.0)[..., None]
+    return out_BHLD, jnp.where(seen, m_BHL + jnp.log(jnp.where(seen, l_BHL, 1.0)), NEG_INF)
+
+
+def _tile_grads(q_BHLD, k_BHMD, kT_BHDM, v_BHMD, mask_BLM, lse_BHL, do_BHLD, dlt_BHL, scale):
+    """(dqᵀ, dk, dv) of one tile pair, dq and dk *without* the factor `scale` (applied once
+    per call). Every product is in the row-major form [A, C]·[C, B] or [A, C]·[B, C]
+    (XLA:CPU ran a dot whose lhs contracts its rows ~1.7× slower): the tile is computed
+    transposed, sᵀ[M, L], so dv = pᵀ·dout and dk = dsᵀ·q are plain, and dq is produced
+    transposed, dqᵀ = kᵀ·dsᵀ, from kᵀ[D, M] transposed once per call."""
+    sT_BHML = jnp.einsum("bhmd,bhld->bhml", k_BHMD, q_BHLD,
+                         preferred_element_type=jnp.float32) * scale
+    if mask_BLM is not None:
+        sT_BHML = jnp.where(jnp.swapaxes(mask_BLM, 1, 2)[:, None], sT_BHML, NEG_INF)
+    pT_BHML = jnp.exp(sT_BHML - lse_BHL[:, :, None])  # masked entries: exp(−inf) = 0
+    dv_BHMD = jnp.einsum("bhml,bhld->bhmd", pT_BHML, do_BHLD)
+    dpT_BHML = jnp.einsum("bhmd,bhld->bhml", v_BHMD, do_BHLD)
+    dsT_BHML = pT_BHML * (dpT_BHML - dlt_BHL[:, :, None])
+    dk_BHMD = jnp.einsum("bhml,bhld->bhmd", dsT_BHML, q_BHLD.astype(jnp.float32))
+    dqT_BHDL = jnp.einsum("bhdm,bhml->bhdl", kT_BHDM, dsT_BHML)
+    return dqT_BHDL, dk_BHMD, dv_BHMD
 
 
 def attend(q_BLHD, k_BMKD, v_BMKD, mask_BLM):
     """Partial attention of a query block over one key block: (out fp32, lse fp32)."""
-    h = q_BLHD.shape[2]
-    k_BMHD, v_BMHD = _per_query_head(k_BMKD, h), _per_query_head(v_BMKD, h)
-    s_BHLM = _scores(q_BLHD, k_BMHD, mask_BLM)
-    m_BHL = jnp.max(s_BHLM, axis=-1)
-    m_BHL = jnp.where(jnp.isfinite(m_BHL), m_BHL, 0.0)  # fully-masked rows
-    p_BHLM = jnp.exp(s_BHLM - m_BHL[..., None])
-    denom_BHL = jnp.sum(p_BHLM, axis=-1)
-    o_BLHD = jnp.einsum("bhlm,bmhd->blhd", p_BHLM.astype(v_BMHD.dtype), v_BMHD,
-                        preferred_element_type=jnp.float32)
-    safe_BHL = jnp.where(denom_BHL > 0, denom_BHL, 1.0)
-    o_BLHD = o_BLHD / jnp.moveaxis(safe_BHL, -1, 1)[..., None]
-    lse_BHL = jnp.where(denom_BHL > 0, m_BHL + jnp.log(safe_BHL), NEG_INF)
-    return o_BLHD, jnp.moveaxis(lse_BHL, -1, 1)
+    h, d = q_BLHD.shape[2:]
+    q_BHLD = _heads_first(q_BLHD)
+    k_BHMD, v_BHMD = (_heads_first(_per_query_head(x, h)) for x in (k_BMKD, v_BMKD))
+    running = _running_add(_running_start(q_BHLD, k_BHMD, v_BHMD), q_BHLD, k_BHMD, v_BHMD,
+                           mask_BLM, d ** -0.5)
+    out_BHLD, lse_BHL = _running_finish(running)
+    return _heads_last(out_BHLD), _heads_last(lse_BHL)
 
 
 def merge(out1_BLHD, lse1_BLH, out2_BLHD, lse2_BLH):
@@ -110,6 +165,27 @@ def zeros_like_f32(x, *refs):
     return varying_like(jnp.zeros(x.shape, jnp.float32), x, *refs)
 
 
+def _grad_operands(k_BMKD, v_BMKD, lse_BLH, dout_BLHD, delta_BLH, heads):
+    """Head-major backward operands: per-query-head K (its dtype) and V, dout in fp32, and
+    lse with −inf (rows that saw no key) made finite (their p is 0 either way)."""
+    k_BHMD = _heads_first(_per_query_head(k_BMKD, heads))
+    v_BHMD = _heads_first(_per_query_head(v_BMKD, heads)).astype(jnp.float32)
+    lse_BHL = _heads_first(lse_BLH)
+    lse_BHL = jnp.where(jnp.isfinite(lse_BHL), lse_BHL, 0.0)
+    return (k_BHMD, v_BHMD, lse_BHL, _heads_first(dout_BLHD).astype(jnp.float32),
+            _heads_first(delta_BLH))
+
+
+def _kT(k_BHMD):
+    return jnp.swapaxes(k_BHMD, 2, 3).astype(jnp.float32)
+
+
+def _grads_out(dqT_BHDL, dk_BHMD, dv_BHMD, kv_heads, scale):
+    """Back to the interface: token-major, dq and dk scaled, dk/dv summed over GQA groups."""
+    return (jnp.moveaxis(dqT_BHDL * scale, 3, 1), _heads_last(_sum_groups(dk_BHMD * scale, kv_heads)),
+            _heads_last(_sum_groups(dv_BHMD, kv_heads)))
+
+
 def attend_bwd(q_BLHD, k_BMKD, v_BMKD, mask_BLM, lse_BLH, dout_BLHD, delta_BLH):
     """Gradients of one block pair given the final lse and delta = Σ_d dout·out (fp32).
 
@@ -118,20 +194,11 @@ def attend_bwd(q_BLHD, k_BMKD, v_BMKD, mask_BLM, lse_BLH, dout_BLHD, delta_BLH):
     dq = scale · ds k,  dk = scale · dsᵀ q  (GQA: dk, dv summed over each kv head's group).
     """
     h, d = q_BLHD.shape[2:]
-    kv_heads = k_BMKD.shape[2]
-    scale = d ** -0.5
-    k_BMHD, v_BMHD = _per_query_head(k_BMKD, h), _per_query_head(v_BMKD, h)
-    s_BHLM = _scores(q_BLHD, k_BMHD, mask_BLM)
-    lse_BHL = jnp.moveaxis(lse_BLH, 1, -1)
-    lse_BHL = jnp.where(jnp.isfinite(lse_BHL), lse_BHL, 0.0)
-    p_BHLM = jnp.exp(s_BHLM - lse_BHL[..., None])  # masked entries: exp(−inf) = 0
-    do_BLHD = dout_BLHD.astype(jnp.float32)
-    dv_BMHD = jnp.einsum("bhlm,blhd->bmhd", p_BHLM, do_BLHD)
-    dp_BHLM = jnp.einsum("blhd,bmhd->bhlm", do_BLHD, v_BMHD.astype(jnp.float32))
-    ds_BHLM = p_BHLM * (dp_BHLM - jnp.moveaxis(delta_BLH, 1, -1)[..., None]) * scale
-    dq_BLHD = jnp.einsum("bhlm,bmhd->blhd", ds_BHLM, k_BMHD.astype(jnp.float32))
-    dk_BMHD = jnp.einsum("bhlm,blhd->bmhd", ds_BHLM, q_BLHD.astype(jnp.float32))
-    return dq_BLHD, _sum_groups(dk_BMHD, kv_heads), _sum_groups(dv_BMHD, kv_heads)
+    k_BHMD, v_BHMD, lse_BHL, do_BHLD, dlt_BHL = _grad_operands(k_BMKD, v_BMKD, lse_BLH,
+                                                               dout_BLHD, delta_BLH, h)
+    grads = _tile_grads(_heads_first(q_BLHD), k_BHMD, _kT(k_BHMD), v_BHMD, mask_BLM, lse_BHL, do_BHLD,
+                        dlt_BHL, d ** -0.5)
+    return _grads_out(*grads, k_BMKD.shape[2], d ** -0.5)
 
 
 def delta(out_BLHD, dout_BLHD):
@@ -145,6 +212,8 @@ def delta(out_BLHD, dout_BLHD):
 # are several) run one after the other, also a `lax.scan`. Tile sizes are per backend:
 # GPUs want big tiles (an H200 ran 1.77-2.62× faster with 2048 than with 512 tiles), a CPU
 # wants cache-sized ones (256² picked from a sweep of 128..1024 here, docs/kernels.md).
+# Under causal masking a tile is one of three kinds, by its positions: no query sees a key
+# (skipped), every query sees every key (no mask built or applied), or mixed (masked).
 
 
 DEFAULT_TILE: int | None = None  # key-tile length (None: per backend); read at trace time
@@ -168,21 +237,29 @@ def _tile_lens(lq, lk, block):
     return math.gcd(lq, q_tile), math.gcd(lk, k_tile)
 
 
-def _tiles(x, n):
-    """[B, N, ...] -> [n, B, N/n, ...] (None stays None)."""
+def _tiles(x, n, axis=1):
+    """Cut `axis` into n tiles, stacked in front: [B, N, ...] -> [n, B, N/n, ...] for axis 1
+    (None stays None)."""
     if x is None:
         return None
-    b, length = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, n, length // n, *x.shape[2:]), 1, 0)
+    shape = x.shape
+    x = x.reshape(*shape[:axis], n, shape[axis] // n, *shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
 
 
 def _pos_tiles(pos, n):
     return None if pos is None else pos.reshape(n, -1)
 
 
-def _untiles(x):
-    n, b, l = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape(b, n * l, *x.shape[3:])
+def _untiles(x, axis=1):
+    """The inverse of `_tiles(., n, axis)`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2:])
+
+
+def _first(tiles):
+    """The only tile of each stacked operand (a loop of one step, unrolled)."""
+    return jax.tree.map(lambda x: x[0], tiles)
 
 
 def _tile_has_work(q_pos_L, k_pos_M):
@@ -190,85 +267,101 @@ def _tile_has_work(q_pos_L, k_pos_M):
     return jnp.max(q_pos_L) >= jnp.min(k_pos_M)
 
 
-def _maybe_skip(causal, q_pos, k_pos, work, skip, operand):
+def _by_visibility(causal, q_pos, k_pos, q_seg, k_seg, work, skip):
+    """work(mask) for the tile pair, mask None where nothing is masked, or skip() when
+    causality hides every key from every query of the tile."""
+    masked = lambda: work(make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal))  # noqa: E731
     if not causal:
-        return work(operand)
-    return jax.lax.cond(_tile_has_work(q_pos, k_pos), work, skip, operand)
+        return work(None) if q_seg is None else masked()
+    has_work = _tile_has_work(q_pos, k_pos)
+    if q_seg is not None:
+        return jax.lax.cond(has_work, masked, skip)
+    all_visible = jnp.min(q_pos) >= jnp.max(k_pos)  # implies has_work
+    kind = has_work.astype(jnp.int32) + all_visible.astype(jnp.int32)
+    return jax.lax.switch(kind, (skip, masked, lambda: work(None)))
 
 
 def tiled_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, block=None):
     """(out, lse) of queries q[B,Lq,H,D] at positions q_pos over keys k, v[B,Lk,K,D] at k_pos
     (positions are read only when causal; key tiles no query of a tile sees are skipped)."""
+    h, d = q.shape[2:]
     tq, tk = _tile_lens(q.shape[1], k.shape[1], block)
     nq, nk = q.shape[1] // tq, k.shape[1] // tk
-    kv_tiles = (_tiles(k, nk), _tiles(v, nk), _pos_tiles(k_pos, nk), _tiles(k_seg, nk))
+    q_BHLD = _heads_first(q)
+    k_BHMD, v_BHMD = (_heads_first(_per_query_head(x, h)) for x in (k, v))
+    kv_tiles = (_tiles(k_BHMD, nk, 2), _tiles(v_BHMD, nk, 2), _pos_tiles(k_pos, nk),
+                _tiles(k_seg, nk))
 
     def one_query_tile(q_t, qpos_t, qseg_t):
-        if nk == 1:
-            return attend(q_t, k, v, make_mask(qpos_t, k_pos, qseg_t, k_seg, causal=causal))
-
-        def step(carry, kv):
+        def step(running, kv):
             k_t, v_t, kpos_t, kseg_t = kv
-            mask = make_mask(qpos_t, kpos_t, qseg_t, kseg_t, causal=causal)
-            work = lambda c: merge(*c, *attend(q_t, k_t, v_t, mask))  # noqa: E731
-            return _maybe_skip(causal, qpos_t, kpos_t, work, lambda c: c, carry), None
+            add = lambda mask: _running_add(running, q_t, k_t, v_t, mask, d ** -0.5)  # noqa: E731
+            return _by_visibility(causal, qpos_t, kpos_t, qseg_t, kseg_t, add,
+                                  lambda: running), None
 
-        return jax.lax.scan(step, empty_partial(q_t, k, v), kv_tiles)[0]
+        start = _running_start(q_t, k_BHMD, v_BHMD)
+        if nk == 1:
+            return _running_finish(step(start, (k_BHMD, v_BHMD, k_pos, k_seg))[0])
+        return _running_finish(jax.lax.scan(step, start, kv_tiles)[0])
 
     if nq == 1:
-        return one_query_tile(q, q_pos, q_seg)
-    out, lse = jax.lax.map(lambda a: one_query_tile(*a),
-                           (_tiles(q, nq), _pos_tiles(q_pos, nq), _tiles(q_seg, nq)))
-    return _untiles(out), _untiles(lse)
+        out_BHLD, lse_BHL = one_query_tile(q_BHLD, q_pos, q_seg)
+    else:
+        out, lse = jax.lax.map(lambda a: one_query_tile(*a),
+                               (_tiles(q_BHLD, nq, 2), _pos_tiles(q_pos, nq), _tiles(q_seg, nq)))
+        out_BHLD, lse_BHL = _untiles(out, 2), _untiles(lse, 2)
+    return _heads_last(out_BHLD), _heads_last(lse_BHL)
 
 
 def tiled_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, dout, dlt, *, causal, block=None):
     """(dq, dk, dv) in fp32 given the final lse and delta = Σ dout·out of these queries."""
+    h, d = q.shape[2:]
     tq, tk = _tile_lens(q.shape[1], k.shape[1], block)
     nq, nk = q.shape[1] // tq, k.shape[1] // tk
-    if nq == nk == 1:
-        mask = make_mask(q_pos, k_pos, q_seg, k_seg, causal=causal)
-        return attend_bwd(q, k, v, mask, lse, dout, dlt)
+    q_BHLD = _heads_first(q)
+    k_BHMD, v_BHMD, lse_BHL, do_BHLD, dlt_BHL = _grad_operands(k, v, lse, dout, dlt, h)
     refs = (q, k, v, lse, dout, dlt)
-    q_tiles = (jnp.arange(nq), _tiles(q, nq), _pos_tiles(q_pos, nq), _tiles(q_seg, nq),
-               _tiles(lse, nq), _tiles(dout, nq), _tiles(dlt, nq))
+    q_tiles = (jnp.arange(nq), _tiles(q_BHLD, nq, 2), _pos_tiles(q_pos, nq), _tiles(q_seg, nq),
+               _tiles(lse_BHL, nq, 2), _tiles(do_BHLD, nq, 2), _tiles(dlt_BHL, nq, 2))
 
     def one_key_tile(dq, ka):
         # dK/dV of this key tile accumulate over query tiles; dQ accumulates in place in the
         # carried full-size buffer (FlashAttention-2 order), so no per-tile dQ copies live.
-        k_t, v_t, kpos_t, kseg_t = ka
-        zeros = zeros_like_f32(k_t, *refs)
-        if nq == 1:  # every query at once against this key tile
-            mask = make_mask(q_pos, kpos_t, q_seg, kseg_t, causal=causal)
-
-            def work(dq):
-                dq_s, dk_t, dv_t = attend_bwd(q, k_t, v_t, mask, lse, dout, dlt)
-                return dq + dq_s, (dk_t, dv_t)
-
-            return _maybe_skip(causal, q_pos, kpos_t, work, lambda dq: (dq, (zeros, zeros)),
-                               dq)
+        # The branches return tile-sized gradients and the update happens outside them:
+        # a dQ buffer passed through a conditional was copied whole at every step.
+        k_t, kT_t, v_t, kpos_t, kseg_t = ka
+        zeros_k = zeros_like_f32(k_t, *refs)
 
         def step(carry, qa):
+            dq, dk_acc, dv_acc = carry
             i, q_t, qpos_t, qseg_t, lse_t, do_t, dl_t = qa
-            mask = make_mask(qpos_t, kpos_t, qseg_t, kseg_t, causal=causal)
+            zeros_q = zeros_like_f32(jnp.swapaxes(q_t, 2, 3), *refs)
+            dq_t, dk_t, dv_t = _by_visibility(
+                causal, qpos_t, kpos_t, qseg_t, kseg_t,
+                lambda mask: _tile_grads(q_t, k_t, kT_t, v_t, mask, lse_t, do_t, dl_t, d ** -0.5),
+                lambda: (zeros_q, zeros_k, zeros_k))
+            if nq > 1:
+                dq_t = jax.lax.dynamic_slice_in_dim(dq, i * tq, tq, axis=3) + dq_t
+                dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_t, i * tq, axis=3)
+            else:
+                dq = dq + dq_t
+            return (dq, dk_acc + dk_t, dv_acc + dv_t), None
 
-            def work(c):
-                dq, dk_acc, dv_acc = c
-                dq_t, dk_t, dv_t = attend_bwd(q_t, k_t, v_t, mask, lse_t, do_t, dl_t)
-                dq = jax.lax.dynamic_update_slice_in_dim(
-                    dq, jax.lax.dynamic_slice_in_dim(dq, i * tq, tq, axis=1) + dq_t, i * tq,
-                    axis=1)
-                return dq, dk_acc + dk_t, dv_acc + dv_t
+        if nq == 1:
+            carry = step((dq, zeros_k, zeros_k), _first(q_tiles))[0]
+        else:
+            carry = jax.lax.scan(step, (dq, zeros_k, zeros_k), q_tiles)[0]
+        return carry[0], carry[1:]
 
-            return _maybe_skip(causal, qpos_t, kpos_t, work, lambda c: c, carry), None
-
-        (dq, dk_t, dv_t), _ = jax.lax.scan(step, (dq, zeros, zeros), q_tiles)
-        return dq, (dk_t, dv_t)
-
-    dq, (dk, dv) = jax.lax.scan(one_key_tile, zeros_like_f32(q, *refs),
-                                (_tiles(k, nk), _tiles(v, nk), _pos_tiles(k_pos, nk),
-                                 _tiles(k_seg, nk)))
-    return dq, _untiles(dk), _untiles(dv)
+    k_tiles = (_tiles(k_BHMD, nk, 2), _tiles(_kT(k_BHMD), nk, 3), _tiles(v_BHMD, nk, 2),
+               _pos_tiles(k_pos, nk), _tiles(k_seg, nk))
+    dq0 = zeros_like_f32(jnp.swapaxes(q_BHLD, 2, 3), *refs)
+    if nk == 1:
+        dq, (dk, dv) = one_key_tile(dq0, _first(k_tiles))
+    else:
+        dq, (dk, dv) = jax.lax.scan(one_key_tile, dq0, k_tiles)
+        dk, dv = _untiles(dk, 2), _untiles(dv, 2)
+    return _grads_out(dq, dk, dv, k.shape[2], d ** -0.5)
 
 
 # ---------------------------------------------------------------------------------------
