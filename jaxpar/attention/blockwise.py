@@ -182,7 +182,8 @@ def _kT(k_BHMD):
 
 def _grads_out(dqT_BHDL, dk_BHMD, dv_BHMD, kv_heads, scale):
     """Back to the interface: token-major, dq and dk scaled, dk/dv summed over GQA groups."""
-    return (jnp.moveaxis(dqT_BHDL * scale, 3, 1), _heads_last(_sum_groups(dk_BHMD * scale, kv_heads)),
+    return (jnp.moveaxis(dqT_BHDL * scale, 3, 1),  # [B, H, D, L] -> [B, L, H, D]
+            _heads_last(_sum_groups(dk_BHMD * scale, kv_heads)),
             _heads_last(_sum_groups(dv_BHMD, kv_heads)))
 
 
@@ -196,8 +197,8 @@ def attend_bwd(q_BLHD, k_BMKD, v_BMKD, mask_BLM, lse_BLH, dout_BLHD, delta_BLH):
     h, d = q_BLHD.shape[2:]
     k_BHMD, v_BHMD, lse_BHL, do_BHLD, dlt_BHL = _grad_operands(k_BMKD, v_BMKD, lse_BLH,
                                                                dout_BLHD, delta_BLH, h)
-    grads = _tile_grads(_heads_first(q_BLHD), k_BHMD, _kT(k_BHMD), v_BHMD, mask_BLM, lse_BHL, do_BHLD,
-                        dlt_BHL, d ** -0.5)
+    grads = _tile_grads(_heads_first(q_BLHD), k_BHMD, _kT(k_BHMD), v_BHMD, mask_BLM, lse_BHL,
+                        do_BHLD, dlt_BHL, d ** -0.5)
     return _grads_out(*grads, k_BMKD.shape[2], d ** -0.5)
 
 
