@@ -34,9 +34,9 @@ from jaxpar import bench  # noqa: E402
 from jaxpar.attention import blockwise  # noqa: E402
 
 # name, L, H, K, D, causal
-CASES = [("ring pair (two 512 chunks)", 512, 8, 8, 64, False),
-         ("ring diagonal (causal)", 512, 8, 8, 64, True),
-         ("Ulysses head (causal)", 8192, 1, 1, 64, True),
+CASES = [("ring step, 512 × 512 chunks", 512, 8, 8, 64, False),
+         ("ring diagonal, 512 causal", 512, 8, 8, 64, True),
+         ("Ulysses head, 8192 causal", 8192, 1, 1, 64, True),
          ("GQA K=2", 1024, 8, 2, 64, False),
          ("MHA", 1024, 8, 8, 64, False)]
 
