@@ -68,23 +68,24 @@ CALIBRATION_CALLS = [
     (2048, 2048, 1, 1, 16, False), (2048, 2048, 2, 2, 32, False), (4096, 4096, 1, 1, 32, False),
     (1024, 1024, 8, 8, 32, True), (2048, 2048, 1, 1, 16, True), (4096, 4096, 1, 1, 32, True),
     (8192, 8192, 2, 1, 16, True)]
-TILE_COST_TERMS = ("call_s", "tile_s", "score_s", "score_d_s", "gqa_s", "spill_s")
+TILE_COST_TERMS = ("call_s", "tile_s", "score_s", "score_d_s", "gqa_s", "spill_s", "io_s")
 
 
-def fit_tile_cost(calls, per_call_s, tile):
+def fit_tile_cost(calls, per_call_s, tile, few_heads=None):
     """Least squares in relative error, non-negative: the TileCost whose seconds match the
-    measured ones (each term of the model is linear in one coefficient)."""
+    measured ones (each term of the model is linear in one coefficient). `tile`,
+    `few_heads`: the kernel's tiles (`blockwise.tile_sizes`, `FEW_HEADS_TILES`)."""
     import numpy as np
     from scipy.optimize import nnls
 
     def features(lq, lk, h, kh, d, causal):
         zero = dict.fromkeys(TILE_COST_TERMS, 0.0)
-        return [auto.TileCost(tile, **zero | {t: 1.0}).seconds(lq, lk, h, d, causal, kh)
-                for t in TILE_COST_TERMS]
+        return [auto.TileCost(tile, **zero | {t: 1.0}, few_heads=few_heads).seconds(
+            lq, lk, h, d, causal, kh) for t in TILE_COST_TERMS]
 
     a = np.array([features(*c) for c in calls]) / np.array(per_call_s)[:, None]
     x, _ = nnls(a, np.ones(len(calls)))
-    return auto.TileCost(tile, **dict(zip(TILE_COST_TERMS, map(float, x))))
+    return auto.TileCost(tile, **dict(zip(TILE_COST_TERMS, map(float, x))), few_heads=few_heads)
 
 
 def calibrate(args):
@@ -110,7 +111,8 @@ def calibrate(args):
                                      "causal": causal, "wall_s": wall, "cpu_s": cpu})
         print(f"call Lq={lq} Lk={lk} H={h} K={kh} D={d} causal={causal}: "
               f"{cpu / n_dev * 1e3:.2f} ms CPU per call", flush=True)
-    tile_cost = fit_tile_cost(CALIBRATION_CALLS, per_call, blockwise.tile_sizes()[1])
+    tile_cost = fit_tile_cost(CALIBRATION_CALLS, per_call, blockwise.tile_sizes()[1],
+                              blockwise.FEW_HEADS_TILES.get(jax.default_backend()))
     for rec, c in zip(meas["kernel_calls"], CALIBRATION_CALLS):
         lq, lk, h, kh, d, causal = c
         rec["fit_over_measured"] = (tile_cost.seconds(lq, lk, h, d, causal, kh)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxpar import comm, make_mesh
-from jaxpar.attention import (attention, auto, choose_impl, dense_attention,
+from jaxpar.attention import (attention, auto, blockwise, choose_impl, dense_attention,
                               sequence_parallel_attention)
 
 SLOW_LINK = auto.Profile("slow link", kernel_flops=1e18, call_s=0.0, link_bw=1e6,
@@ -113,6 +113,18 @@ def test_tile_model_counts_the_kernels_tiles(lq, lk, tile, causal):
                               gqa_s=100.0)
     assert per_score.seconds(lq, lk, 3, 16, causal) == want * tq * tk * 3 * 17
     assert per_score.seconds(lq, lk, 3, 16, causal, kv_heads=1) == want * tq * tk * 3 * 117
+
+
+def test_tile_model_uses_the_kernels_few_heads_tile():
+    # the model cuts tiles as the kernel does: calls over few heads take the larger tile
+    few = blockwise.FEW_HEADS_TILES["cpu"]
+    cost = auto.TileCost(256, call_s=0.0, tile_s=1.0, score_s=0.0, score_d_s=0.0,
+                         few_heads=few)
+    n = 4 * few[1]
+    assert cost.seconds(n, n, few[0], 32, False) == (n // few[1]) ** 2
+    assert cost.seconds(n, n, few[0] + 1, 32, False) == (n // 256) ** 2
+    assert auto.profile_for("cpu").tile_cost.few_heads == tuple(few)
+    assert auto.profile_for("cpu").tile_cost.tile == blockwise.tile_sizes()[1]
 
 
 def test_cpu_profile_fits_its_own_calibration_calls():

@@ -43,17 +43,18 @@ CPU_PROFILE = pathlib.Path(__file__).with_name("profile_cpu.json")  # --calibrat
 class TileCost:
     """CPU seconds of one fwd+bwd call of the tiled XLA kernel (`blockwise.tiled_fwd/bwd`):
 
-        call_s + Σ over tiles with work of
+        call_s + io_s · (Lq + Lk) · heads · D + Σ over tiles with work of
                  (tile_s + S · (score_s + score_d_s · D + gqa_s · [K < H]) + spill_s · S⁺)
 
     with S = heads · tq · tk the tile's score elements and S⁺ = max(0, S − 2¹⁸) those beyond
     1 MiB of fp32 scores (the tile no longer stays in a core's cache). tq × tk tiles as the
-    kernel cuts them (gcd of the length and `tile`); causal calls skip the tiles above the
-    diagonal. Per score: the elementwise softmax work (exp, max, rescale; independent of D),
-    the matmuls (∝ D), and GQA (the grouped layout the kernel once had cost +30-45% per
-    score; per head, about 3%). A FLOP rate alone misses all three, and that short calls
-    pay the fixed costs more often. Fitted to measured calls of several shapes by
-    `scripts/bench_attention.py --calibrate`."""
+    kernel cuts them (gcd of the length and `tile`, or of `few_heads`' tile for calls of at
+    most that many heads: `blockwise.FEW_HEADS_TILES`); causal calls skip the tiles above
+    the diagonal. Per call: a fixed cost, and the per-element work on its operands (the
+    kernel's head-major transposes, casts, the dQ buffer). Per score: the elementwise
+    softmax work (exp, max, rescale; independent of D), the matmuls (∝ D), and GQA. A FLOP
+    rate alone misses these, and that short calls pay the fixed costs more often. Fitted
+    to measured calls of several shapes by `scripts/bench_attention.py --calibrate`."""
 
     tile: int
     call_s: float
@@ -62,12 +63,19 @@ class TileCost:
     score_d_s: float
     gqa_s: float = 0.0
     spill_s: float = 0.0
+    io_s: float = 0.0
+    few_heads: tuple[int, int] | None = None  # (heads at most, tile)
 
     CACHE_SCORES = 1 << 18
 
+    def tile_for(self, heads: int) -> int:
+        few = self.few_heads
+        return few[1] if few and heads <= few[0] else self.tile
+
     def seconds(self, lq: int, lk: int, heads: int, d: int, causal: bool,
                 kv_heads: int | None = None) -> float:
-        tq, tk = math.gcd(lq, self.tile), math.gcd(lk, self.tile)
+        tile = self.tile_for(heads)
+        tq, tk = math.gcd(lq, tile), math.gcd(lk, tile)
         nq, nk = lq // tq, lk // tk
         # tile (i, j) has work unless every key in it is after every query in it
         tiles = (sum(min(nk, ((i + 1) * tq - 1) // tk + 1) for i in range(nq)) if causal
@@ -76,7 +84,8 @@ class TileCost:
         grouped = kv_heads is not None and kv_heads < heads
         per_score = self.score_s + self.score_d_s * d + (self.gqa_s if grouped else 0.0)
         spill = max(0, scores - self.CACHE_SCORES) * self.spill_s
-        return self.call_s + tiles * (self.tile_s + scores * per_score + spill)
+        return (self.call_s + self.io_s * (lq + lk) * heads * d
+                + tiles * (self.tile_s + scores * per_score + spill))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +144,9 @@ class Profile:
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in raw["profile"].items() if k in fields}
         if kw.get("tile_cost"):
-            kw["tile_cost"] = TileCost(**kw["tile_cost"])
+            tc = dict(kw["tile_cost"])
+            tc["few_heads"] = tuple(tc["few_heads"]) if tc.get("few_heads") else None
+            kw["tile_cost"] = TileCost(**tc)
         return cls(**kw)
 
 
