@@ -46,9 +46,9 @@ def make_mask(q_pos_L, k_pos_M, q_seg_BL=None, k_seg_BM=None, *, causal: bool):
 
 def _per_query_head(x_BMKD, heads):
     """GQA: each kv head repeated for the H/K query heads that share it (query head i reads
-    kv head i // (H/K)). Per-head tiles are faster on XLA:CPU than a grouped [B, K, G, L, M]
-    layout (one 1024-token fwd+bwd call at H = 8, K = 2: 152 against 266 ms), and the copy
-    is the size of q, once per call."""
+    kv head i // (H/K)). Per-head tiles ran faster on XLA:CPU than the grouped [B, K, G, L, M]
+    layout the kernel once had (the calibration's GQA term fell from 7 to 0.5 ns a score,
+    docs/attention.md), and the copy is the size of q, once per call."""
     kv_heads = x_BMKD.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads={heads} must be a multiple of kv heads={kv_heads}")
@@ -223,7 +223,7 @@ BACKEND_TILES = {"cpu": (256, 1)}  # backend -> (key tile, query-tile factor)
 OTHER_TILES = (1024, 4)  # GPU, TPU: 4096 × 1024 score tiles per head and step
 # A call with few score rows per position (B·H ≤ 2, e.g. Ulysses' one head per device)
 # keeps a larger tile in a core's cache: 512² ran Ulysses 11% faster than 256² at the
-# peer configuration, ring (8 heads a call) 17% slower (docs/kernels_cpu_tiles.json).
+# peer configuration, ring (8 heads a call) 20% slower (docs/kernels_cpu_tiles.json).
 FEW_HEADS_TILES = {"cpu": (2, 512)}  # backend -> (B·H at most, key tile)
 # Causal blocks by halving (below) or by skipping invisible tiles with `lax.cond`: the same
 # work on CPU, where halving compiles 3× slower; elsewhere halving avoids a cond per tile.
