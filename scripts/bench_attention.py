@@ -47,10 +47,6 @@ def per_device_mib(compiled):
     return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**20
 
 
-def loss_of(attn):
-    return lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32))
-
-
 def build(impl, n_dev, causal, b, n, h, kh, d, dtype):
     """(fwd, fwd+bwd, args) for one impl; inputs already laid out and sharded."""
     key = jax.random.key(0)
@@ -81,8 +77,9 @@ def build(impl, n_dev, causal, b, n, h, kh, d, dtype):
             lambda q, k, v: attention(q, k, v, impl=impl, axis=axis, causal=causal),
             mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
     fwd = jax.jit(attn)
-    fwd_bwd = jax.jit(jax.value_and_grad(loss_of(attn), argnums=(0, 1, 2)))
-    return fwd, fwd_bwd, args
+    from bench_attention_auto import fwd_bwd
+
+    return fwd, fwd_bwd(attn), args
 
 
 def bench_one(impl, n_dev, causal, cfg, repeats):
