@@ -225,8 +225,9 @@ OTHER_TILES = (1024, 4)  # GPU, TPU: 4096 × 1024 score tiles per head and step
 # keeps a larger tile in a core's cache: 512² ran Ulysses 11% faster than 256² at the
 # peer configuration, ring (8 heads a call) 20% slower (docs/kernels_cpu_tiles.json).
 FEW_HEADS_TILES = {"cpu": (2, 512)}  # backend -> (B·H at most, key tile)
-# Causal blocks by halving (below) or by skipping invisible tiles with `lax.cond`: the same
-# work on CPU, where halving compiles 3× slower; elsewhere halving avoids a cond per tile.
+# Causal blocks by halving (below) or by skipping invisible tiles (a branch per tile): on
+# CPU skipping ran faster (docs/kernels_cpu_tiles.json) and compiles faster; elsewhere
+# halving avoids a branch per tile.
 CAUSAL_HALVING = {"cpu": False}  # backend -> bool (default True)
 
 
@@ -380,7 +381,7 @@ def tiled_bwd(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, dout, dlt, *, causal, bl
 # one causal call on a batch twice as large ([B, 2h] -> [2B, h] is a free reshape), the
 # lower-left quarter one full call; recursing down to one tile computes only the lower
 # triangle (plus half of the diagonal tiles), every call vectorized, no per-tile branch.
-# Or (CPU default) one tiled call that skips the invisible tiles with `lax.cond`.
+# Or (CPU default) one tiled call that skips the invisible tiles (`_by_visibility`).
 
 
 def _fold(x):
