@@ -20,7 +20,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
@@ -29,7 +28,9 @@ import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_attention_auto import timed_min  # noqa: E402
 from jaxpar import bench  # noqa: E402
 from jaxpar.attention import blockwise  # noqa: E402
 
@@ -54,13 +55,7 @@ def load_at(commit: str):
 
 
 def cpu_ms(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.process_time() - t0)
-    return 1e3 * best
+    return 1e3 * timed_min(fn, args, repeats)[1]
 
 
 def measure(mod, case, repeats):

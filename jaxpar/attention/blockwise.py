@@ -312,7 +312,7 @@ def tiled_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, block=None):
 
         start = _running_start(q_t, k_BHMD, v_BHMD)
         if nk == 1:
-            return _running_finish(step(start, (k_BHMD, v_BHMD, k_pos, k_seg))[0])
+            return _running_finish(step(start, _first(kv_tiles))[0])
         return _running_finish(jax.lax.scan(step, start, kv_tiles)[0])
 
     if nq == 1:
