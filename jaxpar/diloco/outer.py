@@ -230,19 +230,9 @@ class StreamingDiLoCo:
         return lax.switch(idx, [lambda s, p=p: self._merge(s, frags, p) for p in range(Pf)] + [lambda s: s], state)
 
     def _sync(self, state: DiLoCoState, frags: Fragments, p: int) -> DiLoCoState:
-        idx = frags.leaves(p)
-        rep = jax.tree.leaves(state.params)
         glob = jax.tree.leaves(state.global_params)
-        M = self.num_replicas
-        # the outer gradient points from the replica back to the global params, like a gradient
-        delta_MN = jnp.concatenate(
-            [(glob[i].astype(jnp.float32)[None] - rep[i].astype(jnp.float32)).reshape(M, -1) for i in idx], axis=1)
-        mean_N = self.replica_mean(delta_MN)
-        out, off = [], 0
-        for i in idx:
-            n = glob[i].size
-            out.append(mean_N[off:off + n].reshape(glob[i].shape))
-            off += n
+        mean_N = self.replica_mean(fragment_delta_MN(state, frags, p))
+        out = split_flat(mean_N, [glob[i].shape for i in frags.leaves(p)])
         pending = state.pending_delta[:p] + (out,) + state.pending_delta[p + 1:]
         return state._replace(pending_delta=pending, pending_fragment=jnp.asarray(p, jnp.int32))
 
@@ -277,12 +267,18 @@ class StreamingDiLoCo:
         return mean_KB.reshape(-1)[:n]
 
     def _merge(self, state: DiLoCoState, frags: Fragments, p: int) -> DiLoCoState:
+        glob_leaves = jax.tree.leaves(state.global_params)
+        glob, outer_p = outer_apply(self.outer_optimizer, state.pending_delta[p],
+                                    state.outer_state[p], [glob_leaves[i] for i in frags.leaves(p)])
+        return self.install_fragment(state, frags, p, glob, outer_p)
+
+    def install_fragment(self, state: DiLoCoState, frags: Fragments, p: int, glob: list,
+                         outer_p) -> DiLoCoState:
+        """Set fragment p's global params and outer state to the result of `outer_apply`, and
+        mix every replica back: θ_m[p] ← α·θ_m[p] + (1−α)·θ_global[p]."""
         idx = frags.leaves(p)
         glob_leaves, treedef = jax.tree.flatten(state.global_params)
         rep_leaves, rep_def = jax.tree.flatten(state.params)
-        glob = [glob_leaves[i] for i in idx]
-        upd, outer_p = self.outer_optimizer.update(state.pending_delta[p], state.outer_state[p], glob)
-        glob = optax.apply_updates(glob, upd)
         a = self.alpha
         specs = self._leaf_specs(state.global_params)
         for j, i in enumerate(idx):
@@ -350,3 +346,36 @@ def data_parallel_bytes(num_params: int, num_replicas: int, bytes_per_value: int
     """Bytes one replica sends per data-parallel step: a ring all-reduce of the gradients."""
     M = num_replicas
     return int(round(2 * (M - 1) / M * bytes_per_value * num_params))
+
+
+# ---------------------------------------------------------------------------------------
+# The outer math, one copy: the single-program path above and the islands path
+# (`jaxpar.diloco.islands`) both call these.
+
+def fragment_delta_MN(state: DiLoCoState, frags: Fragments, p: int) -> jax.Array:
+    """fp32 [M, N] outer gradients of fragment p, Δ_m = θ_global[p] − θ_m[p], its leaves
+    flattened and concatenated in tree order (the outer gradient points from the replica
+    back to the global params, like a gradient)."""
+    rep = jax.tree.leaves(state.params)
+    glob = jax.tree.leaves(state.global_params)
+    M = rep[0].shape[0]
+    return jnp.concatenate(
+        [(glob[i].astype(jnp.float32)[None] - rep[i].astype(jnp.float32)).reshape(M, -1)
+         for i in frags.leaves(p)], axis=1)
+
+
+def split_flat(x_N: jax.Array, shapes) -> list:
+    """The inverse of the concatenation in `fragment_delta_MN`: one array per leaf shape."""
+    out, off = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(x_N[off:off + n].reshape(shape))
+        off += n
+    return out
+
+
+def outer_apply(outer_optimizer: optax.GradientTransformation, mean_delta: list, outer_state_p,
+                glob: list) -> tuple[list, Any]:
+    """One outer optimizer step on fragment p: (new θ_global[p] leaves, new outer state)."""
+    upd, outer_p = outer_optimizer.update(mean_delta, outer_state_p, glob)
+    return optax.apply_updates(glob, upd), outer_p
