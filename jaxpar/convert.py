@@ -9,8 +9,9 @@ on the host and on any number of devices, and writes config.json + safetensors t
 transformers loads as LlamaForCausalLM (DiLoCo runs: the global params). Keys of the
 imported model's config.json (token ids, ...) and its tokenizer files are carried over.
 `from-hf` writes OUT as a run folder: config.yaml (model keys from config.json, plus the
-overrides: give the mesh the run will use, since the vocab is padded for its tensor axis)
-and an orbax checkpoint at step 0 that `python -m jaxpar.train OUT/config.yaml` resumes.
+overrides: give the mesh the run will use, since the vocab is padded for its tensor axis;
+without mesh.* keys the mesh is all devices on the data axis) and an orbax checkpoint at
+step 0 that `python -m jaxpar.train OUT/config.yaml` resumes.
 """
 from __future__ import annotations
 
@@ -89,8 +90,12 @@ def from_hf(src, out, overrides=()) -> Path:
     from jaxpar.train.config import dump, load_config
     from jaxpar.train.loop import Run
 
+    from jaxpar.train.config import validate
+
     src, out = Path(src), Path(out)
+    overrides = [*_default_mesh(overrides, jax.device_count()), *overrides]
     cfg = load_config(None, [f"model.init_from={src}", f"train.run_dir={out}", *overrides])
+    validate(cfg, jax.device_count())
     run = Run.create(cfg)
     state = run.init_state()
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +111,17 @@ def from_hf(src, out, overrides=()) -> Path:
     ckpt.wait()
     ckpt.close()
     jax.effects_barrier()
+    return out
+
+
+def _default_mesh(overrides, devices: int) -> list[str]:
+    """No mesh.* key given: every device on the data axis (the vocab needs no padding at
+    tensor=1), with a batch that axis divides, so the first command works on any machine."""
+    if any(o.startswith("mesh.") for o in overrides):
+        return []
+    out = [f"mesh.data={devices}"]
+    if not any(o.startswith("train.batch_size=") for o in overrides):
+        out.append(f"train.batch_size={devices * max(1, 8 // devices)}")
     return out
 
 

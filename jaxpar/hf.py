@@ -66,7 +66,10 @@ def read_config(path) -> dict:
     if not f.is_file():
         raise ValueError(f"{path}: no config.json (an HF model folder has config.json and "
                          f"*.safetensors)")
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); download or copy it again") from None
 
 
 def model_keys(hf: dict) -> dict:
@@ -154,15 +157,28 @@ def hf_name(path: tuple[str, ...]) -> str:
 # ------------------------------------------------------------------------- reading
 
 
+def _open(path: Path):
+    """safe_open, with a damaged or missing file as one ValueError naming it (safetensors
+    reads the header and checks the file covers it: a truncated download fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); "
+                         f"download or copy it again") from None
+
+
 class _Reader:
     """Open safetensors files of an HF folder: tensor name -> slices, read lazily."""
 
     def __init__(self, folder: Path, stack: contextlib.ExitStack):
-        from safetensors import safe_open
-
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
+            try:
+                files = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{index}: not valid JSON with a 'weight_map'") from None
         else:
             single = sorted(folder.glob("*.safetensors"))
             if not single:
@@ -170,11 +186,11 @@ class _Reader:
                                  f"model.safetensors.index.json)")
             files = {}
             for f in single:
-                with safe_open(f, framework="numpy") as h:
+                with _open(f) as h:
                     files.update({k: f.name for k in h.keys()})
-        self.handles = {name: stack.enter_context(safe_open(folder / name, framework="numpy"))
+        self.handles = {name: stack.enter_context(_open(folder / name))
                         for name in sorted(set(files.values()))}
-        self.where = files
+        self.where, self.folder = files, folder
 
     def has(self, name: str) -> bool:
         return name in self.where
@@ -184,11 +200,45 @@ class _Reader:
 
     def _slice(self, name: str):
         if name not in self.where:
-            raise ValueError(f"tensor {name!r} is missing from the checkpoint")
+            raise ValueError(f"{self.folder}: tensor {name!r} is missing from the safetensors "
+                             f"files (config.json implies it)")
         return self.handles[self.where[name]].get_slice(name)
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         return self._slice(name)[index]
+
+
+def expected_shapes(keys: dict) -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: HF shape} that `model_keys(...)` implies."""
+    E, F, V, D = keys["embed"], keys["mlp"], keys["vocab"], keys["head_dim"]
+    H, K = keys["heads"], keys["kv_heads"]
+    out = {"model.embed_tokens.weight": (V, E), "model.norm.weight": (E,)}
+    if not keys["tie_embeddings"]:
+        out["lm_head.weight"] = (V, E)
+    per_layer = {"input_layernorm": (E,), "post_attention_layernorm": (E,),
+                 "self_attn.q_proj": (H * D, E), "self_attn.k_proj": (K * D, E),
+                 "self_attn.v_proj": (K * D, E), "self_attn.o_proj": (E, H * D),
+                 "mlp.gate_proj": (F, E), "mlp.up_proj": (F, E), "mlp.down_proj": (E, F)}
+    for i in range(keys["layers"]):
+        out.update({f"model.layers.{i}.{k}.weight": v for k, v in per_layer.items()})
+    return out
+
+
+def check_weights(folder) -> None:
+    """Every tensor config.json implies is in the folder's safetensors files with its shape;
+    ValueError (one line) naming the file or tensor. Reads headers only."""
+    folder = Path(folder)
+    keys = model_keys(read_config(folder))
+    with contextlib.ExitStack() as stack:
+        reader = _Reader(folder, stack)
+        for name, shape in expected_shapes(keys).items():
+            if not reader.has(name):
+                raise ValueError(f"{folder}: tensor {name!r} is missing from the safetensors "
+                                 f"files (config.json implies it)")
+            got = reader.shape(name)
+            if got != shape:
+                raise ValueError(f"{folder / reader.where[name]}: tensor {name!r} has shape "
+                                 f"{list(got)}, config.json implies {list(shape)}")
 
 
 def _clip(s: slice, n: int) -> tuple[int, int]:

@@ -11,6 +11,11 @@ Hugging Face `tokenizer.json`, a SentencePiece `.model`, or a folder holding one
 Face model folder, as `model.init_from` takes); `--train-tokenizer VOCAB` trains
 a byte-level BPE on the training documents first (no network).
 
+`--bos/--no-bos`, `--eos/--no-eos`: put the tokenizer's BOS before / EOS after every
+document (default: what the tokenizer's own post-processing adds, e.g. Llama-3's
+<|begin_of_text|> before each document; bytes and a trained BPE: none). The manifest records
+the choice and the tokenizer's identity (`jaxpar.data.tokenizer.identity`).
+
 DIR gets (format in docs/data.md): `train.bin` / `eval.bin` (the documents' tokens back to
 back, uint16 when the vocabulary fits, else uint32), `train_docs.npy` / `eval_docs.npy`
 (int64 document start offsets, one more than documents), the tokenizer file, and
@@ -38,7 +43,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxpar.data.manifest import FORMAT, MANIFEST, read_manifest
-from jaxpar.data.tokenizer import BYTES, load_tokenizer, train_bpe
+from jaxpar.data.tokenizer import BYTES, identity, load_tokenizer, train_bpe
 
 CHUNK_BYTES = 1 << 19  # documents handed to a worker at a time (~512 KiB of text)
 
@@ -138,23 +143,25 @@ def is_eval(seed: int, index: int, fraction: float) -> bool:
 # ----------------------------------------------------------------------------- workers
 
 _TOK = None
+_ENDS: tuple[list[int], list[int]] = ([], [])  # ids put before / after every document
 
 
-def _init_worker(spec: str, pooled: bool = False) -> None:
-    global _TOK
+def _init_worker(spec: str, ends=([], []), pooled: bool = False) -> None:
+    global _TOK, _ENDS
     if pooled:  # one core per worker: no rayon threads inside the tokenizers package
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _TOK = load_tokenizer(spec)
+    _TOK, _ENDS = load_tokenizer(spec), ends
 
 
 def _encode(chunk: list[tuple[bool, str]]) -> list[tuple[bool, np.ndarray, int, int]]:
-    """(eval?, token ids, UTF-8 bytes of the text, UTF-8 bytes of the decoded tokens; the
-    last only for eval documents, where bits per byte is measured, else -1)."""
+    """(eval?, token ids with BOS/EOS, UTF-8 bytes of the text, UTF-8 bytes of the decoded
+    text tokens (no BOS/EOS); the last only for eval documents, else -1)."""
     texts = [t for _, t in chunk]
     ids = _TOK.encode_batch(texts) if hasattr(_TOK, "encode_batch") else map(_TOK.encode, texts)
     out = []
     for (ev, text), row in zip(chunk, ids):
         dec = len(_TOK.decode(row).encode("utf-8")) if ev else -1
+        row = [*_ENDS[0], *row, *_ENDS[1]]
         out.append((ev, np.asarray(row, np.uint32), len(text.encode("utf-8")), dec))
     return out
 
@@ -208,7 +215,7 @@ class _SplitWriter:
 def prepare(inputs, out, *, tokenizer: str | None = None, train_tokenizer: int = 0,
             field: str = "text", doc_separator: str = "\n\n", eval_fraction: float = 0.05,
             seed: int = 0, workers: int = 1, overwrite: bool = False,
-            progress: bool = True) -> dict:
+            progress: bool = True, bos: bool | None = None, eos: bool | None = None) -> dict:
     """Tokenize `inputs` into the dataset folder `out`; returns the manifest."""
     if (tokenizer is None) == (not train_tokenizer):
         raise ValueError("give exactly one of --tokenizer (bytes, a tokenizer.json or a "
@@ -228,7 +235,7 @@ def prepare(inputs, out, *, tokenizer: str | None = None, train_tokenizer: int =
     tmp.mkdir()
     try:
         manifest = _prepare_into(tmp, reader, tok, train_tokenizer, eval_fraction, seed,
-                                 workers, progress)
+                                 workers, progress, (bos, eos))
         manifest.update(field=field, doc_separator=doc_separator)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks done
         if out.exists():
@@ -245,7 +252,7 @@ def prepare(inputs, out, *, tokenizer: str | None = None, train_tokenizer: int =
 
 
 def _prepare_into(tmp: Path, reader: Reader, tok, train_vocab: int, eval_fraction: float,
-                  seed: int, workers: int, progress: bool) -> dict:
+                  seed: int, workers: int, progress: bool, ends=(None, None)) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -253,9 +260,14 @@ def _prepare_into(tmp: Path, reader: Reader, tok, train_vocab: int, eval_fractio
         texts = (t for i, t in enumerate(reader.documents())
                  if not is_eval(seed, i, eval_fraction))
         tok = load_tokenizer(train_bpe(texts, train_vocab, tmp / "tokenizer.json"))
-    elif tok.file is not None:  # the dataset carries its own copy
+    elif tok.file is not None:  # the dataset carries its own copy (and the special tokens'
+        side = tok.file.parent / "tokenizer_config.json"  # names an HF folder keeps beside it)
+        if side.is_file():
+            shutil.copy(side, tmp / side.name)
         tok = load_tokenizer(shutil.copy(tok.file, tmp / ("tokenizer" + tok.file.suffix)))
     spec = BYTES if tok.file is None else str(tok.file)
+    add = special_tokens(tok, *ends)
+    ids = ([tok.bos_id] if add[0] else [], [tok.eos_id] if add[1] else [])
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     splits = {name: _SplitWriter(tmp, name, dtype) for name in ("train", "eval")}
 
@@ -265,11 +277,11 @@ def _prepare_into(tmp: Path, reader: Reader, tok, train_vocab: int, eval_fractio
                disable=None if progress else True, leave=False)
     chunks = _chunks(reader.documents(bar), seed, eval_fraction)
     if workers == 1:
-        _init_worker(spec)
+        _init_worker(spec, ids)
         results = map(_encode, chunks)
         pool = None
     else:
-        pool = _pool_context().Pool(workers, _init_worker, (spec, True))
+        pool = _pool_context().Pool(workers, _init_worker, (spec, ids, True))
         results = pool.imap(_encode, chunks)
     try:
         for encoded in results:
@@ -293,8 +305,9 @@ def _prepare_into(tmp: Path, reader: Reader, tok, train_vocab: int, eval_fractio
                 else None)
     return {
         "format": FORMAT, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
-        "tokenizer": {"kind": tok.kind, "file": tok_file, "sha256": tok_hash,
-                      "trained_bpe_vocab": train_vocab or None},
+        "tokenizer": {**identity(tok), "file": tok_file, "sha256": tok_hash,
+                      "trained_bpe_vocab": train_vocab or None,
+                      "add_bos": add[0], "add_eos": add[1]},
         "tokens": info["train"]["tokens"] + info["eval"]["tokens"],
         "documents": info["train"]["documents"] + info["eval"]["documents"],
         "splits": info,
@@ -303,6 +316,19 @@ def _prepare_into(tmp: Path, reader: Reader, tok, train_vocab: int, eval_fractio
         "inputs": reader.hashes, "inputs_sha256": inputs_hash,
         "prepare_seconds": round(time.perf_counter() - t0, 3), "workers": workers,
     }
+
+
+def special_tokens(tok, bos: bool | None, eos: bool | None) -> tuple[bool, bool]:
+    """(add BOS, add EOS) per document: the flags, or (None) the tokenizer's own default;
+    ValueError when asked for a token the tokenizer does not have."""
+    out = []
+    for flag, default, have, name in ((bos, tok.adds[0], tok.bos_id, "bos"),
+                                      (eos, tok.adds[1], tok.eos_id, "eos")):
+        if flag and have is None:
+            raise ValueError(f"--{name}: tokenizer {tok.file or 'bytes'} has no {name.upper()} "
+                             f"token; use --no-{name}")
+        out.append(default if flag is None else flag)
+    return out[0], out[1]
 
 
 def main(argv=None) -> int:
@@ -320,13 +346,17 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    for end, where in (("bos", "before"), ("eos", "after")):
+        ap.add_argument(f"--{end}", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"put the tokenizer's {end.upper()} {where} every document "
+                             f"(default: what the tokenizer itself adds)")
     args = ap.parse_args(argv)
     try:
         m = prepare(args.inputs, args.out, tokenizer=args.tokenizer,
                     train_tokenizer=args.train_tokenizer, field=args.field,
                     doc_separator=args.doc_separator, eval_fraction=args.eval_fraction,
                     seed=args.seed, workers=args.workers, overwrite=args.overwrite,
-                    progress=not args.quiet)
+                    progress=not args.quiet, bos=args.bos, eos=args.eos)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -118,6 +118,9 @@ class DataSection:
     #                           a dataset folder from `python -m jaxpar.data.prepare`
     doc_separator: str = "\n\n"  # documents inside one file (a folder: one per file)
     eval_fraction: float = 0.05
+    # why the data's tokens may differ from the model's (a vocabulary extension, a larger
+    # model.vocab); "" = such a run is refused (jaxpar.data.manifest.check_tokens)
+    tokenizer_mismatch: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,13 +468,28 @@ def _check_data(cfg: Config):
                           f"folder, a text file, a folder of text files, or data.path=null for "
                           f"the bundled corpus")
     data_vocab = _data_vocab(cfg)
-    # larger is fine (a padded vocabulary: tensor parallelism, an imported model); smaller
-    # would put token ids past the embedding
+    # smaller would put token ids past the embedding (larger: check_tokens below)
     if cfg.model.vocab and cfg.model.vocab < data_vocab:
         kind = "its manifest" if _prepared(cfg) else "byte-level data has token ids 0..255"
         raise ConfigError(f"model.vocab={cfg.model.vocab} must be >= {data_vocab}, the data's "
                           f"vocabulary ({kind}; data.path={cfg.data.path!r}); set model.vocab="
-                          f"{data_vocab} (or larger, padded) or leave it unset (0)")
+                          f"{data_vocab} or leave it unset (0)")
+    from jaxpar import hf
+    from jaxpar.data.manifest import check_tokens
+
+    mo = cfg.model
+    if mo.init_from:
+        _config_error(hf.check_weights, mo.init_from, key=f"model.init_from={mo.init_from!r}")
+    _config_error(check_tokens, cfg.data.path, model_vocab=mo.vocab, init_from=mo.init_from,
+                  reason=cfg.data.tokenizer_mismatch)
+
+
+def _config_error(check, *args, key: str = "", **kw):
+    """Run a check that lives next to the code it guards; its ValueError as a ConfigError."""
+    try:
+        check(*args, **kw)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}" if key else str(e)) from None
 
 
 def _data_vocab(cfg: Config) -> int:
