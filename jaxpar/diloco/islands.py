@@ -1,0 +1,548 @@
+"""Streaming DiLoCo islands: separate JAX programs that train alone and agree through a store.
+
+An island is one ordinary run with its own mesh (its `replica` axis may hold several DiLoCo
+replicas). Islands share only a sync store (`jaxpar.diloco.store`, which holds the layout and
+the wire format). The outer math is `jaxpar.diloco.outer`'s, one copy; only the replica mean
+is taken through the store instead of a collective:
+
+    sd = streaming_diloco(inner, num_replicas=replicas_per_island, ...)
+    island = Island(sd, "/shared/run7/sync", count=3, island_id=k, wait_s=120)
+    state = island.join(sd.init(params))      # fresh, or rejoin: adopt the store's state
+    while int(state.step) < steps:            # the data row of step t is island.step + 1
+        state = jit(inner_step)(state, batch(island.step + 1))   # sd.inner_update only
+        state = island.after_step(state)      # the sync / merge that fall on this step
+    state = island.finish(state); island.close()
+
+Rounds. Round r is fragment p = r mod P, synced at step (r+1)·H/P and merged τ steps later.
+  * sync: a jitted function quantizes this island's outer gradients Δ_m = θ_global[p] − θ_m[p]
+    (every local replica, each in whole quantization blocks: the all-gather semantics of the
+    single program, no re-quantization), and a background thread writes them to the store
+    while the next τ inner steps run.
+  * merge: the island waits until every expected island's delta is in the store, or wait_s
+    has passed, then tries to create the round's record with the members it saw (the deltas
+    that pass their checksum). Create-if-absent makes exactly one record win; every island
+    uses it. Expected = the members of round r−1 plus islands that announced a rejoin at r:
+    an island missing from a round is not waited for again until it announces itself.
+  * every island then reads the members' deltas in island-id order, takes the fp32 mean over
+    all their replicas (so islands with more replicas weigh more: token-weighted when every
+    replica reads the same batch size) and runs `outer_apply` on the host CPU backend. Equal
+    bytes in, one program, one backend: θ_global and the outer state come out bit-identical
+    on every island, whatever its mesh. Each delta carries the digest of its writer's
+    θ_global[p] and outer state before the round; a mismatch stops the run (islands diverged).
+  * the round's closer publishes the state after the round (`global/{r+1}`) and deletes
+    rounds older than keep_rounds.
+
+Rejoin. `join` on a store that already has rounds adopts the newest published state, replays
+the closed rounds after it from their records and deltas (the same code as a merge), announces
+the next round in its heartbeat and starts at the step after the last closed merge. The inner
+steps it did since the last round it was in, and the data rows of the steps it jumps over, are
+skipped (as in torchft).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpar.diloco import quantize as qz
+from jaxpar.diloco import store as st
+from jaxpar.diloco.outer import (DiLoCoState, StreamingDiLoCo, fragment_delta_MN, outer_apply,
+                                 split_flat)
+from jaxpar.diloco.store import CorruptBlob, IslandError, SyncStore
+
+__all__ = ["Island", "IslandError", "CorruptBlob", "math_settings"]
+
+
+def math_settings(sd: StreamingDiLoCo, count: int, params) -> dict:
+    """The settings every island must share (they change the outer math or the round schedule).
+    The caller adds its own (model, outer optimizer, seed) to `Island(settings=...)`."""
+    sig = [[jax.tree_util.keystr(p), list(np.shape(x)), str(np.asarray(x).dtype)]
+           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return {"count": count, "sync_every": sd.sync_every, "num_fragments": sd.num_fragments,
+            "overlap_steps": sd.overlap_steps, "alpha": float(sd.alpha), "quantize": sd.quantize,
+            "param_shapes": st.digest([np.frombuffer(json.dumps(sig).encode(), np.uint8)])}
+
+
+def _log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Island:
+    def __init__(self, sd: StreamingDiLoCo, store: str, *, count: int, island_id: int,
+                 wait_s: float = 120.0, settings: dict | None = None, heartbeat_s: float = 2.0,
+                 poll_s: float = 0.05, keep_rounds: int | None = None, log=_log_stderr):
+        for name, v in (("count", count), ("id", island_id)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise IslandError(f"diloco.islands.{name}={v!r} must be an int")
+        if count < 1:
+            raise IslandError(f"diloco.islands.count={count} must be ≥ 1")
+        if not 0 <= island_id < count:
+            raise IslandError(f"diloco.islands.id={island_id} must be in 0..{count - 1} "
+                              f"(diloco.islands.count={count})")
+        if not wait_s > 0:
+            raise IslandError(f"diloco.islands.wait_s={wait_s} must be > 0")
+        self.sd, self.count, self.id, self.wait_s = sd, int(count), int(island_id), float(wait_s)
+        self.extra_settings = dict(settings or {})
+        self.heartbeat_s, self.poll_s = float(heartbeat_s), float(poll_s)
+        self.keep_rounds = max(keep_rounds or 0, 2 * sd.num_fragments + 2)
+        self.log = log
+        self.store = SyncStore(store)
+        self.session = uuid.uuid4().hex[:12]
+        self.period = sd.sync_every // sd.num_fragments
+        self.step = 0                 # inner steps done (host copy of state.step)
+        self.rounds: list[dict] = []  # one metrics record per merged round
+        self._members = list(range(self.count))
+        self._pending = None          # (round, writer thread, box with the written blob)
+        self._joins_round = None
+        self._stop = threading.Event()
+        self._beat_thread = None
+        self._beat = 0
+        self._beat_lock = threading.Lock()
+        self._stolen = None
+        self._publisher = None
+        self._cpu = jax.devices("cpu")[0]
+
+    # ------------------------------------------------------------------ schedule
+    def round_of_sync(self, t: int) -> int | None:
+        return t // self.period - 1 if t > 0 and t % self.period == 0 else None
+
+    def sync_step(self, r: int) -> int:
+        return (r + 1) * self.period
+
+    def merge_step(self, r: int) -> int:
+        return self.sync_step(r) + self.sd.overlap_steps
+
+    # ------------------------------------------------------------------ join
+    def join(self, state: DiLoCoState) -> DiLoCoState:
+        """Check the store and the settings, claim this island's id, and return the state to
+        train from: `state` itself on a fresh store, else the store's newest global state."""
+        lead = jax.tree.leaves(state.params)[0].shape[0]
+        if lead != self.sd.num_replicas:
+            raise IslandError("Island.join expects the state of sd.init(params)")
+        self._frags = self.sd.fragments(state.global_params)
+        self._treedef = jax.tree.structure(state.global_params)
+        self._outer_defs = [jax.tree.structure(o) for o in state.outer_state]
+        self.store.probe(self.session)
+        self._check_settings(state.global_params)
+        self._claim_id()
+        self._glob = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state.global_params))]
+        self._outer = [[np.asarray(x) for x in jax.tree.leaves(o)]
+                       for o in jax.device_get(state.outer_state)]
+        self.step = int(state.step)
+        self._compile(state)
+        self._start_heartbeat()
+        closed = self.store.rounds_with_record()
+        if not closed:
+            return self._start_fresh(state)
+        return self._rejoin(state)
+
+    def _check_settings(self, params) -> None:
+        mine = dict(math_settings(self.sd, self.count, params), **self.extra_settings)
+        blob = json.dumps(mine, sort_keys=True).encode()
+        if self.store.create(st.SETTINGS, blob):
+            return
+        theirs, _ = self.store.get_json(st.SETTINGS)
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            shown = ", ".join(f"{k}={mine.get(k)!r} (store: {theirs.get(k)!r})" for k in diff)
+            raise IslandError(f"island {self.id} differs from the islands already in "
+                              f"{self.store.url}/{st.SETTINGS}: {shown}; every island needs "
+                              f"the same")
+
+    def _claim_id(self) -> None:
+        beat, _ = self.store.get_json(st.heartbeat_key(self.id))
+        if beat is not None and not beat.get("closed") and beat.get("session") != self.session:
+            # a process that left without closing: dead (a restart) or alive (a duplicate id)
+            time.sleep(2.5 * float(beat.get("every", self.heartbeat_s)))
+            again, _ = self.store.get_json(st.heartbeat_key(self.id))
+            if again is not None and again.get("beat") != beat.get("beat"):
+                raise self._duplicate(again)
+        reg, gen = self.store.get(st.registry_key(self.id))
+        mine = json.dumps({"session": self.session, "host": socket.gethostname(),
+                           "pid": os.getpid(), "time": time.time()}).encode()
+        if not self.store.put_if(st.registry_key(self.id), mine, gen):
+            theirs, _ = self.store.get_json(st.registry_key(self.id))
+            raise self._duplicate(theirs or {})
+
+    def _duplicate(self, other: dict) -> IslandError:
+        return IslandError(f"diloco.islands.id={self.id} is already taken by a live island "
+                           f"(host {other.get('host', '?')}, pid {other.get('pid', '?')}); give "
+                           f"each island its own id in 0..{self.count - 1}")
+
+    def _start_fresh(self, state):
+        if self.step > 0:
+            raise IslandError(f"sync store {self.store.url} holds no rounds, but island {self.id} "
+                              f"resumes at step {self.step}: the store was deleted or belongs to "
+                              f"another run; point diloco.islands.store at this run's store")
+        init = self._global_blob(0, 0)
+        if not self.store.create(st.global_key(0), init):
+            header, _ = self._read_global(0)
+            mine = st.digest(self._glob + [x for o in self._outer for x in o])
+            if header["state_sha"] != mine:
+                raise IslandError(f"island {self.id}'s initial params differ from "
+                                  f"{self.store.url}/{st.global_key(0)}: every island needs the "
+                                  f"same init (seed, model)")
+        return state
+
+    def _rejoin(self, state):
+        start_step = self.step
+        n_best = max(self.store.global_indices(), default=None)
+        if n_best is None:
+            raise IslandError(f"sync store {self.store.url} has rounds but no global state "
+                              f"(global/ was deleted?): island {self.id} cannot rejoin")
+        header, arrays = self._read_global(n_best)
+        self._load_global(header, arrays)
+        done = n_best  # rounds applied to the host state
+        replayed = 0
+        while True:
+            closed = self.store.rounds_with_record()
+            newest = max(closed)
+            for r in range(done, newest + 1):
+                rec = self._record(r)
+                if rec is None:
+                    raise IslandError(f"sync store {self.store.url} lacks the record of round {r} "
+                                      f"(deleted?): island {self.id} cannot replay it to rejoin")
+                self._apply_round(r, rec, cached={})
+                replayed += 1
+            done = newest + 1
+            self._joins_round = done
+            self._write_heartbeat()
+            if self._record(done) is None:
+                break  # announced before round `done` closed: the others will wait for us
+        self._members = self._record(done - 1)["members"]
+        self.step = self.merge_step(done - 1)
+        state = self._adopt_fn(state, self._tree(self._glob), self._outer_trees(),
+                               jnp.asarray(self.step, jnp.int32))
+        self.log(f"islands: island {self.id} rejoins at round {done} (step {self.step}): adopted "
+                 f"{st.global_key(n_best)} and replayed {replayed} rounds; its inner steps "
+                 f"{start_step + 1}..{self.step} are skipped")
+        return state
+
+    # ------------------------------------------------------------------ jitted pieces
+    def _compile(self, state):
+        sd, frags, fmt = self.sd, self._frags, self.sd.quantize
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+
+        def wire(s, p):
+            x_MN = fragment_delta_MN(s, frags, p)
+            M, n = x_MN.shape
+            k = -(-n // qz.BLOCK)
+            x_MKB = jnp.pad(x_MN, ((0, 0), (0, k * qz.BLOCK - n))).reshape(M, k, qz.BLOCK)
+            return jax.vmap(lambda b: qz.quantize(b, fmt))(x_MKB)
+
+        self._wire_fn = jax.jit(wire, static_argnums=1)
+
+        def install(s, p, glob, outer_p):
+            return sd.install_fragment(s, frags, p, glob, outer_p)
+
+        self._install_fn = jax.jit(install, static_argnums=1, donate_argnums=0,
+                                   out_shardings=shardings)
+
+        def adopt(s, glob_tree, outer, step):
+            params_M = jax.tree.map(lambda x, r: jnp.broadcast_to(x.astype(r.dtype), r.shape),
+                                    glob_tree, s.params)
+            return s._replace(step=step, params=sd._constrain_replicas(params_M),
+                              global_params=glob_tree, outer_state=outer,
+                              pending_fragment=jnp.asarray(-1, jnp.int32))
+
+        self._adopt_fn = jax.jit(adopt, donate_argnums=0, out_shardings=shardings)
+        # the outer update and the mean run on the host CPU backend on every island: equal
+        # inputs give equal bits whatever mesh or accelerator the island trains on
+        self._outer_cpu = jax.jit(functools.partial(outer_apply, sd.outer_optimizer))
+        self._mean_cpu = jax.jit(lambda w: qz.dequantized_mean(w, fmt))
+
+    def _on_cpu(self, fn, *args):
+        with jax.default_device(self._cpu):
+            args = jax.device_put(args, self._cpu)
+            return jax.tree.map(np.asarray, fn(*args))
+
+    # ------------------------------------------------------------------ the step hook
+    def after_step(self, state: DiLoCoState) -> DiLoCoState:
+        """Call once after every inner step (`sd.inner_update`): starts the sync and does the
+        merge that fall on this step."""
+        if self._stolen:
+            raise self._duplicate(self._stolen)
+        self.step += 1
+        r = self.round_of_sync(self.step)
+        if r is not None:
+            self._start_sync(state, r)
+        if self._pending is not None and self.step == self.merge_step(self._pending[0]):
+            state = self._merge(state)
+        return state
+
+    def finish(self, state: DiLoCoState) -> DiLoCoState:
+        """Merge a round still in flight (as `StreamingDiLoCo.finalize`), then wait for the
+        publication of the last state."""
+        if self._pending is not None:
+            state = self._merge(state)
+        if self._publisher is not None:
+            self._publisher.join()
+        return state
+
+    def close(self) -> None:
+        """Stop the heartbeat and mark this island as closed (not a duplicate-id suspect)."""
+        if self._publisher is not None:
+            self._publisher.join()
+        self._stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join()
+            self._write_heartbeat(closed=True)
+
+    # ------------------------------------------------------------------ sync
+    def _start_sync(self, state, r):
+        p = r % self.sd.num_fragments
+        wire = self._wire_fn(state, p)  # dispatched now, before the next step donates `state`
+        before = self._fragment_digest(p)
+        box: dict = {}
+
+        def write():
+            try:
+                arrays = {"payload": np.asarray(wire.payload)}
+                if wire.scale_N is not None:
+                    arrays["scale"] = np.asarray(wire.scale_N)
+                header = {"kind": "delta", "round": r, "fragment": p, "step": self.sync_step(r),
+                          "island": self.id, "session": self.session,
+                          "replicas": self.sd.num_replicas, "quantize": self.sd.quantize,
+                          "values": self._frags.size(p), "global_sha": before}
+                blob = st.pack(header, arrays)
+                self.store.put(st.delta_key(r, self.id, self.session), blob)
+                box["blob"] = blob
+            except BaseException as e:  # handed to the merge, which raises it in one line
+                box["error"] = e
+
+        th = threading.Thread(target=write, name=f"island-{self.id}-delta-{r}", daemon=True)
+        th.start()
+        self._pending = (r, th, box)
+
+    def _fragment_digest(self, p: int) -> str:
+        idx = self._frags.leaves(p)
+        return st.digest([self._glob[i] for i in idx] + self._outer[p])
+
+    # ------------------------------------------------------------------ merge
+    def _merge(self, state):
+        r, th, box = self._pending
+        self._pending = None
+        t0 = time.monotonic()
+        th.join()
+        if "error" in box:
+            e = box["error"]
+            raise e if isinstance(e, IslandError) else IslandError(
+                f"island {self.id}: writing its delta of round {r} failed: {e}")
+        own_key = st.delta_key(r, self.id, self.session)
+        rec, cached = self._agree(r, t0)
+        cached.setdefault(own_key, box["blob"])
+        waited = time.monotonic() - t0
+        p = r % self.sd.num_fragments
+        nbytes = self._apply_round(r, rec, cached)
+        state = self._install_fn(state, p, [self._glob[i] for i in self._frags.leaves(p)],
+                                 self._outer_tree(p))
+        self._members = rec["members"]
+        if self.id not in rec["members"]:
+            self.log(f"islands: island {self.id} missed round {r} (members {rec['members']}); "
+                     f"it applies the round and announces itself for round {r + 1}")
+            self._joins_round = r + 1
+            self._write_heartbeat()
+        if rec.get("closer") == self.id and rec.get("closer_session") == self.session:
+            self._publish(r)
+        self.rounds.append({"step": self.step, "round": r, "fragment": p,
+                            "members": rec["members"], "wait_s": round(waited, 4),
+                            "bytes": nbytes + len(box["blob"])})
+        return state
+
+    def _expected(self, r: int, beats: dict) -> set[int]:
+        announced = {k for k, b in beats.items() if b.get("joins_round") == r}
+        return set(self._members) | announced | {self.id}
+
+    def _beats(self) -> dict:
+        out = {}
+        for k in range(self.count):
+            try:
+                b, _ = self.store.get_json(st.heartbeat_key(k))
+            except CorruptBlob:
+                b = None
+            if b is not None:
+                out[k] = b
+        return out
+
+    def _agree(self, r: int, t0: float) -> tuple[dict, dict]:
+        """The record of round r: the one in the store, or the one this island creates."""
+        while True:
+            rec = self._record(r)
+            if rec is not None:
+                return rec, {}
+            beats = self._beats()
+            present = self.store.deltas(r)
+            if self._expected(r, beats) <= set(present) or time.monotonic() - t0 >= self.wait_s:
+                rec, cached = self._propose(r, present, beats)
+                if self.store.create(st.record_key(r), json.dumps(rec).encode()):
+                    return rec, cached
+                continue  # another island's record won: use it
+            time.sleep(self.poll_s)
+
+    def _propose(self, r, present, beats):
+        members, keys, digests, replicas, cached = [], {}, {}, {}, {}
+        for k in sorted(present):
+            cands = present[k]
+            live = beats.get(k, {}).get("session")
+            key = next((c for c in cands if self.store.session_of(c) == live), cands[-1])
+            try:
+                blob, _ = self.store.get(key)
+                if blob is None:
+                    raise CorruptBlob(f"{key} vanished")
+                header, _ = st.unpack(blob, f"{self.store.url}/{key}")
+                if header["round"] != r or header["island"] != k:
+                    raise CorruptBlob(f"{key} holds round {header['round']} of island "
+                                      f"{header['island']}")
+            except CorruptBlob as e:
+                self.log(f"islands: round {r}: {e}; excluded from the round")
+                continue
+            members.append(k)
+            keys[str(k)] = key
+            digests[str(k)] = header["sha256"]
+            replicas[str(k)] = header["replicas"]
+            cached[key] = blob
+        rec = {"round": r, "fragment": r % self.sd.num_fragments, "step": self.merge_step(r),
+               "members": members, "keys": keys, "digests": digests, "replicas": replicas,
+               "closer": self.id, "closer_session": self.session, "time": time.time()}
+        return rec, cached
+
+    def _record(self, r: int):
+        rec, _ = self.store.get_json(st.record_key(r))
+        return rec
+
+    def _apply_round(self, r: int, rec: dict, cached: dict) -> int:
+        """Apply round r's agreed mean to the host θ_global and outer state; bytes read."""
+        p = r % self.sd.num_fragments
+        idx = self._frags.leaves(p)
+        before = self._fragment_digest(p)
+        payloads, scales, nbytes = [], [], 0
+        for k in rec["members"]:
+            key = rec["keys"][str(k)]
+            blob = cached.get(key)
+            if blob is None:
+                blob, _ = self.store.get(key)
+                if blob is None:
+                    raise IslandError(f"sync store {self.store.url}: {key}, a member of round {r}, "
+                                      f"is missing (deleted before island {self.id} read it)")
+                nbytes += len(blob)
+            header, arrays = st.unpack(blob, f"{self.store.url}/{key}")
+            if header["sha256"] != rec["digests"][str(k)]:
+                raise IslandError(f"sync store {self.store.url}: {key} changed after round {r} "
+                                  f"was agreed (sha256 differs from its record)")
+            if header["global_sha"] != before:
+                raise IslandError(f"islands diverged: island {k}'s θ_global/outer state of "
+                                  f"fragment {p} before round {r} differs from island "
+                                  f"{self.id}'s (same init, jax version and store on every "
+                                  f"island?)")
+            payloads.append(arrays["payload"])
+            if "scale" in arrays:
+                scales.append(arrays["scale"])
+        if not rec["members"]:  # nobody's delta arrived: the round changes nothing
+            return nbytes
+        wire = qz.Wire(np.concatenate(payloads), np.concatenate(scales) if scales else None)
+        mean_KB = self._on_cpu(self._mean_cpu, wire)
+        n = self._frags.size(p)
+        mean = split_flat(mean_KB.reshape(-1)[:n], [self._glob[i].shape for i in idx])
+        glob, outer_p = self._on_cpu(self._outer_cpu, [m.astype(np.float32) for m in mean],
+                                     self._outer_tree(p), [self._glob[i] for i in idx])
+        for j, i in enumerate(idx):
+            self._glob[i] = np.asarray(glob[j], self._glob[i].dtype)
+        self._outer[p] = [np.asarray(x) for x in jax.tree.leaves(outer_p)]
+        return nbytes
+
+    # ------------------------------------------------------------------ global state
+    def _tree(self, leaves):
+        return jax.tree.unflatten(self._treedef, leaves)
+
+    def _outer_tree(self, p):
+        return jax.tree.unflatten(self._outer_defs[p], self._outer[p])
+
+    def _outer_trees(self):
+        return tuple(self._outer_tree(p) for p in range(self.sd.num_fragments))
+
+    def _global_blob(self, n: int, step: int) -> bytes:
+        arrays = {f"g{i}": x for i, x in enumerate(self._glob)}
+        arrays |= {f"o{p}_{j}": x for p, o in enumerate(self._outer) for j, x in enumerate(o)}
+        sha = st.digest(self._glob + [x for o in self._outer for x in o])
+        return st.pack({"kind": "global", "rounds": n, "step": step, "state_sha": sha}, arrays)
+
+    def _read_global(self, n: int):
+        key = st.global_key(n)
+        blob, _ = self.store.get(key)
+        if blob is None:
+            raise IslandError(f"sync store {self.store.url}: {key} is missing (deleted?)")
+        try:
+            return st.unpack(blob, f"{self.store.url}/{key}")
+        except CorruptBlob as e:
+            raise CorruptBlob(f"island {self.id} cannot rejoin: {e}") from None
+
+    def _load_global(self, header, arrays):
+        glob = [arrays.get(f"g{i}") for i in range(len(self._glob))]
+        outer = [[arrays.get(f"o{p}_{j}") for j in range(len(o))]
+                 for p, o in enumerate(self._outer)]
+        flat = lambda g, o: g + [y for leaves in o for y in leaves]
+        want = [(x.shape, x.dtype) for x in flat(self._glob, self._outer)]
+        got = [None if x is None else (x.shape, x.dtype) for x in flat(glob, outer)]
+        if want != got or len(arrays) != len(want):
+            raise IslandError(f"sync store {self.store.url}: {st.global_key(header['rounds'])} "
+                              f"does not hold this model's θ_global and outer state")
+        self._glob = [np.array(x) for x in glob]
+        self._outer = [[np.array(x) for x in o] for o in outer]
+
+    def _publish(self, r: int) -> None:
+        """Closer of round r: publish the state after it, then apply the retention."""
+        blob = self._global_blob(r + 1, self.merge_step(r))
+        prev = self._publisher
+
+        def work():
+            try:
+                if prev is not None:
+                    prev.join()
+                self.store.put(st.global_key(r + 1), blob)
+                for n in self.store.global_indices():
+                    if n < r:  # keep the newest two
+                        self.store.delete_prefix(st.global_key(n))
+                for old in self.store.all_rounds():
+                    if old <= r - self.keep_rounds:
+                        self.store.delete_prefix(st.round_prefix(old))
+            except IslandError as e:  # a later rejoin reads an older state; say so, go on
+                self.log(f"islands: publishing the state after round {r} failed: {e}")
+
+        self._publisher = threading.Thread(target=work, name=f"island-{self.id}-publish-{r}",
+                                           daemon=True)
+        self._publisher.start()
+
+    # ------------------------------------------------------------------ heartbeat
+    def _write_heartbeat(self, closed: bool = False) -> None:
+        with self._beat_lock:  # the heartbeat thread and the main thread both write
+            self._beat += 1
+            n = self._beat
+        beat = {"session": self.session, "beat": n, "time": time.time(), "step": self.step,
+                "joins_round": self._joins_round, "every": self.heartbeat_s, "closed": closed}
+        self.store.put(st.heartbeat_key(self.id), json.dumps(beat).encode())
+
+    def _start_heartbeat(self) -> None:
+        self._write_heartbeat()
+
+        def run():
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    self._write_heartbeat()
+                    reg, _ = self.store.get_json(st.registry_key(self.id))
+                    if reg is not None and reg.get("session") != self.session:
+                        self._stolen = reg
+                except IslandError as e:
+                    self.log(f"islands: heartbeat of island {self.id} failed: {e}")
+
+        self._beat_thread = threading.Thread(target=run, name=f"island-{self.id}-heartbeat",
+                                             daemon=True)
+        self._beat_thread.start()
