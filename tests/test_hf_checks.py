@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,24 @@ def test_prepare_bos_eos_per_document(tmp_path, corpus, capsys):
                                  str(tmp_path / "c"), "--quiet"], "--bos", "no BOS")
     assert not (tmp_path / "c").exists()
     shutil.rmtree(tmp_path / "a")
+
+
+def test_base_config_keys_yield_to_init_from(tmp_path, hf_dir, capsys):
+    """configs/base.yaml sets model.layers=4 (the checkpoint has 2): inherited keys give way,
+    the user's own file and command line must agree."""
+    from jaxpar.train.config import ConfigError, load_config
+
+    base = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+    (tmp_path / "b.yaml").write_text("model: {layers: 4, embed: 128, dtype: bfloat16}\n")
+    (tmp_path / "c.yaml").write_text(f"base: {base}\nmodel: {{init_from: {hf_dir}}}\n")
+    m = load_config(tmp_path / "c.yaml").model
+    assert (m.layers, m.embed, m.heads, m.kv_heads, m.vocab) == (2, 32, 4, 2, 259)
+    (tmp_path / "d.yaml").write_text(f"base: b.yaml\nmodel: {{init_from: {hf_dir}}}\n")
+    m = load_config(tmp_path / "d.yaml").model
+    assert m.layers == 2 and m.embed == 32 and m.dtype == "bfloat16"  # dtype is the run's
+    with pytest.raises(ConfigError, match="model.layers=4 conflicts"):
+        load_config(tmp_path / "d.yaml", ["model.layers=4"])
+    (tmp_path / "e.yaml").write_text(f"base: b.yaml\nmodel: {{init_from: {hf_dir}, "
+                                     f"embed: 128}}\n")
+    with pytest.raises(ConfigError, match="model.embed=128 conflicts"):
+        load_config(tmp_path / "e.yaml")

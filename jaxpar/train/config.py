@@ -322,15 +322,26 @@ def _init_from(body: dict) -> dict:
 def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
     """Read a YAML config (with `base:`), apply `section.key=value` overrides, check types."""
     raw = _read_yaml(Path(path)) if path is not None else {}
+    own = _own_model_keys(Path(path)) if path is not None else set()
     for item in overrides:
         section, name, value = parse_override(item)
+        own |= {name} if section == "model" else set()
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section {section!r} must be a mapping of keys")
         if isinstance(value, dict) and isinstance(raw[section].get(name), dict):
             value = {**raw[section][name], **value}  # sharding.rules.mlp=null adds one entry
         raw[section] = dict(raw[section], **{name: value})
+    if isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):
+        # a base file's model keys yield to the checkpoint; the user's own must agree with it
+        raw["model"] = {k: v for k, v in raw["model"].items() if k in own or k not in _HF_NAMES}
     return from_dict(raw)
+
+
+def _own_model_keys(path: Path) -> set[str]:
+    """The model keys the file itself sets (not its `base:`)."""
+    raw = yaml.safe_load(path.read_text()) or {}  # readable: _read_yaml read it
+    return set(raw.get("model") or {}) if isinstance(raw.get("model") or {}, dict) else set()
 
 
 def dump(cfg: Config) -> str:
