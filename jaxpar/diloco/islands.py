@@ -140,10 +140,13 @@ class Island:
         self.step = int(state.step)
         self._compile(state)
         self._start_heartbeat()
-        closed = self.store.rounds_with_record()
-        if not closed:
-            return self._start_fresh(state)
-        return self._rejoin(state)
+        try:
+            if not self.store.rounds_with_record():
+                return self._start_fresh(state)
+            return self._rejoin(state)
+        except BaseException:
+            self.close()  # a failed join leaves no live-looking heartbeat behind
+            raise
 
     def _check_settings(self, params) -> None:
         mine = dict(math_settings(self.sd, self.count, params), **self.extra_settings)
@@ -420,7 +423,8 @@ class Island:
         return rec
 
     def _apply_round(self, r: int, rec: dict, cached: dict) -> int:
-        """Apply round r's agreed mean to the host θ_global and outer state; bytes read."""
+        """Apply round r's agreed mean to the host θ_global and outer state; returns the bytes
+        of the other members' deltas (what this island reads for the round)."""
         p = r % self.sd.num_fragments
         idx = self._frags.leaves(p)
         before = self._fragment_digest(p)
@@ -433,7 +437,6 @@ class Island:
                 if blob is None:
                     raise IslandError(f"sync store {self.store.url}: {key}, a member of round {r}, "
                                       f"is missing (deleted before island {self.id} read it)")
-                nbytes += len(blob)
             header, arrays = st.unpack(blob, f"{self.store.url}/{key}")
             if header["sha256"] != rec["digests"][str(k)]:
                 raise IslandError(f"sync store {self.store.url}: {key} changed after round {r} "
@@ -443,6 +446,8 @@ class Island:
                                   f"fragment {p} before round {r} differs from island "
                                   f"{self.id}'s (same init, jax version and store on every "
                                   f"island?)")
+            if k != self.id:
+                nbytes += len(blob)
             payloads.append(arrays["payload"])
             if "scale" in arrays:
                 scales.append(arrays["scale"])

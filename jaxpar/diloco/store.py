@@ -194,8 +194,10 @@ class SyncStore:
 
     def create(self, key: str, value: bytes) -> bool:
         """Create-if-absent: True if this call created the key."""
-        _, gen = self.get(key)
-        return self.put_if(key, value, gen)
+        current, gen = self.get(key)
+        if current is not None:  # with the generation of a present key this would overwrite
+            return False
+        return self.put_if(key, value, gen)  # the generation of a missing key: only-if-absent
 
     def keys(self, prefix: str) -> list[str]:
         try:
