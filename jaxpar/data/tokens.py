@@ -15,6 +15,7 @@ the dataset's size.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ import grain
 import numpy as np
 
 from jaxpar.data.manifest import read_manifest
-from jaxpar.data.tokenizer import BYTES, load_tokenizer
+from jaxpar.data.tokenizer import BYTES, load_tokenizer, token_bytes
 
 
 class TokenWindows:
@@ -74,8 +75,8 @@ class TokenDataset:
                                  f"tokens; train.seq_len={seq_len} needs at least {seq_len + 1}")
         self.train, self.eval = split["train"], split["eval"]
         self.dataset = grain.MapDataset.source(self.train).shuffle(seed=seed % 2 ** 32)
-        ev = m["splits"]["eval"]
-        self.eval_tokens_per_byte = ev["tokens"] / ev["decoded_bytes"]
+        self._eval_shape: tuple[int, int] | None = None  # (batch_size, batches) of the eval
+        self._eval_bytes: dict[tuple[int, int], int] = {}
 
     @property
     def reads(self) -> int:
@@ -87,14 +88,38 @@ class TokenDataset:
         w = np.stack([self.dataset[first + r] for r in rows])
         return w[:, 0], w[:, 1]
 
+    def _eval_starts(self, batch_size: int, num_batches: int) -> np.ndarray:
+        n = batch_size * num_batches
+        return np.linspace(0, self.eval.num_tokens - self.seq_len - 1, n).astype(np.int64)
+
     def eval_rows(self, j: int, rows: range, batch_size: int, num_batches: int):
         """Fixed windows spread evenly over the eval split (as ByteData's)."""
-        n = batch_size * num_batches
-        starts = np.linspace(0, self.eval.num_tokens - self.seq_len - 1, n).astype(np.int64)
+        self._eval_shape = (batch_size, num_batches)
+        starts = self._eval_starts(batch_size, num_batches)
         w = np.stack([self.eval.window(int(starts[j * batch_size + r])) for r in rows])
         return w[:, 0], w[:, 1]
 
+    def eval_target_bytes(self, batch_size: int, num_batches: int) -> int:
+        """UTF-8 bytes of exactly the tokens the eval scores (tokens 1..N of every eval
+        window, all rows of all processes), from the tokenizer's per-token byte lengths."""
+        key = (batch_size, num_batches)
+        if key not in self._eval_bytes:
+            table = self.token_bytes
+            self._eval_bytes[key] = int(sum(
+                table[self.eval.window(int(s))[0, 1:]].sum()
+                for s in self._eval_starts(batch_size, num_batches)))
+        return self._eval_bytes[key]
+
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray:
+        return token_bytes(self.tokenizer)
+
     def bits_per_byte(self, loss_nats: float) -> float:
-        """Loss per token in nats -> bits per byte of the decoded eval text (comparable
-        across tokenizers)."""
-        return loss_nats / math.log(2) * self.eval_tokens_per_byte
+        """Mean eval loss per token in nats -> bits per UTF-8 byte of the scored tokens: the
+        eval windows are fixed, so their nats (loss × targets) over their bytes is exact
+        (comparable across tokenizers; BOS/EOS targets carry nats and no bytes)."""
+        if self._eval_shape is None:
+            raise ValueError("bits_per_byte needs the eval windows: call eval_rows first")
+        B, nb = self._eval_shape
+        nbytes = max(1, self.eval_target_bytes(B, nb))
+        return loss_nats * B * nb * self.seq_len / (math.log(2) * nbytes)
