@@ -5,16 +5,20 @@
 Each process gets JAXPAR_COORDINATOR / JAXPAR_NUM_PROCESSES / JAXPAR_PROCESS_ID (read by
 `python -m jaxpar.train`) and, on CPU, 8/N simulated devices. Logs go to
 LOGDIR/process_{i}.log (default: the current folder's `launch_logs/`). If one process fails
-the others are stopped; so is the whole group after --timeout seconds. The exit code is the
-first failure's (0 if all succeed).
+the others are stopped; so is the whole group after --timeout seconds, when given. The exit
+code is the first failure's (0 if all succeed).
 
 `--restarts k`: a group whose process failed (died, or hung and was ended by the trainer's
-hang watchdog with exit 4) is stopped and started again, up to k times, with the same
-command, so `python -m jaxpar.train` resumes from the run folder's last checkpoint. Exit
+hang watchdog with exit 4) is stopped and started again with the same command, so
+`python -m jaxpar.train` resumes from the run folder's last checkpoint. k is a budget per
+`--restart-window` seconds (default an hour), not per run: a run of weeks meets many
+faults, and what must end it is a burst of them (a fault the restart does not cure). An
+attempt that ran longer than the window made progress and starts the count afresh. Exit
 codes that the same command would only repeat are not restarted: 2 (a bad config or a
 refused resume) and 3 (stopped on a non-finite step). Each attempt's logs are kept
-(`process_{i}.log` is the last, `attempt_{j}/` the earlier ones). The --timeout covers all
-attempts together.
+(`process_{i}.log` is the last, `attempt_{j}/` the earlier ones). There is no time limit
+unless `--timeout` sets one (for all attempts together: exit 124); hangs are the trainer's
+watchdog's to find.
 
 On a cluster, skip this script: start one process per host with `--distributed` and
 `jax.distributed.initialize()` reads the cluster environment (the cluster's scheduler then
@@ -42,30 +46,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RestartBudget:
+    """At most `k` restarts in any `window_s` seconds; an attempt that ran longer than the
+    window (progress) forgets the earlier ones."""
+
+    def __init__(self, k: int, window_s: float, clock=time.monotonic):
+        self.k, self.window_s, self.clock = k, window_s, clock
+        self.times: list[float] = []
+
+    def allow(self, attempt_s: float) -> bool:
+        now = self.clock()
+        if attempt_s > self.window_s:
+            self.times.clear()
+        self.times = [t for t in self.times if now - t < self.window_s]
+        if len(self.times) >= self.k:
+            return False
+        self.times.append(now)
+        return True
+
+
 def launch(cmd: list[str], n: int, *, devices: int = 8, log_dir: str = "launch_logs",
-           timeout: float = 1800.0, echo: bool = True, restarts: int = 0) -> int:
+           timeout: float | None = None, echo: bool = True, restarts: int = 0,
+           restart_window: float = 3600.0) -> int:
     if devices % n:
         raise SystemExit(f"--devices={devices} must be divisible by -n={n}")
     if restarts < 0:
         raise SystemExit(f"--restarts={restarts} must be >= 0")
     logs = Path(log_dir)
     logs.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
-    for attempt in range(restarts + 1):
+    deadline = time.monotonic() + timeout if timeout else float("inf")
+    budget = RestartBudget(restarts, restart_window)
+    attempt = 0
+    while True:
         if attempt:
             keep = logs / f"attempt_{attempt - 1}"
             keep.mkdir(exist_ok=True)
             for i in range(n):
                 if (logs / f"process_{i}.log").exists():
                     os.replace(logs / f"process_{i}.log", keep / f"process_{i}.log")
-            print(f"restart {attempt} of {restarts}: starting the group again "
-                  f"(earlier logs in {keep}/)", file=sys.stderr, flush=True)
+            print(f"restart {attempt} ({len(budget.times)} of {restarts} in the last "
+                  f"{restart_window:g} s): starting the group again (earlier logs in {keep}/)",
+                  file=sys.stderr, flush=True)
+        began = time.monotonic()
         code = _run_group(cmd, n, devices, logs, deadline, timeout, echo and attempt == 0)
-        if code in FINAL and attempt < restarts:
+        if code in FINAL and restarts:
             print(f"exit code {code} ({FINAL[code]}): not restarting, the same command would "
                   f"end the same way", file=sys.stderr, flush=True)
         if code in (0, 124) or code in FINAL:  # done, out of time, or would fail again
             break
+        if not budget.allow(time.monotonic() - began):
+            if restarts:
+                print(f"{restarts} restarts within {restart_window:g} s: giving up",
+                      file=sys.stderr, flush=True)
+            break
+        attempt += 1
     if echo and code == 0:
         sys.stdout.write((logs / "process_0.log").read_text())
     return code
@@ -134,16 +168,20 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=2, help="processes")
     ap.add_argument("--devices", type=int, default=8, help="CPU devices in all")
     ap.add_argument("--log-dir", default="launch_logs")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole group")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds for the whole group, all attempts (default: no limit)")
     ap.add_argument("--restarts", type=int, default=0,
-                    help="start a failed group again up to this many times (resumes)")
+                    help="start a failed group again, at most this many times per "
+                         "--restart-window (resumes)")
+    ap.add_argument("--restart-window", type=float, default=3600.0,
+                    help="seconds over which --restarts is counted (default 3600)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run in each process")
     args = ap.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("give the command after --, e.g. -- python -m jaxpar.train configs/demo.yaml")
     return launch(cmd, args.n, devices=args.devices, log_dir=args.log_dir, timeout=args.timeout,
-                  restarts=args.restarts)
+                  restarts=args.restarts, restart_window=args.restart_window)
 
 
 if __name__ == "__main__":

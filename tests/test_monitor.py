@@ -84,7 +84,7 @@ def test_watchdog_fires_with_stacks_and_names_the_stopped_process(tmp_path):
                   on_hang=lambda code: fired.append((code, time.time())), stream=out)
     try:
         time.sleep(0.7)
-        assert not fired  # not armed before the first finished step (compilation)
+        assert not fired  # startup_s=0: not armed before the first finished step
         for s in range(1, 8):
             wd.beat(s)
             time.sleep(0.02)
@@ -105,12 +105,45 @@ def test_watchdog_fires_with_stacks_and_names_the_stopped_process(tmp_path):
     assert "Thread 0x" in log
     hang = [ln for ln in log.splitlines() if ln.startswith("hang:")]
     assert len(hang) == 1, log
-    assert "process 0: no step finished in 0.5 s (last finished step 7" in hang[0]
+    assert "process 0: nothing finished in 0.5 s (steps; last finished step 7" in hang[0]
     assert re.search(r"behind: process 1 \(pid 4242 on h1\) sent no heartbeat for (9|10) s, "
                      r"last step 6: stopped or dead;", hang[0]), hang[0]
     assert "exiting with code 4" in hang[0]
     beats = read_heartbeats(tmp_path)
     assert beats[0]["step"] == 7 and beats[1]["step"] == 6
+
+
+def test_watchdog_is_armed_from_start_up_then_by_phase(tmp_path):
+    """Restore, compile and the first step share the start-up allowance; what follows the
+    last step gets its own bound."""
+    fired, out = [], (tmp_path / "log.txt").open("w+")  # faulthandler needs a real file
+    wd = Watchdog(tmp_path, 0, timeout_s=0.3, startup_s=0.6, interval=0.02,
+                  on_hang=lambda code: fired.append(time.time()), stream=out)
+    t0 = time.time()
+    try:
+        while not fired and time.time() < t0 + 5:
+            time.sleep(0.01)
+    finally:
+        wd.stop()
+    assert fired and 0.6 <= fired[0] - t0 < 3.0, fired  # (slack for a loaded machine)
+    out.seek(0)
+    assert "nothing finished in 0.6 s (start-up: restore, compile and the first step; last " \
+           "finished step 0" in out.read()
+    fired.clear()
+    wd = Watchdog(tmp_path, 0, timeout_s=0.3, startup_s=60, interval=0.02,
+                  on_hang=lambda code: fired.append(time.time()), stream=out)
+    try:
+        wd.beat(1)
+        time.sleep(0.1)
+        wd.phase("after the last step")
+        t1 = time.time()
+        while not fired and time.time() < t1 + 5:
+            time.sleep(0.01)
+    finally:
+        wd.stop()
+    assert fired and 0.3 <= fired[0] - t1 < 3.0
+    out.seek(0)
+    assert "(after the last step; last finished step 1" in out.read()
 
 
 def test_behind_lines():
@@ -128,7 +161,7 @@ def test_step_monitor_times_steps_and_warns(tmp_path, capsys, monkeypatch):
     11 (after a "checkpoint" at 10: not judged) and 25, which take 0.5 s more."""
     clock = [1000.0]
     monkeypatch.setattr("jaxpar.monitor.steps.time.perf_counter", lambda: clock[0])
-    mon = StepMonitor(tmp_path, start_step=0, total_steps=30, log_every=5, hang_timeout_s=0,
+    mon = StepMonitor(tmp_path, start_step=0, total_steps=30, log_every=5,
                       quiet_steps=lambda s: s == 10, process=0, num_processes=1)
     real = jax.block_until_ready
 
@@ -178,9 +211,10 @@ def test_launch_restarts_a_group_whose_process_hung(tmp_path):
                         str(ROOT / "jaxpar/monitor/watchdog.py")],
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
-    assert "process 1 exited with 4" in r.stderr and "restart 1 of 1" in r.stderr
+    assert "process 1 exited with 4" in r.stderr
+    assert "restart 1 (1 of 1 in the last 3600 s)" in r.stderr
     hung = (tmp_path / "logs/attempt_0/process_1.log").read_text()
-    assert "hang: process 1: no step finished in 1 s (last finished step 1" in hung
+    assert "hang: process 1: nothing finished in 1 s (steps; last finished step 1" in hung
     assert "time.sleep(60)" not in hung and 'File "<string>"' in hung  # the main thread's stack
     assert "finished 1" in (tmp_path / "logs/process_1.log").read_text()
     assert time.monotonic() - t0 < 60
@@ -191,16 +225,33 @@ def test_launch_gives_up_after_k_restarts(tmp_path):
                         "2", "--log-dir", str(tmp_path), "--", sys.executable, "-c",
                         "import sys; sys.exit(5)"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 5
-    assert r.stderr.count("exited with 5") == 3 and "restart 2 of 2" in r.stderr
+    assert r.stderr.count("exited with 5") == 3
+    assert "restart 2 (2 of 2 in the last 3600 s)" in r.stderr and "giving up" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "attempt_0", "attempt_1", "process_0.log", "process_1.log"]
+
+
+def test_restart_budget_is_per_window_and_resets_after_progress():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("launch", ROOT / "scripts/launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    now = [0.0]
+    b = launch.RestartBudget(2, 3600, clock=lambda: now[0])
+    assert b.allow(10) and b.allow(10) and not b.allow(10)  # a burst: 2 per hour
+    now[0] = 3700  # an hour later the first two have expired
+    assert b.allow(10) and b.allow(10) and not b.allow(10)
+    now[0] = 3800
+    assert b.allow(4000)  # an attempt that ran longer than the window made progress
+    assert b.allow(10) and not b.allow(10)
+    assert not launch.RestartBudget(0, 3600).allow(10)
 
 
 def test_launch_does_not_restart_a_bad_config(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts/launch.py"), "-n", "2", "--restarts",
                         "3", "--log-dir", str(tmp_path), "--", sys.executable, "-c",
                         "import sys; sys.exit(2)"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "restart 1 of" not in r.stderr and r.stderr.count("exited") == 1
+    assert r.returncode == 2 and "restart 1 (" not in r.stderr and r.stderr.count("exited") == 1
     assert "exit code 2 (bad config or refused resume): not restarting" in r.stderr
 
 

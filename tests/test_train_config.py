@@ -143,3 +143,14 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_every_config_key_is_classified_for_resume():
+    """A new key must say whether a resume may change it (jaxpar.train.config)."""
+    from jaxpar.train.config import RESUME_LAYOUT, RESUME_MATH, RESUME_SAFE, all_keys
+
+    listed = [*RESUME_SAFE, *RESUME_MATH, *RESUME_LAYOUT]
+    assert len(listed) == len(set(listed)), "a key classified twice"
+    assert sorted(listed) == sorted(all_keys()), (
+        f"unclassified: {sorted(set(all_keys()) - set(listed))}; "
+        f"stale: {sorted(set(listed) - set(all_keys()))}")

@@ -36,6 +36,8 @@ def test_resume_refuses_changes_that_change_the_math_and_allows_the_rest(tmp_pat
                            ["train.batch_size", "train.steps"]),
                           (dict(train=dict(lr=1e-3, warmup=5)), ["train.lr", "train.warmup"]),
                           (dict(model=dict(layers=2)), ["model.layers"]),
+                          (dict(model=dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+                           ["model.rope_scaling"]),  # a mapping: compared whole
                           (dict(data=dict(eval_fraction=0.1)), ["data.eval_fraction"])]:
         with pytest.raises(ConfigError) as e:
             runfolder.check_resume(tmp_path, 4, meta, old.replace(**changes))
@@ -45,12 +47,23 @@ def test_resume_refuses_changes_that_change_the_math_and_allows_the_rest(tmp_pat
             assert k in msg, (k, msg)
     assert "lr schedule" in str(pytest.raises(ConfigError, runfolder.check_resume, tmp_path, 4,
                                               meta, old.replace(train=dict(steps=50))).value)
-    new = old.replace(mesh=dict(data=4, tensor=2), train=dict(log_every=1, nonfinite="skip"),
-                      eval=dict(every=7), checkpoint=dict(every=3), attention=dict(impl="dense"))
+    new = old.replace(mesh=dict(data=4, tensor=2), train=dict(log_every=1, nonfinite="skip",
+                                                              microbatches=2),
+                      eval=dict(every=7), checkpoint=dict(every=3), attention=dict(impl="dense"),
+                      model=dict(remat="full"), sharding=dict(rules={"mlp": None}))
     diff = runfolder.check_resume(tmp_path, 4, meta, new)
     assert diff == {"mesh.data": [1, 4], "mesh.tensor": [1, 2], "train.log_every": [10, 1],
-                    "train.nonfinite": ["stop", "skip"], "checkpoint.every": [0, 3],
-                    "eval.every": [50, 7]}
+                    "train.nonfinite": ["rollback", "skip"], "checkpoint.every": [0, 3],
+                    "eval.every": [50, 7], "train.microbatches": [1, 2],
+                    "model.remat": ["none", "full"], "sharding.rules": [{}, {"mlp": None}]}
+    # the built-in decoder pads its vocab to a multiple of mesh.tensor: 258 rows on tensor 2
+    v258 = old.replace(model=dict(vocab=257), mesh=dict(tensor=2))
+    m258 = {"config": v258.to_dict()}
+    with pytest.raises(ConfigError, match=r"mesh.tensor 2 -> 4 pads the vocab \(257\) to 260 "
+                                          r"rows instead of the checkpoint.s 258.*\[2, 3, 6, 43"):
+        runfolder.check_resume(tmp_path, 4, m258, v258.replace(mesh=dict(tensor=4)))
+    with pytest.raises(ConfigError, match="model.vocab"):
+        runfolder.check_resume(tmp_path, 4, m258, v258.replace(model=dict(vocab=258)))
     # with DiLoCo, mesh.replica is the number of replicas: refused; without, it is batch
     dl = old.replace(diloco=dict(enabled=True), mesh=dict(replica=2))
     with pytest.raises(ConfigError, match="mesh.replica"):
@@ -190,6 +203,51 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
     ckpt.close()
 
 
+def test_a_transient_read_error_is_retried_and_never_moves_a_good_checkpoint(tmp_path,
+                                                                             monkeypatch):
+    from jaxpar.train import checkpoint
+
+    state = lambda s: TrainState(jnp.int32(s), {"w": jnp.full((4, 4), float(s))}, {})
+    ckpt = Checkpointer(tmp_path, keep=3)
+    for s in (1, 2):
+        ckpt.save(s, state(s), {"data_step": s})
+    ckpt.wait()
+    real, calls, slept = Checkpointer.restore, [], []
+    monkeypatch.setattr(checkpoint.time, "sleep", slept.append)
+
+    def flaky(self, step, like, expect=None):  # the storage fails twice, then reads fine
+        calls.append(step)
+        if len(calls) <= 2:
+            raise OSError(5, "Input/output error")
+        return real(self, step, like, expect)
+    monkeypatch.setattr(Checkpointer, "restore", flaky)
+    said = []
+    step, got, _ = ckpt.restore_newest(state(0), said.append)
+    assert step == 2 and calls == [2, 2, 2] and slept == [1.0, 2.0]
+    np.testing.assert_array_equal(got.params["w"], np.full((4, 4), 2.0))
+    assert len(said) == 2 and all("retrying" in s for s in said)
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+    def broken(self, step, like, expect=None):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(Checkpointer, "restore", broken)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.restore_newest(state(0), said.append)
+    assert "transient" in str(e.value) and "nothing moved" in str(e.value)
+    assert "\n" not in str(e.value) and ckpt.steps() == [2, 1]
+
+    # a flipped bit, same size: the CRC finds it, and the step before is used
+    monkeypatch.setattr(Checkpointer, "restore", real)
+    data = sorted((tmp_path / "checkpoints" / "2").glob("state/**/d/*"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    said.clear()
+    step, got, _ = ckpt.restore_newest(state(0), said.append)
+    assert step == 1 and len(said) == 1 and "CRC-32" in said[0]
+    ckpt.close()
+
+
 # ------------------------------------------------------------------ non-finite steps
 
 
@@ -199,16 +257,20 @@ def test_guard_drops_a_non_finite_update_inside_the_step():
         loss = jnp.sum(new["w"])
         return new, {"loss": loss, "grad_norm": jnp.abs(x).sum()}
 
-    fn = jax.jit(faults.guard(step))
+    guarded = jax.jit(faults.guard(step))
+    no_stop, one_stops = jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32).at[5].set(1)
+    fn = lambda state, x: guarded(state, x, no_stop)
     state = {"w": jnp.ones(3), "count": jnp.zeros((), jnp.int32)}
     state, m = fn(state, jnp.full(3, 0.5))
-    assert int(m["nonfinite"]) == 0 and int(state["count"]) == 1
+    assert int(m["nonfinite"]) == 0 and int(state["count"]) == 1 and int(m["stop"]) == 0
     kept, m = fn(state, jnp.array([0.5, jnp.nan, 0.0]))
     assert int(m["nonfinite"]) == 1
     np.testing.assert_array_equal(kept["w"], state["w"])
     assert int(kept["count"]) == 1
     _, m = fn(state, jnp.array([jnp.inf, 0.0, 0.0]))
     assert int(m["nonfinite"]) == 1
+    # one device's flag (one process's signal) is every process's stop
+    assert int(guarded(state, jnp.full(3, 0.5), one_stops)[1]["stop"]) == 1
 
 
 # ------------------------------------------------------------------ through the trainer
@@ -410,7 +472,7 @@ def test_cli_exit_codes_for_a_refused_resume_and_a_non_finite_stop(tmp_path, mon
     args = ["configs/base.yaml", f"train.run_dir={tmp_path}", "train.steps=2", "mesh.data=8"]
     for exc, code in [(faults.Stopped("step 3: loss nan"), 3),
                       (CheckpointError("no checkpoint in x restores"), 2)]:
-        def boom(cfg, exc=exc):
+        def boom(cfg, exc=exc, **kw):
             raise exc
         monkeypatch.setattr(run_mod, "train", boom)
         assert main(args) == code
@@ -426,9 +488,14 @@ def test_preemption_flags_both_signals_and_a_second_ctrl_c_stops_now():
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for sig in (signal.SIGTERM, signal.SIGINT):
         with faults.Preemption() as p:
-            assert not p.stop(1)
+            assert p.signal is None
             os.kill(os.getpid(), sig)
-            assert p.stop(1) and p.signal == sig.name
+            assert p.signal == sig.name
+            p.agreed()  # the step's agreed stop does not overwrite this process's own signal
+            assert p.signal == sig.name
+    with faults.Preemption() as p:
+        p.agreed()  # a stop agreed by the group without a signal here: a peer's
+        assert p.signal == "a peer's signal"
     with faults.Preemption() as p:
         os.kill(os.getpid(), signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):

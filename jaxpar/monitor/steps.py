@@ -17,8 +17,8 @@ Every `train.log_every` steps, with more than one process, the processes exchang
 median host time per step (`process_allgather`); one slower than its peers for 3 intervals
 in a row is a warning line from process 0 naming it and the mesh coordinates its devices
 hold. Steps whose window held the logging (which only process 0 does) are left out of that
-comparison, so with `log_every=1` there is none. `train.hang_timeout_s` > 0 starts the hang
-watchdog.
+comparison, so with `log_every=1` there is none. The hang watchdog, when given, is told of
+every finished step (the trainer creates it at start-up: `jaxpar.monitor.watchdog`).
 
 Blocking on each step keeps one step in flight: the next batch is built on the host while
 the device runs this step (the loop builds it before calling `step`), then the host waits.
@@ -56,7 +56,7 @@ def warn(msg: str) -> None:
 
 class StepMonitor:
     def __init__(self, run_dir, *, start_step: int, total_steps: int, log_every: int,
-                 hang_timeout_s: float, quiet_steps=lambda step: False, mesh=None,
+                 watchdog: Watchdog | None = None, quiet_steps=lambda step: False, mesh=None,
                  process: int | None = None, num_processes: int | None = None):
         self.process = jax.process_index() if process is None else process
         self.num_processes = jax.process_count() if num_processes is None else num_processes
@@ -64,8 +64,7 @@ class StepMonitor:
         self.quiet_steps = quiet_steps  # steps after which the loop evaluated or saved
         self.outliers = OutlierDetector()
         self.peers = PeerTracker(self.num_processes)
-        self.watchdog = (Watchdog(run_dir, self.process, hang_timeout_s)
-                         if hang_timeout_s > 0 else None)
+        self.watchdog = watchdog
         steps_dir = Path(run_dir) / "steps"
         steps_dir.mkdir(parents=True, exist_ok=True)
         self.log = (steps_dir / f"process_{self.process}.jsonl").open("a")
@@ -74,11 +73,11 @@ class StepMonitor:
         self.interval_host = []
 
     @classmethod
-    def for_run(cls, run, run_dir, start_step: int) -> "StepMonitor":
+    def for_run(cls, run, run_dir, start_step: int, watchdog=None) -> "StepMonitor":
         c = run.cfg
         ev, ck = c.eval.every, c.checkpoint.every
         return cls(run_dir, start_step=start_step, total_steps=c.train.steps,
-                   log_every=c.train.log_every, hang_timeout_s=c.train.hang_timeout_s,
+                   log_every=c.train.log_every, watchdog=watchdog,
                    quiet_steps=lambda s: bool((ev and s % ev == 0) or (ck and s % ck == 0)),
                    mesh=run.mesh)
 
@@ -93,7 +92,7 @@ class StepMonitor:
         if self.watchdog is not None:
             self.watchdog.beat(step)
             if step == self.total:
-                self.watchdog.stop()  # what follows the last step is not a step
+                self.watchdog.phase("after the last step: eval, sample, final commit")
         first = step == self.start + 1  # compiles
         # the loop logs after this call, so step s's logging falls in step s+1's window
         after_log = (step - 1) % self.log_every == 0 or step - 1 == self.start + 1
@@ -135,6 +134,4 @@ class StepMonitor:
         self.close()  # also on an exception: a watchdog must not outlive its loop
 
     def close(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.stop()
-        self.log.close()
+        self.log.close()  # the watchdog belongs to the trainer, which stops it

@@ -11,8 +11,14 @@ or dead process stops both. When no step has finished for `timeout_s`, the watch
 3. ends the process with `HANG_EXIT_CODE` (4) via `os._exit` (a thread blocked inside a
    collective cannot be interrupted; `scripts/launch.py --restarts k` then restarts the group).
 
-It is armed by the first finished step (the first step compiles, which can take minutes) and
-disarmed by `stop()`.
+It is armed from the moment it is created, which the trainer does first thing: restore,
+compile and the first step share one allowance (`startup_s`, `train.startup_timeout_s`: a
+first compile can take minutes), every later phase gets `timeout_s`
+(`train.hang_timeout_s`) from its start — each step from the end of the one before, and
+`phase(name)` restarts the clock for what follows the last step (final eval, sample,
+commit). So a peer stopped during restore or compilation ends the group too: the others
+wait for it in the first step's collectives until the start-up allowance runs out.
+`stop()` disarms it.
 """
 from __future__ import annotations
 
@@ -63,8 +69,8 @@ def behind(beats: dict[int, dict], now: float, stale_s: float) -> str:
 
 
 class Watchdog:
-    def __init__(self, run_dir, process: int, timeout_s: float, *, interval: float | None = None,
-                 on_hang=None, stream=None):
+    def __init__(self, run_dir, process: int, timeout_s: float, *, startup_s: float = 0.0,
+                 interval: float | None = None, on_hang=None, stream=None):
         self.dir = heartbeat_dir(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / f"process_{process}.json"
@@ -72,7 +78,10 @@ class Watchdog:
         self.interval = interval or min(1.0, max(timeout_s, 0.1) / 10)
         self.on_hang = on_hang or (lambda code: os._exit(code))
         self.stream = stream or sys.stderr
-        self.step, self.step_time, self.armed = 0, time.time(), False
+        self.step, self.step_time = 0, time.time()
+        # startup_s = 0: armed by the first finished step (library use without a start-up bound)
+        self.armed, self.allowance = startup_s > 0, startup_s
+        self.phase_name = "start-up: restore, compile and the first step"
         self._stop = threading.Event()
         self.fired = False
         self._write()
@@ -80,8 +89,21 @@ class Watchdog:
         self._thread.start()
 
     def beat(self, step: int) -> None:
-        """A step finished: arm the watchdog (first call) and restart its clock."""
-        self.step, self.step_time, self.armed = step, time.time(), True
+        """A step finished: restart the clock with `timeout_s` for the next one."""
+        self.step, self.step_time, self.armed = step, time.time(), self.timeout_s > 0
+        self.allowance, self.phase_name = self.timeout_s, "steps"
+
+    def phase(self, name: str) -> None:
+        """A phase that is not a step begins (e.g. what follows the last step): `timeout_s`
+        from now."""
+        self.step_time, self.armed = time.time(), self.timeout_s > 0
+        self.allowance, self.phase_name = self.timeout_s, name
+
+    def __enter__(self) -> "Watchdog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,7 +123,7 @@ class Watchdog:
                 self._write()
             except OSError:
                 pass  # a full or vanished disk must not kill the run; the clock still runs
-            if self.armed and time.time() - self.step_time > self.timeout_s:
+            if self.armed and time.time() - self.step_time > self.allowance:
                 self._fire()
                 return
 
@@ -110,7 +132,8 @@ class Watchdog:
         now = time.time()
         faulthandler.dump_traceback(file=self.stream, all_threads=True)
         who = behind(read_heartbeats(self.dir.parent), now, stale_s=max(3 * self.interval, 2.0))
-        print(f"hang: process {self.process}: no step finished in {self.timeout_s:g} s (last "
-              f"finished step {self.step}, {now - self.step_time:.1f} s ago); {who}; exiting "
-              f"with code {HANG_EXIT_CODE}", file=self.stream, flush=True)
+        print(f"hang: process {self.process}: nothing finished in {self.allowance:g} s "
+              f"({self.phase_name}; last finished step {self.step}, "
+              f"{now - self.step_time:.1f} s ago); {who}; exiting with code {HANG_EXIT_CODE}",
+              file=self.stream, flush=True)
         self.on_hang(HANG_EXIT_CODE)

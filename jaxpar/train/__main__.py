@@ -50,10 +50,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from jaxpar.train.faults import STOP_EXIT_CODE, Stopped
+    from jaxpar.train.goodput import process_start
     from jaxpar.train.run import train
 
     try:
-        train(cfg)
+        train(cfg, started=process_start())
     except ConfigError as e:  # found while building (e.g. a user factory that cannot import),
         print(f"error: {e}", file=sys.stderr)  # or a resume the run folder refuses
         return 2

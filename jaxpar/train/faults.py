@@ -1,27 +1,35 @@
-"""Faults the loop handles itself: preemption signals and non-finite steps.
+"""Faults the loop handles itself: preemption signals and non-finite steps. Every decision
+here is the group's by construction: it is read from the compiled step's own collectives,
+so every process sees the same value at the same step.
 
-**Preemption.** SIGTERM (what schedulers send before killing) and SIGINT (Ctrl-C) set a flag;
-the loop finishes the step it is in, saves a checkpoint of it, waits for the save to
-commit, and returns — exit code 0 — so the same command resumes exactly. A second SIGINT
-raises KeyboardInterrupt at once. With several processes the flag is agreed on at log
-steps (a host all-gather), so every process stops at the same step and saves together.
+**Preemption.** SIGTERM (what schedulers send before killing) and SIGINT (Ctrl-C) set a
+flag; the next step is dispatched with it (`stop`, one int per device, each process filling
+its own), and the step reduces the flags over every device (`guard`: a max, beside the
+step's other collectives). So a signal to any one process stops the whole group after the
+same step — the first one dispatched after the signal, at most one step later — and every
+process saves that step together, waits for the commit and returns: exit code 0, and the
+same command resumes exactly. A second SIGINT raises KeyboardInterrupt at once.
 
 **Non-finite steps** (`train.nonfinite`). Every compiled step is wrapped by `guard`: when the
-loss or the gradient norm is not finite, the new state is dropped inside the step
-(`jnp.where`, no host round trip) — params, optimizer moments, Adam's count and the step
-counter stay as they were (with DiLoCo the whole DiLoCo state, so its sync schedule shifts
-by the skipped step) — and the step reports `nonfinite=1`. The loop then applies the policy:
+loss or the gradient norm is not finite (both are already reduced over the whole mesh), the
+new state is dropped inside the step (`jnp.where`, no host round trip) — params, optimizer
+moments, Adam's count and the step counter stay as they were (with DiLoCo the whole DiLoCo
+state, so its sync schedule shifts by the skipped step) — and the step reports
+`nonfinite=1`. The loop then applies the policy:
 
-- `stop` (the default): save the state as it was before the bad step (a checkpoint at the
-  step before it), say which step and why in one line, exit 3 (`STOP_EXIT_CODE`; 4 is the
-  hang watchdog's: `launch.py --restarts` restarts 4, not 3, which would only stop again).
-  A run that diverges stops instead of spending days on NaN, and nothing is lost: the same
-  command with `train.nonfinite=skip` or `rollback` (changes a resume allows) goes on.
+- `rollback` (the default): PaLM's remedy for loss spikes — restore the newest checkpoint
+  (agreed by the group) and skip the batches from it through the bad one (the data position
+  moves on; the checkpoint meta records it as `data_step`). After `MAX_ROLLBACKS` in one
+  start it acts as `stop`. The default because an unattended run must get past one bad
+  batch (a `stop` default ended it, and `launch.py` does not restart exit 3), while a run
+  that truly diverges still stops: skipping alone would keep the state that produced the
+  spike, and a state that is already broken would skip forever.
 - `skip`: go on with the next batch; the count is `nonfinite` in metrics.jsonl and
   `nonfinite_steps` in summary.json, and each log window with one says so in a line.
-- `rollback`: PaLM's remedy for loss spikes — restore the newest checkpoint and skip the
-  batches from it through the bad one (the data position moves on; the checkpoint meta
-  records it as `data_step`). At most `MAX_ROLLBACKS` per start, then as `stop`.
+- `stop`: save the state as it was before the bad step (a checkpoint at the step before it),
+  say which step and why in one line, exit 3 (`STOP_EXIT_CODE`; 4 is the hang watchdog's:
+  `launch.py --restarts` restarts 4, not 3, which would only stop again). Nothing is lost:
+  the same command with another policy (a change a resume allows) goes on.
 """
 from __future__ import annotations
 
@@ -30,9 +38,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-POLICIES = ("stop", "skip", "rollback")
+POLICIES = ("rollback", "skip", "stop")
 MAX_ROLLBACKS = 3
 STOP_EXIT_CODE = 3
 
@@ -42,13 +49,15 @@ class Stopped(RuntimeError):
 
 
 def guard(step_fn):
-    """`step_fn(state, b) -> (state, metrics)` that keeps the old state when the new loss or
-    gradient norm is not finite, and adds `nonfinite` (0 or 1) to the metrics."""
-    def guarded(state, b):
+    """`step_fn(state, b) -> (state, metrics)` as `(state, b, stop_D) -> (state, metrics)`
+    that keeps the old state when the new loss or gradient norm is not finite, and adds
+    `nonfinite` (0 or 1) and `stop` (the max of the per-device flags `stop_D`) to the
+    metrics."""
+    def guarded(state, b, stop_D):
         new, m = step_fn(state, b)
         ok = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
         kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        return kept, {**m, "nonfinite": 1 - ok.astype(jnp.int32)}
+        return kept, {**m, "nonfinite": 1 - ok.astype(jnp.int32), "stop": jnp.max(stop_D)}
     return guarded
 
 
@@ -86,13 +95,13 @@ class NonFinite:
 
 
 class Preemption:
-    """`with Preemption(every) as p: ... if p.stop(step): ...` — SIGTERM/SIGINT set a flag
-    (handlers are installed only in the main thread, and restored on exit)."""
+    """`with Preemption() as p: ... run.train_step(state, b, stop=p.signal is not None)` —
+    SIGTERM/SIGINT set `signal` (handlers are installed only in the main thread, and
+    restored on exit); the step's `stop` metric is the group's decision."""
 
-    def __init__(self, agree_every: int = 1):
+    def __init__(self):
         self.signal: str | None = None
         self.at = 0.0
-        self.agree_every = max(1, agree_every)
         self._old = {}
 
     def _handle(self, signum, frame):
@@ -111,13 +120,7 @@ class Preemption:
         for s, h in self._old.items():
             signal.signal(s, h)
 
-    def stop(self, step: int) -> bool:
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if step % self.agree_every:
-            return False
-        from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
-        if flags.any() and self.signal is None:
+    def agreed(self) -> None:
+        """The step said stop: a peer's signal when this process had none."""
+        if self.signal is None:
             self.signal, self.at = "a peer's signal", time.monotonic()
-        return bool(flags.any())

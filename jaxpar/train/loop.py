@@ -87,6 +87,7 @@ class Run:
     # set before the first step compiles
     report_grads: bool = False
     _compiled: dict = dataclasses.field(default_factory=dict)
+    _stop_flags: dict = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -286,6 +287,16 @@ class Run:
             return TrainState(state.step + 1, params, opt_state), metrics
         return step
 
+    def stop_flags(self, stop: bool) -> jax.Array:
+        """One int per device, this process filling its own devices' entries with `stop`:
+        the step reduces them, so a signal seen by any process stops every one."""
+        if stop not in self._stop_flags:
+            n = self.mesh.devices.size
+            sh = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
+            self._stop_flags[stop] = jax.make_array_from_callback(
+                (n,), sh, lambda i: np.full((n,), int(stop), np.int32)[i])
+        return self._stop_flags[stop]
+
     def compile_step(self, state, b):
         """Compile the train step once, ahead of time: the state keeps its shardings from
         step to step (so it never recompiles) and is donated."""
@@ -294,11 +305,13 @@ class Run:
             fn = jax.jit(faults.guard(self._step_fn()), donate_argnums=0,
                          out_shardings=(shardings, None))
             with self.scope():
-                self._compiled["train"] = fn.lower(state, b).compile()
+                self._compiled["train"] = fn.lower(state, b, self.stop_flags(False)).compile()
         return self._compiled["train"]
 
-    def train_step(self, state, b):
-        return self.compile_step(state, b)(state, b)
+    def train_step(self, state, b, stop: bool = False):
+        """(state, metrics) of one step; `stop`: this process was asked to stop (the
+        metrics' `stop` says whether any process was)."""
+        return self.compile_step(state, b)(state, b, self.stop_flags(stop))
 
     def comm_bytes(self, state, b) -> dict[str, float]:
         """Bytes one device sends per train step, counted from the compiled HLO (a DiLoCo

@@ -21,20 +21,24 @@ from tqdm import tqdm
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool = True,
+                 redo_eval: bool = False):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
         self.tty = enabled and sys.stdout.isatty()
         self.bar = (tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
                     if self.tty else None)
-        self.restart_at(start_step)
+        self.restart_at(start_step, redo_eval=redo_eval)
 
-    def restart_at(self, step: int) -> None:
-        """Keep the records of steps <= `step` (all of them go at step 0), atomically."""
+    def restart_at(self, step: int, *, redo_eval: bool = False) -> None:
+        """Keep the records of steps <= `step` (all of them go at step 0), atomically; with
+        `redo_eval`, not the eval record of `step` itself (the resume evaluates it again)."""
         if not self.enabled:
             return
-        kept = [ln for ln in read_lines(self.path) if json.loads(ln).get("step", 0) <= step]
+        keep = lambda r: r.get("step", 0) < step or (r.get("step", 0) == step and not (
+            redo_eval and "eval_loss" in r))
+        kept = [ln for ln in read_lines(self.path) if keep(json.loads(ln))]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in kept))
         os.replace(tmp, self.path)

@@ -1,7 +1,8 @@
 """`train(cfg)`: one config-driven run, from an empty (or existing) run folder to a summary.
 
 The run folder gets: config.yaml (resolved), mesh.json, params.txt / params.json (the param
-table), metrics.jsonl, checkpoints/, summary.json, and tb/ when tensorboardX is installed.
+table), metrics.jsonl, checkpoints/, summary.json, goodput.json (and goodput/, one account
+per start), heartbeats/ and steps/ (per process), and tb/ when tensorboardX is installed.
 Running the same command on a folder that holds checkpoints resumes from the newest one:
 the data order is a function of the step, so the resumed run sees the same batches.
 """
@@ -18,8 +19,10 @@ import numpy as np
 from jaxpar import sharding
 from jaxpar.bench import machine
 from jaxpar.monitor.steps import StepMonitor
+from jaxpar.monitor.watchdog import Watchdog
 from jaxpar.train import attention_choice, faults, runfolder
 from jaxpar.train.checkpoint import Checkpointer, layout_meta
+from jaxpar.train.goodput import Goodput, format_line, summarize
 from jaxpar.train.config import Config
 from jaxpar.train.loop import Run, peak_tflops, sample
 from jaxpar.train.metrics import MetricsWriter, StepRate
@@ -39,29 +42,48 @@ def _write_run_files(run: Run, run_dir: Path, params) -> None:
     (run_dir / "params.txt").write_text(sharding.format_table(rows) + "\n")
 
 
-def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
+def train(cfg: Config, *, devices=None, quiet: bool = False, started: float | None = None) -> dict:
     """Run (or resume) the configured training; returns the summary dict (or, when a signal
-    stopped it, `{"preempted_at": step, ...}`)."""
+    stopped it, `{"preempted_at": step, ...}`). `started`: when this process started
+    (`python -m jaxpar.train` passes it; goodput counts from there), default now."""
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # from the first moment: a signal before the first step stops after it, with a
+    # checkpoint; a peer that stops during restore or compile ends the group
+    with (faults.Preemption() as preempt,
+          Watchdog(run_dir, jax.process_index(), t.hang_timeout_s,
+                   startup_s=t.startup_timeout_s) as watchdog):
+        return _train(cfg, run_dir, preempt, watchdog, devices=devices, quiet=quiet,
+                      started=time.time() if started is None else started)
+
+
+def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, started) -> dict:
     lead = jax.process_index() == 0 and not quiet
     say = (lambda msg: print(msg, flush=True)) if lead else (lambda msg: None)
     attention_choice.apply(cfg, lead)  # attention.impl=auto: print and record the pick
     run = Run.create(cfg, devices)
     cfg = run.cfg  # resolved (model.vocab from the data)
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    goodput = Goodput(run_dir, started=started, enabled=jax.process_index() == 0)
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep)
     if not ckpt.steps():
         runfolder.check_fresh(run_dir, cfg)
     diff = {}
-    start, state, meta = ckpt.restore_newest(
-        run.init_state(), say, lambda s, m: diff.update(runfolder.check_resume(run_dir, s, m, cfg)),
-        expect=layout_meta(cfg))
+    fresh = run.init_state()
+    goodput.add("startup", time.time() - started)
+    with goodput.timed("restore"):  # the newest checkpoint every process can read
+        start, state, meta = ckpt.restore_newest(
+            fresh, say,
+            lambda s, m: diff.update(runfolder.check_resume(run_dir, s, m, cfg)),
+            expect=layout_meta(cfg))
     offset = meta["data_step"] - start if meta else 0  # batches skipped by rollbacks
+    redo_eval = bool(meta and meta.get("eval_due"))  # its eval may not have been written
     params_for_table = run.eval_params(state) if run.diloco else state.params
     if lead:
         runfolder.record(run_dir, cfg, start, diff)
         _write_run_files(run, run_dir, params_for_table)
-    writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start, enabled=lead)
+    writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start,
+                           enabled=lead, redo_eval=redo_eval)
     if start:
         writer.print(f"resumed from {run_dir}/checkpoints step {start} "
                      f"(data position: step {start + offset})")
@@ -72,37 +94,44 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         writer.print(f"mesh {dict(run.mesh.shape)} on {machine()}")
         if lead:
             writer.print(sharding.format_table(run.param_table(params_for_table)))
+    warn_grace(run_dir, cfg, writer.print)
 
     b = run.batch(start + 1 + offset)
-    comm_bytes = run.comm_bytes(state, b)
+    with goodput.timed("compile"):
+        comm_bytes = run.comm_bytes(state, b)  # compiles the train step
     flops_tok = run.flops_per_token(params_for_table)
     peak = peak_tflops(cfg)
     n_dev = len(run.mesh.devices.flat)
     evals = run.eval_batches()
     history, evals_seen = [], []
     rate, guard = StepRate(), faults.NonFinite(cfg.train.nonfinite)
-    meta_of = lambda s, offset: {"data_step": s + offset, "seed": cfg.train.seed,
-                                 "config": cfg.to_dict(), **layout_meta(cfg)}
     steps, step = cfg.train.steps, start
     eval_due = lambda s: bool(cfg.eval.every and s % cfg.eval.every == 0) or s == steps
+    # every checkpoint says whether its step's eval was due: a resume from it evaluates
+    # that step again (the eval runs after the save, so a kill or a stop can come between)
+    meta_of = lambda s, offset: {"data_step": s + offset, "seed": cfg.train.seed,
+                                 "eval_due": eval_due(s), "config": cfg.to_dict(),
+                                 **layout_meta(cfg)}
 
     def evaluate(s):
-        loss = float(run.eval_loss(run.eval_params(state), evals))
+        with goodput.timed("eval"):
+            loss = float(run.eval_loss(run.eval_params(state), evals))
         writer.write({"step": s, "eval_loss": loss, "eval_bpb": run.data.bits_per_byte(loss)})
         evals_seen.append([s, loss])
-    if meta and meta.get("eval_due"):  # a signal stopped the run before this step's eval
+    if redo_eval:
         evaluate(start)
-    with (faults.Preemption(cfg.train.log_every) as preempt,
-          StepMonitor.for_run(run, run_dir, start) as monitor):
+    with StepMonitor.for_run(run, run_dir, start, watchdog) as monitor:
         while step < steps:
             step += 1
             t0 = time.perf_counter()
-            state, m = run.train_step(state, b)
+            state, m = run.train_step(state, b, stop=preempt.signal is not None)
             if step < steps:
                 b = run.batch(step + 1 + offset)  # built on the host while the device runs
             m = monitor.step(step, m)  # waits for the step: times, heartbeat, straggler warnings
-            bad = int(m["nonfinite"])
-            rate.add(time.perf_counter() - t0, timed=step > start + 1)  # 1st: compilation
+            stop, bad = int(m.pop("stop")), int(m["nonfinite"])  # the same on every process
+            dt = time.perf_counter() - t0
+            rate.add(dt, timed=step > start + 1)  # 1st: warm-up
+            goodput.step(step, dt)
             if bad:
                 back = guard.handle(step, m, state, offset, run=run, ckpt=ckpt, writer=writer,
                                     meta_of=meta_of, say=say)
@@ -122,21 +151,20 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
                 writer.write(rec)
                 writer.progress(step, rec)
                 history.append(rec)
+                goodput.write()
+            if stop and step < steps:  # a signal to any process: all stop after this step
+                preempt.agreed()
+                return _stop(step, state, meta_of(step, offset), preempt, ckpt, writer,
+                             goodput, run_dir, say)
             # save before eval: the checkpoint's commit does not wait for eval (or its compile)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
-                ckpt.save(step, state, meta_of(step, offset))
-            if step < steps and preempt.stop(step):  # before the eval: exit sooner
-                ckpt.save(step, state, {**meta_of(step, offset), "eval_due": eval_due(step)})
-                ckpt.wait()
-                say(f"{preempt.signal}: stopped after step {step} with a checkpoint of it, "
-                    f"{time.monotonic() - preempt.at:.1f} s after the signal; the same command "
-                    f"resumes")
-                ckpt.close(), writer.close()
-                return {"preempted_at": step, "signal": preempt.signal}
+                with goodput.timed("checkpoint"):
+                    ckpt.save(step, state, meta_of(step, offset))
             if eval_due(step):
                 evaluate(step)
-    ckpt.wait()
-    ckpt.close()
+    with goodput.timed("checkpoint"):
+        ckpt.wait()
+        ckpt.close()
 
     final_params = run.eval_params(state)
     # the loop evaluates the last step; a finished run started again evaluates here
@@ -146,6 +174,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
     if cfg.eval.sample_bytes:
         text = sample(run, final_params, cfg.eval.prompt, cfg.eval.sample_bytes)
     rates = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
+    goodput.write()
     summary = {
         "steps": steps, "nonfinite_steps": guard.count, "rollbacks": guard.rollbacks,
         "final_eval_loss": final_eval, "final_eval_bpb": run.data.bits_per_byte(final_eval),
@@ -154,7 +183,7 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
         "evals": evals_seen,  # [step, eval loss] of this process's run (after a resume: since)
         "comm_bytes_per_step": comm_bytes, "flops_per_token": flops_tok,
         "params": int(sum(x.size for x in jax.tree.leaves(final_params))),
-        "sample": text, "machine": machine(),
+        "sample": text, "machine": machine(), "goodput": summarize(run_dir),
         "config": dataclasses.asdict(cfg),
     }
     if run.diloco is not None:
@@ -165,5 +194,39 @@ def train(cfg: Config, *, devices=None, quiet: bool = False) -> dict:
                      + (f", {summary['tokens_per_s']:.0f} tokens/s" if rates else ""))
         if text:
             writer.print(f"sample: {text!r}")
+        if summary["goodput"]:
+            writer.print(format_line(summary["goodput"]))
     writer.close()
     return summary
+
+
+PREEMPT_FILE = "preemption.json"  # the last stop's timing, read by `warn_grace`
+
+
+def _stop(step, state, meta, preempt, ckpt, writer, goodput, run_dir: Path, say) -> dict:
+    """Save `step` (agreed by the group), wait for the commit, say how long it took."""
+    with goodput.timed("checkpoint"):
+        ckpt.save(step, state, meta)
+        ckpt.wait()
+    took = time.monotonic() - preempt.at
+    say(f"{preempt.signal}: stopped after step {step} with a checkpoint of it, {took:.1f} s "
+        f"after the signal; the same command resumes")
+    if jax.process_index() == 0:
+        (run_dir / PREEMPT_FILE).write_text(json.dumps(
+            {"step": step, "signal": preempt.signal, "signal_to_commit_s": took}) + "\n")
+    goodput.write()
+    ckpt.close(), writer.close()
+    return {"preempted_at": step, "signal": preempt.signal, "signal_to_commit_s": took}
+
+
+def warn_grace(run_dir: Path, cfg: Config, say) -> None:
+    """One line at start-up when this run's last stop took longer than the grace period."""
+    try:
+        last = json.loads((run_dir / PREEMPT_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if last["signal_to_commit_s"] > cfg.train.preempt_grace_s:
+        say(f"warning: the last stop (step {last['step']}) took {last['signal_to_commit_s']:.1f}"
+            f" s from the signal to the committed checkpoint, more than "
+            f"train.preempt_grace_s={cfg.train.preempt_grace_s:g}: a scheduler would have "
+            f"killed it first; save less state or ask the scheduler for a longer grace period")

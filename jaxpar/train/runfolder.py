@@ -4,21 +4,21 @@ segment ran with, and never overwriting an earlier run's files.
 A *segment* is one start of `python -m jaxpar.train` in a run folder. Each appends one line
 to `config_history.jsonl` (segment, start step, time, the changed keys, the whole config);
 every checkpoint's meta holds the config too. A resume compares its config with the one in
-the checkpoint it restores:
+the checkpoint it restores, key by key — a mapping such as `model.rope_scaling` or
+`sharding.rules` is one key, compared whole — and every key is classified in
+`jaxpar.train.config` (`resume_class`):
 
-- **allowed** (written to the history and printed): logging, eval and checkpoint cadence,
-  `train.run_dir`, `train.peak_tflops`, `train.nonfinite`, `train.hang_timeout_s`, the mesh
-  axes and the attention
-  / overlap implementation. They change where and how the same math runs, not the math: the
-  state is restored resharded onto the new mesh, and losses continue within fp32
-  reassociation error. (`mesh.replica` is the number of replicas with DiLoCo, so there it is
-  not allowed.)
-- **refused** (one line naming the keys, exit 2): everything else — seed, batch size,
-  seq_len, the optimizer and its schedule, the model, `diloco.*`, `data.*`, and
+- **safe** (written to the history and printed): the mesh axes, the attention / overlap
+  implementation, `sharding.rules`, `model.remat`, `train.microbatches`, cadence and
+  reporting. They change where and how the same math runs, not the math: the state is
+  restored resharded onto the new mesh, and losses continue within fp32 reassociation error.
+  (`mesh.replica` is the number of replicas with DiLoCo, so there it is not allowed; a
+  `mesh.tensor` that changes the padded vocab of the built-in decoder is named and refused.)
+- **math** / **layout** (one line naming the keys, exit 2): everything else — seed, batch
+  size, seq_len, the optimizer and its schedule, the model, `diloco.*`, `data.*`, and
   `train.steps`: the lr schedule (warmup and cosine decay) is a function of `train.steps`,
-  so changing it changes the lr of steps already taken and to come; a longer run is a new
-  run folder (or a future "extend" with the schedule restated). Keys that later versions
-  add are refused unless listed here: unknown means it may change the math.
+  so changing it changes the lr of steps already taken and to come. Keys that later versions
+  add are refused unless classified safe: unknown means it may change the math.
 """
 from __future__ import annotations
 
@@ -27,27 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxpar.train.config import Config, ConfigError, dump
-
-SAFE = {"train.run_dir", "train.log_every", "train.peak_tflops", "train.nonfinite",
-        "train.hang_timeout_s",
-        "checkpoint.every", "checkpoint.keep", "eval.every", "eval.batches",
-        "eval.sample_bytes", "eval.prompt", "attention.impl", "attention.ring_impl",
-        "overlap.mode", "overlap.direction", "mesh.data", "mesh.fsdp", "mesh.seq", "mesh.seq_inner",
-        "mesh.tensor", "mesh.replica"}
+from jaxpar.train.config import Config, ConfigError, dump, resume_class
 HISTORY = "config_history.jsonl"
 # files a fresh start would overwrite
 RUN_FILES = ("metrics.jsonl", "summary.json")
 
 
-def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def flat(tree: dict) -> dict[str, Any]:
+    """{"section.key": value} of a config dict; mapping values stay whole."""
+    return {f"{s}.{k}": v for s, keys in tree.items() for k, v in keys.items()}
 
 
 def changes(old: dict, cfg: Config) -> dict[str, list]:
@@ -59,7 +47,27 @@ def changes(old: dict, cfg: Config) -> dict[str, list]:
 
 def unsafe(diff: dict[str, list], old: dict, cfg: Config) -> list[str]:
     diloco = cfg.diloco.enabled or bool(flat(old).get("diloco.enabled"))
-    return [k for k in diff if k not in SAFE or (k == "mesh.replica" and diloco)]
+    return [k for k in diff
+            if resume_class(k) != "safe" or (k == "mesh.replica" and diloco)]
+
+
+def _padded_vocab(vocab: int, tensor: int) -> int:
+    return -(-vocab // tensor) * tensor  # as jaxpar.train.model pads it
+
+
+def check_padded_vocab(diff: dict[str, list], old: dict, cfg: Config) -> None:
+    """The built-in decoder pads its vocab to a multiple of mesh.tensor; a resume whose
+    tensor axis pads it differently cannot restore the embedding: say so, and which fit."""
+    if "mesh.tensor" not in diff or cfg.model.module or not cfg.model.vocab:
+        return
+    v, (t_old, t_new) = cfg.model.vocab, diff["mesh.tensor"]
+    want = _padded_vocab(v, t_old)
+    if _padded_vocab(v, t_new) != want:
+        fit = [t for t in range(1, want + 1) if _padded_vocab(v, t) == want][:8]
+        raise ConfigError(
+            f"mesh.tensor {t_old} -> {t_new} pads the vocab ({v}) to {_padded_vocab(v, t_new)} "
+            f"rows instead of the checkpoint's {want}: its embedding cannot be restored; "
+            f"resume with mesh.tensor in {fit}")
 
 
 def check_resume(run_dir: Path, step: int, meta: dict, cfg: Config) -> dict[str, list]:
@@ -68,6 +76,8 @@ def check_resume(run_dir: Path, step: int, meta: dict, cfg: Config) -> dict[str,
     old = meta.get("config") or {"train": {"seed": meta.get("seed", cfg.train.seed)}}
     diff = changes(old, cfg)
     bad = unsafe(diff, old, cfg)
+    if not bad:
+        check_padded_vocab(diff, old, cfg)
     if bad:
         listed = ", ".join(f"{k} ({diff[k][0]!r} -> {diff[k][1]!r})" for k in bad)
         why = (" (train.steps sets the length of the lr schedule)"
@@ -75,8 +85,8 @@ def check_resume(run_dir: Path, step: int, meta: dict, cfg: Config) -> dict[str,
         raise ConfigError(
             f"cannot resume {run_dir} from step {step} with a changed {listed}{why}: the "
             f"steps already taken used the old value; set it back, or choose a new "
-            f"train.run_dir (a resume may change only cadence, mesh and attention/overlap "
-            f"impl)")
+            f"train.run_dir (a resume may change only what jaxpar.train.config lists in "
+            f"RESUME_SAFE: mesh, impls, sharding rules, remat, microbatches, cadence)")
     return diff
 
 
