@@ -100,9 +100,11 @@ class TrainSection:
     microbatches: int = 1     # gradient accumulation: one optimizer step over k microbatches
     run_dir: str = "runs/default"
     log_every: int = 10
-    nonfinite: str = "stop"   # a non-finite loss/grad: stop | skip | rollback (train/faults.py)
+    nonfinite: str = "rollback"  # non-finite loss/grad: rollback, skip or stop (faults.py)
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
     hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 4; 0 = off
+    startup_timeout_s: float = 1800.0  # the same for restore + compile + the first step
+    preempt_grace_s: float = 30.0  # the scheduler's SIGTERM-to-SIGKILL time (warns if short)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,37 @@ _SECTION_TYPES = {f.name: f.default.__class__ for f in dataclasses.fields(Config
 
 def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, t in _SECTION_TYPES.items() for f in dataclasses.fields(t)]
+
+
+# What a resume may change, for every key (tests/test_train_config.py walks all_keys(): a
+# new key must be classified here). jaxpar/train/runfolder.py enforces it.
+#   safe: where or how the same math runs (mesh, impls, layouts, gradient accumulation,
+#         remat), or reporting and cadence: allowed, printed and recorded in the history;
+#         losses continue within fp32 reassociation error
+#   math: the steps already taken, or those to come, would differ: refused, naming the key
+#   layout: the saved tree's structure differs (checkpoint.check_layout): refused
+RESUME_SAFE = (
+    "mesh.replica", "mesh.data", "mesh.fsdp", "mesh.seq", "mesh.seq_inner", "mesh.tensor",
+    "attention.impl", "attention.ring_impl", "overlap.mode", "overlap.direction",
+    "sharding.rules", "model.remat", "train.microbatches", "train.run_dir", "train.log_every",
+    "train.nonfinite", "train.peak_tflops", "train.hang_timeout_s", "train.startup_timeout_s",
+    "train.preempt_grace_s", "checkpoint.every", "checkpoint.keep", "eval.every",
+    "eval.batches", "eval.sample_bytes", "eval.prompt", "data.tokenizer_mismatch")
+RESUME_LAYOUT = ("model.scan_layers",)
+RESUME_MATH = (
+    "model.module", "model.layers", "model.embed", "model.heads", "model.kv_heads",
+    "model.head_dim", "model.mlp", "model.vocab", "model.rope_base", "model.rope_scaling",
+    "model.max_positions", "model.rms_norm_eps", "model.tie_embeddings", "model.dtype",
+    "model.init_from", "diloco.enabled", "diloco.sync_every", "diloco.num_fragments",
+    "diloco.overlap_steps", "diloco.alpha", "diloco.quantize", "diloco.outer_lr",
+    "diloco.outer_momentum", "train.steps", "train.batch_size", "train.seq_len", "train.lr",
+    "train.warmup", "train.min_lr_ratio", "train.weight_decay", "train.b2", "train.clip",
+    "train.seed", "data.path", "data.doc_separator", "data.eval_fraction")
+
+
+def resume_class(key: str) -> str:
+    """'safe', 'layout' or 'math' (a key not listed: 'math', it may change the math)."""
+    return ("safe" if key in RESUME_SAFE else "layout" if key in RESUME_LAYOUT else "math")
 
 
 def _closest(word: str, choices) -> str:
@@ -628,9 +661,13 @@ def check_ranges(cfg: Config) -> None:
                           f"(AdamW scales params by 1 - lr·weight_decay each step)")
     if t.seed >= SEED_LIMIT:
         raise ConfigError(f"train.seed={t.seed} must be < 2**63")
-    if t.hang_timeout_s < 0:
-        raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 = no hang "
-                          f"watchdog)")
+    for key in ("hang_timeout_s", "startup_timeout_s"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0 (0 = no hang "
+                              f"watchdog)")
+    if not t.preempt_grace_s > 0:
+        raise ConfigError(f"train.preempt_grace_s={t.preempt_grace_s} must be > 0 (seconds "
+                          f"from SIGTERM to SIGKILL that the scheduler grants)")
     if t.peak_tflops < 0:
         raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0 = look up the "
                           f"device kind)")
