@@ -109,7 +109,11 @@ def main():
                     value = value[: len(value) // 2]
                 put(key, value)
             island.store.put = torn_put
-        state = island.join(sd.init(tiny_params(7)))
+        state = sd.init(tiny_params(7))
+        # compiled before join, as the trainer does: a rejoining island is ready to train when
+        # it announces itself
+        inner_step = inner_step.lower(state, batch(1)).compile()
+        state = island.join(state)
         first = island.step
         losses = {}
         while island.step < a.steps:

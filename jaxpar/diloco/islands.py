@@ -21,8 +21,9 @@ Rounds. Round r is fragment p = r mod P, synced at step (r+1)·H/P and merged τ
   * merge: the island waits until every expected island's delta is in the store, or wait_s
     has passed, then tries to create the round's record with the members it saw (the deltas
     that pass their checksum). Create-if-absent makes exactly one record win; every island
-    uses it. Expected = the members of round r−1 plus islands that announced a rejoin at r:
-    an island missing from a round is not waited for again until it announces itself.
+    uses it. Expected = the members of round r−1 (and islands whose delta of r−1 was corrupt)
+    plus islands that announced a rejoin at r: an island whose delta was missing at the
+    deadline is not waited for again until it announces itself.
   * every island then reads the members' deltas in island-id order, takes the fp32 mean over
     all their replicas (so islands with more replicas weigh more: token-weighted when every
     replica reads the same batch size) and runs `outer_apply` on the host CPU backend. Equal
@@ -100,7 +101,7 @@ class Island:
         self.period = sd.sync_every // sd.num_fragments
         self.step = 0                 # inner steps done (host copy of state.step)
         self.rounds: list[dict] = []  # one metrics record per merged round
-        self._members = list(range(self.count))
+        self._alive = list(range(self.count))  # islands expected in the next round
         self._pending = None          # (round, writer thread, box with the written blob)
         self._joins_round = None
         self._stop = threading.Event()
@@ -221,7 +222,8 @@ class Island:
             self._write_heartbeat()
             if self._record(done) is None:
                 break  # announced before round `done` closed: the others will wait for us
-        self._members = self._record(done - 1)["members"]
+        last = self._record(done - 1)
+        self._alive = last["members"] + last["corrupt"]
         self.step = self.merge_step(done - 1)
         state = self._adopt_fn(state, self._tree(self._glob), self._outer_trees(),
                                jnp.asarray(self.step, jnp.int32))
@@ -348,7 +350,7 @@ class Island:
         nbytes = self._apply_round(r, rec, cached)
         state = self._install_fn(state, p, [self._glob[i] for i in self._frags.leaves(p)],
                                  self._outer_tree(p))
-        self._members = rec["members"]
+        self._alive = rec["members"] + rec["corrupt"]
         if self.id not in rec["members"]:
             self.log(f"islands: island {self.id} missed round {r} (members {rec['members']}); "
                      f"it applies the round and announces itself for round {r + 1}")
@@ -363,7 +365,7 @@ class Island:
 
     def _expected(self, r: int, beats: dict) -> set[int]:
         announced = {k for k, b in beats.items() if b.get("joins_round") == r}
-        return set(self._members) | announced | {self.id}
+        return set(self._alive) | announced | {self.id}
 
     def _beats(self) -> dict:
         out = {}
@@ -392,7 +394,7 @@ class Island:
             time.sleep(self.poll_s)
 
     def _propose(self, r, present, beats):
-        members, keys, digests, replicas, cached = [], {}, {}, {}, {}
+        members, corrupt, keys, digests, replicas, cached = [], [], {}, {}, {}, {}
         for k in sorted(present):
             cands = present[k]
             live = beats.get(k, {}).get("session")
@@ -407,6 +409,7 @@ class Island:
                                       f"{header['island']}")
             except CorruptBlob as e:
                 self.log(f"islands: round {r}: {e}; excluded from the round")
+                corrupt.append(k)  # alive (it wrote): still expected in the next round
                 continue
             members.append(k)
             keys[str(k)] = key
@@ -414,7 +417,8 @@ class Island:
             replicas[str(k)] = header["replicas"]
             cached[key] = blob
         rec = {"round": r, "fragment": r % self.sd.num_fragments, "step": self.merge_step(r),
-               "members": members, "keys": keys, "digests": digests, "replicas": replicas,
+               "members": members, "corrupt": corrupt, "keys": keys, "digests": digests,
+               "replicas": replicas,
                "closer": self.id, "closer_session": self.session, "time": time.time()}
         return rec, cached
 

@@ -26,8 +26,8 @@ Layout under the store root (`{r}` a round number, 8 digits; `{k}` an island id,
                             with the digest of its θ_global[p] and outer state before the
                             round. Written once by island k, in the background, at round r's
                             sync step.
-  rounds/{r}/record.json    the agreed round: {round, fragment, step, members, keys, digests,
-                            replicas, closer}. Created once (create-if-absent) by the first
+  rounds/{r}/record.json    the agreed round: {round, fragment, step, members, corrupt, keys,
+                            digests, replicas, closer}. Created once (create-if-absent) by the first
                             island that sees every expected delta or passes the deadline;
                             every island uses it, whatever it saw itself.
                             rounds/{r}/ is deleted by the closer of round r + R.
