@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 from typing import Callable
 
 import jax
+import numpy as np
 
 KINDS = ("collective-permute", "all-to-all", "all-gather", "reduce-scatter", "all-reduce")
 
@@ -143,6 +145,30 @@ def shape_dims(shape: str) -> list[tuple[str, tuple[int, ...]]]:
             for dtype, dims in _ARRAY.findall(shape)]
 
 
+# Ops whose result is their (first) operand's values rearranged, converted or gathered: what
+# `source_parameter` looks through. A fusion counts when it has a single operand.
+_PASS_THROUGH = ("copy", "bitcast", "transpose", "reshape", "convert", "copy-start",
+                 "copy-done", "all-gather", "all-gather-start", "all-gather-done", "fusion")
+
+
+def source_parameter(module: HloModule, name: str) -> int | None:
+    """The entry parameter number that the entry instruction `name` is a copy, bitcast,
+    transpose, reshape, convert, single-operand fusion or all-gather of (followed back
+    through any chain of them), else None (it is computed from more than one value)."""
+    body = module.computations.get(module.entry or "", {})
+    seen = set()
+    while name in body and name not in seen:
+        seen.add(name)
+        ins = body[name]
+        if ins.opcode == "parameter":
+            return int(ins.line.split("parameter(", 1)[1].split(")", 1)[0])
+        if ins.opcode not in _PASS_THROUGH or not ins.operands or (
+                ins.opcode == "fusion" and len(ins.operands) != 1):
+            return None
+        name = ins.operands[0]
+    return None
+
+
 def computation_weights(module: HloModule) -> dict[str, float]:
     """Executions of each computation reachable from the entry per run of the module: a while
     body runs `known_trip_count` times, each of P conditional branches 1/P."""
@@ -172,21 +198,45 @@ def computation_weights(module: HloModule) -> dict[str, float]:
     return dict(weights)
 
 
+def _iota(text: str) -> np.ndarray:
+    """The device ids of an iota list, e.g. '[4,2]T(1,0)' -> [0, 2, 4, 6, 1, 3, 5, 7]."""
+    m = re.fullmatch(r"\[([0-9,]+)\](?:T\(([0-9,]+)\))?", text.strip())
+    ids = np.arange(math.prod(int(d) for d in m.group(1).split(",")))
+    ids = ids.reshape([int(d) for d in m.group(1).split(",")])
+    if m.group(2):
+        ids = ids.transpose([int(d) for d in m.group(2).split(",")])
+    return ids.reshape(-1)
+
+
+def replica_groups(line: str, num_partitions: int) -> list[tuple[int, ...]]:
+    """The device groups of a collective's `replica_groups` (explicit `{{0,1},{2,3}}`, iota
+    `[2,4]<=[4,2]T(1,0)` or mesh `mesh['axis_0'=4,'axis_1'=2], device_ids=(...) {'axis_0'}`
+    form); one group of every device when it names none."""
+    m = re.search(r"replica_groups=\{((?:\{[0-9,]*\},?)+)\}", line)
+    if m:
+        return [tuple(int(x) for x in g.split(",") if x)
+                for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]
+    m = re.search(r"replica_groups=\[([0-9]+),([0-9]+)\]<=(\[[0-9,]+\](?:T\([0-9,]+\))?)",
+                  line)
+    if m:
+        return [tuple(int(x) for x in row)
+                for row in _iota(m.group(3)).reshape(int(m.group(1)), int(m.group(2)))]
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\((\[[0-9,]+\]"
+                  r"(?:T\([0-9,]+\))?)\))?\s*\{([^}]*)\}", line)
+    if m:  # device_ids (default: in order) laid out row-major over the named sizes
+        sizes = [(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        ids = _iota(m.group(2)) if m.group(2) else np.arange(math.prod(n for _, n in sizes))
+        names = [a for a, _ in sizes]
+        grouped = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(3))]
+        rest = [i for i in range(len(names)) if i not in grouped]
+        size = math.prod(sizes[i][1] for i in grouped)
+        ids = ids.reshape([n for _, n in sizes]).transpose(rest + grouped).reshape(-1, size)
+        return [tuple(int(x) for x in row) for row in ids]
+    return [tuple(range(num_partitions))]
+
+
 def _group_size(line: str, num_partitions: int) -> int:
-    m = re.search(r"replica_groups=\{(\{[0-9,]*\})", line)
-    if m:
-        return max(1, len(m.group(1).strip("{}").split(",")))
-    m = re.search(r"replica_groups=\[([0-9,]+)\]<=", line)  # iota form [groups,size]<=[...]
-    if m:
-        return int(m.group(1).split(",")[-1])
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)  # mesh['a'=2,'b'=4] {'a'}
-    if m:
-        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
-        size = 1
-        for axis in re.findall(r"'([^']+)'", m.group(2)):
-            size *= int(sizes[axis])
-        return size
-    return num_partitions
+    return max(1, len(replica_groups(line, num_partitions)[0]))
 
 
 def shape_bytes(shape: str) -> int:
