@@ -97,7 +97,7 @@ def read_tensors(folder) -> dict[str, np.ndarray]:
 def inv_freq(cfg: dict, seq_len: int) -> tuple[np.ndarray, float]:
     """(inverse frequencies [D/2], attention scaling) as transformers computes them for a
     forward over positions up to seq_len - 1."""
-    D = cfg["hidden_size"] // cfg["num_attention_heads"]
+    D = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     base = cfg.get("rope_theta", 10000.0)
     s = cfg.get("rope_scaling") or {}
     kind = s.get("rope_type", s.get("type", "default"))
@@ -113,13 +113,22 @@ def inv_freq(cfg: dict, seq_len: int) -> tuple[np.ndarray, float]:
         return np.array([1.0 / grown ** (2 * i / D) for i in range(D // 2)]), 1.0
     if kind == "yarn":
         factor = s["factor"]
-        att = s.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+        def get_mscale(scale, m=1.0):  # transformers' yarn_get_mscale
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+        att = s.get("attention_factor")
+        if att is None:
+            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+            att = get_mscale(factor, m) / get_mscale(factor, m_all) if m and m_all \
+                else get_mscale(factor)
         orig = s.get("original_max_position_embeddings", max_pos)
 
         def corr(rot):
             return D * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
-        low = max(math.floor(corr(s.get("beta_fast", 32))), 0)
-        high = min(math.ceil(corr(s.get("beta_slow", 1))), D - 1)
+        low, high = corr(s.get("beta_fast") or 32), corr(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, D - 1)
         if low == high:
             high += 0.001
         out = []
