@@ -155,3 +155,26 @@ def test_rejoin_with_missing_or_corrupt_global_state(tmp_path):
         os.remove(root / "global" / name)
     with pytest.raises(IslandError, match="has rounds but no global state"):
         _island(store).join(_sd(1).init(tiny_params(7)))
+
+
+def test_config_section_and_id_from_environment(tmp_path):
+    from pathlib import Path
+
+    from jaxpar.diloco.islands import ID_ENV, islands_config
+    from jaxpar.train.config import ConfigError, load_config, validate
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+    common = [f"train.run_dir={tmp_path / 'run'}", "mesh.data=8", "diloco.enabled=true"]
+    cfg = load_config(base, common + ["diloco.islands={store: /s, count: 3, wait_s: 30}",
+                                      "diloco.islands.id=2"])
+    validate(cfg, 8)
+    assert islands_config(cfg.diloco.islands) == islands_config(
+        {"store": "/s", "count": 3, "wait_s": 30}, env={ID_ENV: "2"})
+    bad = (("{store: /s, count: 3, id: 3}", "id=3 must be in 0..2"),
+           ("{store: /s, count: 3}", "diloco.islands.id is required"),
+           ("{store: /s, count: 2, id: 0, wait: 3}",
+            "unknown key diloco.islands.wait (valid keys: store, count, id, wait_s)"))
+    for value, words in bad:
+        with pytest.raises(ConfigError) as e:
+            validate(load_config(base, common + [f"diloco.islands={value}"]), 8)
+        assert words in str(e.value)

@@ -41,6 +41,7 @@ skipped (as in torchft).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -60,7 +61,55 @@ from jaxpar.diloco.outer import (DiLoCoState, StreamingDiLoCo, fragment_delta_MN
                                  split_flat)
 from jaxpar.diloco.store import CorruptBlob, IslandError, SyncStore
 
-__all__ = ["Island", "IslandError", "CorruptBlob", "math_settings"]
+__all__ = ["ID_ENV", "Island", "IslandError", "IslandsConfig", "CorruptBlob", "islands_config",
+           "math_settings"]
+
+ID_ENV = "JAXPAR_ISLAND_ID"  # the island id when `diloco.islands.id` is not given
+
+
+@dataclasses.dataclass(frozen=True)
+class IslandsConfig:
+    """`diloco.islands` of a run config: {store, count, id, wait_s}."""
+    store: str
+    count: int
+    id: int
+    wait_s: float = 120.0
+
+
+def islands_config(raw: dict | None, env=os.environ) -> IslandsConfig | None:
+    """The checked `diloco.islands` mapping (None if empty); `id` falls back to
+    $JAXPAR_ISLAND_ID."""
+    if not raw:
+        return None
+    fields = [f.name for f in dataclasses.fields(IslandsConfig)]
+    for key in raw:
+        if key not in fields:
+            raise IslandError(f"unknown key diloco.islands.{key} (valid keys: {', '.join(fields)})")
+    raw = dict(raw)
+    if "id" not in raw and env.get(ID_ENV) is not None:
+        try:
+            raw["id"] = int(env[ID_ENV])
+        except ValueError:
+            raise IslandError(f"${ID_ENV}={env[ID_ENV]!r} must be an int") from None
+    for key in ("store", "count", "id"):
+        if key not in raw:
+            how = f" (or set ${ID_ENV})" if key == "id" else ""
+            raise IslandError(f"diloco.islands.{key} is required{how}")
+    if not isinstance(raw["store"], str) or not raw["store"]:
+        raise IslandError(f"diloco.islands.store={raw['store']!r} must be a path or URL "
+                          f"(a folder, file://, gs://, s3://)")
+    for key in ("count", "id"):
+        if not isinstance(raw[key], int) or isinstance(raw[key], bool):
+            raise IslandError(f"diloco.islands.{key}={raw[key]!r} must be an int")
+    if raw["count"] < 1:
+        raise IslandError(f"diloco.islands.count={raw['count']} must be ≥ 1")
+    if not 0 <= raw["id"] < raw["count"]:
+        raise IslandError(f"diloco.islands.id={raw['id']} must be in 0..{raw['count'] - 1} "
+                          f"(diloco.islands.count={raw['count']})")
+    wait = raw.get("wait_s", 120.0)
+    if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not wait > 0:
+        raise IslandError(f"diloco.islands.wait_s={wait!r} must be a number > 0")
+    return IslandsConfig(raw["store"], raw["count"], raw["id"], float(wait))
 
 
 def math_settings(sd: StreamingDiLoCo, count: int, params) -> dict:

@@ -83,6 +83,8 @@ class DiLoCoSection:
     quantize: str = "none"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    # {store, count, id, wait_s}: this run is one island of several (jaxpar/diloco/islands.py)
+    islands: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +192,7 @@ RESUME_MATH = (
     "diloco.overlap_steps", "diloco.alpha", "diloco.quantize", "diloco.outer_lr",
     "diloco.outer_momentum", "train.steps", "train.batch_size", "train.seq_len", "train.lr",
     "train.warmup", "train.min_lr_ratio", "train.weight_decay", "train.b2", "train.clip",
-    "train.seed", "data.path", "data.doc_separator", "data.eval_fraction")
+    "train.seed", "data.path", "data.doc_separator", "data.eval_fraction", "diloco.islands")
 
 
 def resume_class(key: str) -> str:
@@ -499,6 +501,15 @@ def validate(cfg: Config, device_count: int) -> None:
                               f"/num_fragments={d.sync_every // d.num_fragments}")
         if not 0.0 <= d.alpha <= 1.0:
             raise ConfigError(f"diloco.alpha={d.alpha} must be in [0, 1]")
+    if d.islands:
+        from jaxpar.diloco.islands import IslandError, islands_config
+
+        if not d.enabled:
+            raise ConfigError("diloco.islands needs diloco.enabled=true")
+        try:
+            islands_config(d.islands)
+        except IslandError as e:
+            raise ConfigError(str(e)) from None
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1)")
     _check_run_dir(t.run_dir)
