@@ -72,6 +72,23 @@ def read_config(path) -> dict:
         raise ValueError(f"{f} is not valid JSON ({e}); download or copy it again") from None
 
 
+def rope_of(hf: dict) -> tuple[dict | None, float]:
+    """(rope_scaling or None, rope_theta) of a config.json: transformers < 5 writes
+    `rope_theta` + `rope_scaling`; transformers 5 writes one `rope_parameters` dict holding
+    rope_theta and rope_type ("default" = no scaling)."""
+    if isinstance(hf.get("rope_parameters"), dict):
+        params = dict(hf["rope_parameters"])
+        theta = float(params.pop("rope_theta", hf.get("rope_theta", 10_000.0)))
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"config.json: rope_parameters.partial_rotary_factor="
+                             f"{params['partial_rotary_factor']!r} is not supported (only 1.0)")
+        params.pop("partial_rotary_factor", None)
+        if params.get("rope_type", params.get("type", "default")) == "default":
+            return None, theta
+        return {k: v for k, v in params.items() if v is not None}, theta
+    return hf.get("rope_scaling") or None, float(hf.get("rope_theta", 10_000.0))
+
+
 def model_keys(hf: dict) -> dict:
     """The jaxpar `model.*` keys of an HF Llama config; ValueError naming the first key the
     built-in decoder cannot honour."""
@@ -96,12 +113,12 @@ def model_keys(hf: dict) -> dict:
         raise ValueError(f"config.json: head_dim={hf.get('head_dim')!r} must equal hidden_size/"
                          f"num_attention_heads={embed}/{heads}")
     max_positions = hf.get("max_position_embeddings", 2048)
-    scaling = hf.get("rope_scaling") or None
+    scaling, theta = rope_of(hf)
     rope_lib.check(scaling, max_positions, "config.json: rope_scaling")
     return {"layers": hf["num_hidden_layers"], "embed": embed, "heads": heads,
             "kv_heads": hf.get("num_key_value_heads") or heads, "head_dim": head_dim,
             "mlp": hf["intermediate_size"], "vocab": hf["vocab_size"],
-            "rope_base": float(hf.get("rope_theta", 10_000.0)), "rope_scaling": scaling,
+            "rope_base": theta, "rope_scaling": scaling,
             "max_positions": max_positions, "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
 

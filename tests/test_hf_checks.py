@@ -195,3 +195,22 @@ def test_base_config_keys_yield_to_init_from(tmp_path, hf_dir, capsys):
                                      f"embed: 128}}\n")
     with pytest.raises(ConfigError, match="model.embed=128 conflicts"):
         load_config(tmp_path / "e.yaml")
+
+
+def test_transformers_5_rope_parameters_are_read():
+    """transformers 5 saves one rope_parameters dict (with rope_theta) instead of rope_theta +
+    rope_scaling; "default" is no scaling (tests/test_hf_transformers.py imports such files)."""
+    from jaxpar import hf
+
+    v5 = {k: v for k, v in HF.items() if k != "rope_theta"}
+    keys = hf.model_keys(dict(v5, rope_parameters={"rope_theta": 5e5, "rope_type": "default"}))
+    assert keys["rope_base"] == 5e5 and keys["rope_scaling"] is None
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+            "original_max_position_embeddings": 16, "beta_fast": None}
+    keys = hf.model_keys(dict(v5, rope_parameters=yarn))
+    assert keys["rope_base"] == 1e4
+    assert keys["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
+                                    "original_max_position_embeddings": 16}
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        hf.model_keys(dict(v5, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                "partial_rotary_factor": 0.5}))

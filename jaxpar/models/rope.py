@@ -63,8 +63,10 @@ def check(scaling, max_positions: int, where: str = "rope_scaling") -> None:
     if needs_max and max_positions < 1:
         raise ValueError(f"{where}: rope_type={t!r} needs max_position_embeddings (the "
                          f"pretrained context length)")
-    if t == "yarn" and "original_max_position_embeddings" in s:
+    if (t == "yarn" and "original_max_position_embeddings" in s
+            and s["original_max_position_embeddings"] != max_positions):
         # transformers versions differ on which wins when these disagree; refuse the ambiguity
+        # (equal to max_positions is what transformers 5 fills in itself: factor as given)
         ratio = max_positions / s["original_max_position_embeddings"] if max_positions else None
         if ratio is None or not math.isclose(ratio, s["factor"]):
             raise ValueError(f"{where}.factor={s['factor']} must equal max_position_embeddings/"
