@@ -319,6 +319,11 @@ class Island:
             args = jax.device_put(args, self._cpu)
             return jax.tree.map(np.asarray, fn(*args))
 
+    @property
+    def in_flight(self) -> bool:
+        """True while this island's delta of the pending round is still being written."""
+        return self._pending is not None and self._pending[1].is_alive()
+
     # ------------------------------------------------------------------ the step hook
     def after_step(self, state: DiLoCoState) -> DiLoCoState:
         """Call once after every inner step (`sd.inner_update`): starts the sync and does the
