@@ -30,8 +30,8 @@ Rounds. Round r is fragment p = r mod P, synced at step (r+1)·H/P and merged τ
     bytes in, one program, one backend: θ_global and the outer state come out bit-identical
     on every island, whatever its mesh. Each delta carries the digest of its writer's
     θ_global[p] and outer state before the round; a mismatch stops the run (islands diverged).
-  * the round's closer publishes the state after the round (`global/{r+1}`) and deletes
-    rounds older than keep_rounds.
+  * once every H steps (after the round of the last fragment) the round's closer publishes
+    the state (`global/{r+1}`) and deletes rounds older than keep_rounds.
 
 Rejoin. `join` on a store that already has rounds adopts the newest published state, replays
 the closed rounds after it from their records and deltas (the same code as a merge), announces
@@ -143,7 +143,7 @@ class Island:
         self.sd, self.count, self.id, self.wait_s = sd, int(count), int(island_id), float(wait_s)
         self.extra_settings = dict(settings or {})
         self.heartbeat_s, self.poll_s = float(heartbeat_s), float(poll_s)
-        self.keep_rounds = max(keep_rounds or 0, 2 * sd.num_fragments + 2)
+        self.keep_rounds = max(keep_rounds or 0, 3 * sd.num_fragments + 2)
         self.log = log
         self.store = SyncStore(store)
         self.session = uuid.uuid4().hex[:12]
@@ -410,7 +410,8 @@ class Island:
                      f"it applies the round and announces itself for round {r + 1}")
             self._joins_round = r + 1
             self._write_heartbeat()
-        if rec.get("closer") == self.id and rec.get("closer_session") == self.session:
+        last_of_h = (r + 1) % self.sd.num_fragments == 0  # every fragment merged once more
+        if last_of_h and rec.get("closer") == self.id and rec.get("closer_session") == self.session:
             self._publish(r)
         self.rounds.append({"step": self.step, "round": r, "fragment": p,
                             "members": rec["members"], "wait_s": round(waited, 4),
@@ -441,6 +442,12 @@ class Island:
             beats = self._beats()
             present = self.store.deltas(r)
             if self._expected(r, beats) <= set(present) or time.monotonic() - t0 >= self.wait_s:
+                if any(x > r for x in self.store.rounds_with_record()):
+                    # a later round closed, so round r's record existed and was deleted: this
+                    # island fell more than keep_rounds behind and must not re-close round r
+                    raise IslandError(f"island {self.id} fell behind: round {r} was closed and "
+                                      f"deleted (keep_rounds={self.keep_rounds}); restart it "
+                                      f"to rejoin")
                 rec, cached = self._propose(r, present, beats)
                 if self.store.create(st.record_key(r), json.dumps(rec).encode()):
                     return rec, cached
@@ -571,9 +578,8 @@ class Island:
                 if prev is not None:
                     prev.join()
                 self.store.put(st.global_key(r + 1), blob)
-                for n in self.store.global_indices():
-                    if n < r:  # keep the newest two
-                        self.store.delete_prefix(st.global_key(n))
+                for n in self.store.global_indices()[:-2]:  # keep the newest two
+                    self.store.delete_prefix(st.global_key(n))
                 for old in self.store.all_rounds():
                     if old <= r - self.keep_rounds:
                         self.store.delete_prefix(st.round_prefix(old))

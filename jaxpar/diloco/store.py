@@ -33,11 +33,13 @@ Layout under the store root (`{r}` a round number, 8 digits; `{k}` an island id,
                             rounds/{r}/ is deleted by the closer of round r + R.
   global/{n}                θ_global and the outer state of every fragment after n rounds
                             (n = 0: the initial state, created by the first island). Written by
-                            the closer of round n−1 after the round; rejoining islands start
-                            from the newest. The closers keep the newest two.
+                            the closer of round n−1 when n is a multiple of P (once every H
+                            steps: it is the whole model and outer state); rejoining islands
+                            start from the newest and replay the rounds after it. The closers
+                            keep the newest two.
 
-R (`keep_rounds`) is at least 2·P + 2, so a rejoining island finds the records and deltas of
-every round after the newest global state.
+R (`keep_rounds`) is at least 3·P + 2, so a rejoining island finds the records and deltas of
+every round after the newest global state even when one publication was lost.
 
 Blob format (deltas and global states), checked on every read, so a torn or corrupt file is
 detected and named:
