@@ -59,7 +59,8 @@ def test_convert_round_trip_and_init_from_lr0_export_equal_input(tmp_path):
     R.write_checkpoint(src, HF, dtype=ml_dtypes.bfloat16, shards=2)
     (src / "tokenizer.json").write_text("{}")
     mesh = ["mesh.data=2", "mesh.seq=2", "mesh.tensor=2", "attention.impl=tokenring",
-            "train.seq_len=32"]
+            "train.seq_len=32",  # byte data with a (placeholder) tokenizer.json: say why
+            "data.tokenizer_mismatch=a test checkpoint trained on bytes"]
     assert convert.main(["from-hf", str(src), str(tmp_path / "run0"), *mesh, *RUN]) == 0
     assert convert.main(["to-hf", str(tmp_path / "run0"), str(tmp_path / "back0")]) == 0
     _same_bytes(R.read_tensors(src), R.read_tensors(tmp_path / "back0"))
