@@ -112,21 +112,27 @@ def test_kill_one_of_three_islands_and_rejoin(tmp_path):
     for k in (1, 2):
         for a, b in zip(_state(got[0]), _state(got[k])):
             np.testing.assert_array_equal(a, b)  # bitwise on every island
+    period = worker.H // worker.P
+    long_waits = set()
     for k in (0, 1):
         rounds = got[k]["rounds"]
-        assert len(rounds) == (steps - worker.TAU) // (worker.H // worker.P)
+        assert len(rounds) == (steps - worker.TAU) // period
         assert max(r["wait_s"] for r in rounds) <= wait_s + 1.0  # + reading the deltas
-        missed = [r for r in rounds if 2 not in r["members"]]
-        # island 2 is waited for once (wait_s), then not again until it announces its rejoin
-        # (a rejoin that comes too late for its announced round costs one more wait)
-        assert len(missed) >= 4 and missed[0]["wait_s"] >= wait_s - 0.1
-        assert sum(r["wait_s"] >= wait_s - 0.5 for r in missed) <= 2
         assert all(r["members"][:2] == [0, 1] for r in rounds)
+        long_waits |= {r["round"] for r in rounds if r["wait_s"] >= wait_s - 0.5}
+    missed = [r for r in got[0]["rounds"] if 2 not in r["members"]]
+    # island 2 is waited for once, by the island that closes the round at its deadline (the
+    # other may have started waiting later)...
+    first_missed = missed[0]["round"]
+    assert max(got[k]["rounds"][first_missed]["wait_s"] for k in (0, 1)) >= wait_s - 0.1
+    # ...then not again until it announces its rejoin (which may cost one more wait, if the
+    # rejoined island is late for its announced round)
+    assert len(missed) >= 4 and len(long_waits) <= 2 and first_missed in long_waits
     first = int(got[2]["first"])  # the step the restarted island starts after
     assert first > die_at and "island 2 rejoins at round" in rejoin_log
-    assert [r["members"] for r in got[2]["rounds"]][0] == [0, 1, 2]
     assert got[2]["steps"][0] == first + 1
-    assert any(2 in r["members"] and r["step"] > first for r in got[0]["rounds"])
+    back = [r["round"] for r in got[0]["rounds"] if 2 in r["members"] and r["step"] > first]
+    assert back and back == list(range(back[0], len(got[0]["rounds"])))  # and stays in
     assert time.monotonic() - t_restart < 240
 
 

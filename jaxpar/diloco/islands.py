@@ -232,7 +232,9 @@ class Island:
                            f"each island its own id in 0..{self.count - 1}")
 
     def _start_fresh(self, state):
-        if self.step > 0:
+        # a resume before the first round closed is fine (global/0 is there); without global/0
+        # the store this island synced through is gone
+        if self.step > 0 and not self.store.global_indices():
             raise IslandError(f"sync store {self.store.url} holds no rounds, but island {self.id} "
                               f"resumes at step {self.step}: the store was deleted or belongs to "
                               f"another run; point diloco.islands.store at this run's store")
@@ -267,18 +269,18 @@ class Island:
                 self._apply_round(r, rec, cached={})
                 replayed += 1
             done = newest + 1
-            self._joins_round = done
-            self._write_heartbeat()
-            if self._record(done) is None:
-                break  # announced before round `done` closed: the others will wait for us
+            self._announce_after(newest)
+            if self._record(self._joins_round) is None:
+                break  # announced before that round closed: the others will wait for us
         last = self._record(done - 1)
         self._alive = last["members"] + last["corrupt"]
         self.step = self.merge_step(done - 1)
         state = self._adopt_fn(state, self._tree(self._glob), self._outer_trees(),
                                jnp.asarray(self.step, jnp.int32))
-        self.log(f"islands: island {self.id} rejoins at round {done} (step {self.step}): adopted "
-                 f"{st.global_key(n_best)} and replayed {replayed} rounds; its inner steps "
-                 f"{start_step + 1}..{self.step} are skipped")
+        self.log(f"islands: island {self.id} rejoins at round {self._joins_round} (from step "
+                 f"{self.step}, round {done}): adopted "
+                 f"{st.global_key(n_best)} and replayed {replayed} rounds; the data rows of "
+                 f"steps {start_step + 1}..{self.step} are skipped")
         return state
 
     # ------------------------------------------------------------------ jitted pieces
@@ -405,11 +407,10 @@ class Island:
         state = self._install_fn(state, p, [self._glob[i] for i in self._frags.leaves(p)],
                                  self._outer_tree(p))
         self._alive = rec["members"] + rec["corrupt"]
-        if self.id not in rec["members"]:
+        if self.id not in rec["members"] and r >= (self._joins_round or 0):
+            self._announce_after(r)
             self.log(f"islands: island {self.id} missed round {r} (members {rec['members']}); "
-                     f"it applies the round and announces itself for round {r + 1}")
-            self._joins_round = r + 1
-            self._write_heartbeat()
+                     f"it applies the round and announces itself for round {self._joins_round}")
         last_of_h = (r + 1) % self.sd.num_fragments == 0  # every fragment merged once more
         if last_of_h and rec.get("closer") == self.id and rec.get("closer_session") == self.session:
             self._publish(r)
@@ -417,6 +418,15 @@ class Island:
                             "members": rec["members"], "wait_s": round(waited, 4),
                             "bytes": nbytes + len(box["blob"])})
         return state
+
+    def _announce_after(self, r: int) -> None:
+        """Announce this island (in its heartbeat) for a round no island can have started to
+        close: two past the newest closed one. One past could race a closer that read the
+        heartbeats just before the announcement; and a late island that announced only r+1
+        would stay late for ever, as the others would have closed r+1 before it got there."""
+        newest = max(self.store.rounds_with_record(), default=r)
+        self._joins_round = max(r, newest) + 2
+        self._write_heartbeat()
 
     def _expected(self, r: int, beats: dict) -> set[int]:
         announced = {k for k, b in beats.items() if b.get("joins_round") == r}
