@@ -128,11 +128,11 @@ def test_sigkill_anywhere_then_the_same_command_loses_nothing(tmp_path, referenc
                ("after an eval", lambda: evals() > seen),
                ("random", None)]
     for what, cond in moments:
-        seen = evals()
+        seen, written = evals(), len(lines(d))
         proc = subprocess.Popen(cmd(d, extra), env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        if cond is None:
-            wait_for(proc, lambda: len(lines(d)) > 0)
+        if cond is None:  # a moment after this segment's own first line, not an earlier one's
+            wait_for(proc, lambda: len(lines(d)) > written)
             time.sleep(rng.uniform(0.0, 2.0))
         else:
             wait_for(proc, cond)
