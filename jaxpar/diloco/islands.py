@@ -35,7 +35,8 @@ Rounds. Round r is fragment p = r mod P, synced at step (r+1)·H/P and merged τ
 
 Rejoin. `join` on a store that already has rounds adopts the newest published state, replays
 the closed rounds after it from their records and deltas (the same code as a merge), announces
-the next round in its heartbeat and starts at the step after the last closed merge. The inner
+itself in its heartbeat for the round two past the newest closed one (`_announce_after`) and
+starts at the step after the last closed merge. The inner
 steps it did since the last round it was in, and the data rows of the steps it jumps over, are
 skipped (as in torchft).
 """
