@@ -399,9 +399,11 @@ def load(path, mesh: Mesh | None = None, *, attention: str | None = None,
     attention = attention or ("dense" if seq == 1 else "ring")
     tensor = math.prod(mesh.shape[a] for a in sharding.mesh_axes("vocab", rules))
     for key in ("heads", "kv_heads", "mlp"):
-        if keys[key] % tensor:
+        if keys[key] % tensor and not (key == "kv_heads" and tensor % keys[key] == 0):
             raise ValueError(f"{path}: {key}={keys[key]} is not divisible by the mesh's tensor "
-                             f"axes (size {tensor}); use a mesh whose tensor size divides it")
+                             f"axes (size {tensor}); use a mesh whose tensor size divides it"
+                             + (" (or a multiple of it: kv heads are then replicated)"
+                                if key == "kv_heads" else ""))
     c = transformer_config(keys, dtype=dtype, padded_vocab=-(-keys["vocab"] // tensor) * tensor)
     par = Parallel(mesh=mesh, rules=rules, attention=attention, ring_impl=ring_impl)
     module = Transformer(c, parallel=par)

@@ -62,7 +62,8 @@ BAD = [  # (overrides, words the one-line message must contain)
     (["mesh.data=4", "mesh.seq=2", "attention.impl=dense"], ["attention.impl=dense", "mesh.seq=1"]),
     (["mesh.data=4", "mesh.seq_inner=2", "attention.impl=ring"],
      ["mesh.seq_inner=2", "hybrid"]),
-    (["mesh.data=2", "mesh.tensor=4", "model.kv_heads=2"], ["model.kv_heads=2", "mesh.tensor=4"]),
+    (["mesh.data=2", "mesh.tensor=4", "model.heads=12", "model.kv_heads=6", "model.head_dim=8"],
+     ["model.kv_heads=6", "mesh.tensor=4"]),  # kv_heads=2 fits now: replicated (kv_replication)
     (["model.heads=6", "model.kv_heads=4"], ["model.heads=6", "kv_heads"]),
     (["mesh.data=8", "train.batch_size=4"], ["train.batch_size=4", "mesh.replica·data·fsdp=8"]),
     (["mesh.data=1", "mesh.fsdp=8", "train.batch_size=8", "train.microbatches=2"],

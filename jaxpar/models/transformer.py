@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -99,6 +100,16 @@ class Parallel:
     def seq_axes(self) -> tuple[str, ...]:
         return self.axes("length")
 
+    @property
+    def tensor_size(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.axes("heads"))
+
+    def kv_replicas(self, kv_heads: int) -> int:
+        """How many tensor shards share each kv head: 1 when the tensor axis splits the kv
+        heads, T/K when it has more shards than kv heads (MQA; GQA 8 on tensor 16)."""
+        T = self.tensor_size
+        return 1 if kv_heads % T == 0 else T // kv_heads
+
 
 def _entry(axes: tuple[str, ...]):
     return axes[0] if len(axes) == 1 else (axes or None)
@@ -127,6 +138,10 @@ def parallel_attention(par: Parallel, q_BNHD, k_BNKD, v_BNKD, segment_ids_BN):
     zigzag order for the sequence-parallel impls), heads on the tensor axis."""
     batch, seq, tensor = _entry(par.axes("batch")), _entry(par.seq_axes), par.tensor_axis
     qkv_spec, seg_spec = P(batch, seq, tensor, None), P(batch, seq)
+    r = par.kv_replicas(k_BNKD.shape[2])
+    if r > 1:  # kv heads replicated (fewer than tensor shards): shard t gets head t // r,
+        # the one its query heads [t·H/T, (t+1)·H/T) use; a local slice of replicated k/v
+        k_BNKD, v_BNKD = (jnp.repeat(x, r, axis=2) for x in (k_BNKD, v_BNKD))
     if par.attention == "dense":
         def local(q, k, v, seg):
             return flash_attention(q, k, v, segment_ids_BN=seg, causal=True)[0].astype(q.dtype)
@@ -169,6 +184,13 @@ class Block(nn.Module):
     def _dense(self, features, name, fan_in, axes, row: bool = False):
         init = nn.initializers.normal(fan_in ** -0.5)
         par, dtype = self.parallel, self.cfg.dtype
+        if par is not None and axes[-1] == "kv_heads" and par.kv_replicas(self.cfg.kv_heads) > 1:
+            # fewer kv heads than tensor shards: k/v weights replicated over the tensor axis
+            # (K·D columns, small) and computed whole on every device; attention keeps the
+            # head each shard's query heads use (Megatron's and vLLM's KV replication)
+            dense = nn.Dense(features, use_bias=False, dtype=dtype, name=name,
+                             kernel_init=nn.with_logical_partitioning(init, ("embed", None)))
+            return lambda h: nn.with_logical_constraint(dense(h), ("batch", "length", None))
         if par is None:
             return nn.Dense(features, use_bias=False, dtype=dtype, name=name,
                             kernel_init=nn.with_logical_partitioning(init, axes))

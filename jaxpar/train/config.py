@@ -600,18 +600,23 @@ def _check_builtin_model(cfg: Config):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # (model.vocab need not divide: the table is padded to a multiple of mesh.tensor)
-    for key, v in (("model.heads", mo.heads), ("model.kv_heads", mo.kv_heads),
-                   ("model.mlp", mo.mlp)):
+    for key, v in (("model.heads", mo.heads), ("model.mlp", mo.mlp)):
         if v % m.tensor:
-            valid = divisors(math.gcd(mo.kv_heads, mo.mlp))
+            valid = divisors(math.gcd(mo.heads, mo.mlp))
             raise ConfigError(f"{key}={v} must be divisible by mesh.tensor={m.tensor} "
                               f"(tensor parallelism splits it); mesh.tensor in {valid} would fit")
+    if mo.kv_heads % m.tensor and m.tensor % mo.kv_heads:  # fewer: replicated (transformer.py)
+        valid = sorted(set(divisors(mo.kv_heads)) | {t for t in divisors(math.gcd(mo.heads,
+                                                     mo.mlp)) if t % mo.kv_heads == 0})
+        raise ConfigError(f"model.kv_heads={mo.kv_heads} must divide or be a multiple of "
+                          f"mesh.tensor={m.tensor} (split over it, or replicated when fewer); "
+                          f"mesh.tensor in {valid} would fit")
     if "embed" not in cfg.sharding.rules and mo.embed % m.fsdp:
         valid = [x for x in divisors(mo.embed) if x <= 64]
         raise ConfigError(f"model.embed={mo.embed} must be divisible by mesh.fsdp={m.fsdp} "
                           f"(the rule embed -> fsdp splits every weight on it); mesh.fsdp in "
                           f"{valid} would fit")
-    h, kh = mo.heads // m.tensor, mo.kv_heads // m.tensor  # heads on one tensor shard
+    h, kh = mo.heads // m.tensor, max(1, mo.kv_heads // m.tensor)  # on one tensor shard
     ulysses = {"ulysses": ("mesh.seq", m.seq), "hybrid": ("mesh.seq_inner", m.seq_inner)}
     if a.impl in ulysses:
         key, p = ulysses[a.impl]
