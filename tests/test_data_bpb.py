@@ -1,6 +1,7 @@
 """Bits per byte counted from exactly the scored tokens: the UTF-8 bytes of the eval
 windows' targets (a per-token byte table) against a direct decode of the same windows, for
-bytes, a byte-level BPE with a BOS per document, and SentencePiece."""
+bytes, a byte-level BPE with a BOS per document (which packing keeps at each document's
+position 0), and SentencePiece."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import AddedToken, Tokenizer, processors
 
-from jaxpar.data import DEFAULT_CORPUS
+from jaxpar.data import DEFAULT_CORPUS, pack
 from jaxpar.data import prepare as prep
 from jaxpar.data.tokens import TokenDataset
 
@@ -72,7 +73,13 @@ def test_eval_bytes_are_those_of_the_scored_tokens(tmp_path, corpus, kind):
         ds.bits_per_byte(1.0)
     got, want, bos_targets = 0, 0, 0
     for j in range(NB):
-        toks, _ = ds.eval_rows(j, range(B), B, NB)
+        toks, docs = ds.eval_rows(j, range(B), B, NB)
+        if kind == "bpe_bos":  # packed: every document start inside a window is one BOS
+            b = pack(toks, doc_ids_BN1=docs)  # at position 0 of its segment, BOS elsewhere
+            bos = b["tokens"] == m["tokenizer"]["bos_id"]  # never
+            starts = docs[:, 1:-1] != docs[:, :-2]  # (a window may begin inside a document)
+            assert bos.any() and np.array_equal(bos[:, 1:], starts)
+            assert (b["positions"][bos] == 0).all()
         for row in toks:
             targets = row[1:]
             got += int(ds.token_bytes[targets].sum())
