@@ -38,6 +38,22 @@ def _bpe_with_bos(tmp_path, corpus):
     return str(tmp_path / "bos.json")
 
 
+def _metaspace_bpe(tmp_path, corpus):
+    """A tokenizer.json built like Llama-2's: Metaspace pre-tokenizer, byte fallback, and
+    the decoder that turns ▁ into spaces and strips the text's first one."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                 show_progress=False))
+    tok.save(str(tmp_path / "metaspace.json"))
+    return str(tmp_path / "metaspace.json")
+
+
 def _sentencepiece(tmp_path, corpus):
     import sentencepiece as spm
 
@@ -52,8 +68,10 @@ def _direct_bytes(ds: TokenDataset, ids: np.ndarray) -> int:
     dropped. SentencePiece drops the space of a first piece "▁x" on decode: decode after an
     anchor piece and subtract it."""
     tok = ds.tokenizer
-    if tok.kind == "hf":
-        return len(tok._tok.decode([int(i) for i in ids], skip_special_tokens=True).encode())
+    if tok.kind == "hf":  # (after an anchor too: a Metaspace decoder strips the first space)
+        t, anchor = tok._tok, [tok._tok.token_to_id("a")]
+        whole = t.decode(anchor + [int(i) for i in ids], skip_special_tokens=True)
+        return len(whole.encode()) - len(t.decode(anchor).encode())
     if tok.kind == "sentencepiece":
         anchor = [tok._sp.piece_to_id("a")]
         whole = tok._sp.decode(anchor + [int(i) for i in ids])
@@ -61,9 +79,10 @@ def _direct_bytes(ds: TokenDataset, ids: np.ndarray) -> int:
     return len(bytes(np.asarray(ids, np.uint8)))
 
 
-@pytest.mark.parametrize("kind", ["bytes", "bpe_bos", "sentencepiece"])
+@pytest.mark.parametrize("kind", ["bytes", "bpe_bos", "metaspace", "sentencepiece"])
 def test_eval_bytes_are_those_of_the_scored_tokens(tmp_path, corpus, kind):
     spec = {"bytes": lambda: "bytes", "bpe_bos": lambda: _bpe_with_bos(tmp_path, corpus),
+            "metaspace": lambda: _metaspace_bpe(tmp_path, corpus),
             "sentencepiece": lambda: _sentencepiece(tmp_path, corpus)}[kind]()
     m = prep.prepare([corpus], tmp_path / "ds", tokenizer=spec, progress=False,
                      eval_fraction=0.3)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -209,12 +210,23 @@ def token_bytes(tok) -> np.ndarray:
     special = {i for i, a in t.get_added_tokens_decoder().items() if a.special}
     alphabet = _byte_level_alphabet()
     byte_level = type(t.decoder).__name__ == "ByteLevel"
-    for i in range(tok.vocab_size):
-        if i in special:
-            continue
-        piece = t.id_to_token(i)
-        if byte_level and piece is not None and all(c in alphabet for c in piece):
+    # other decoders (Llama-2's Metaspace / byte-fallback tokenizer.json) strip the space of
+    # a text's first "▁word": decode each token after an anchor token and subtract it
+    anchor = next((t.token_to_id(c) for c in ("a", "\u2581a", "A") if t.token_to_id(c)
+                   is not None), None)
+    ids = [i for i in range(tok.vocab_size) if i not in special]
+    if anchor is None:
+        texts = t.decode_batch([[i] for i in ids], skip_special_tokens=True)
+        base = 0
+    else:
+        texts = t.decode_batch([[anchor, i] for i in ids], skip_special_tokens=True)
+        base = len(t.decode([anchor]).encode("utf-8"))
+    for i, text in zip(ids, texts):
+        piece = t.id_to_token(i) or ""
+        if byte_level and all(c in alphabet for c in piece):
             out[i] = len(piece)  # one alphabet char per byte
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out[i] = 1  # a byte-fallback piece
         else:
-            out[i] = len(t.decode([i], skip_special_tokens=True).encode("utf-8"))
+            out[i] = len(text.encode("utf-8")) - base
     return out
