@@ -67,12 +67,21 @@ def main():
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--die-at", type=int, default=0)
     ap.add_argument("--corrupt-round", type=int, default=-1)
+    # an island of several processes (jax.distributed inside the island, 4 devices in all)
+    ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--proc", type=int, default=0)
+    ap.add_argument("--port", type=int, default=0)
     a = ap.parse_args()
 
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // a.procs}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import jax
+
+    if a.procs > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{a.port}",
+                                   num_processes=a.procs, process_id=a.proc)
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as Ps
@@ -83,7 +92,7 @@ def main():
     from jaxpar.diloco.islands import Island, IslandError
     from jaxpar.mesh import make_mesh
 
-    assert jax.device_count() == 4
+    assert jax.device_count() == 4 and jax.process_count() == a.procs
     mesh = make_mesh(replica=1, data=4)
     sd = settings(a.quantize, 1, mesh)
     grad = replica_grads(loss_fn, mesh=mesh)
@@ -95,8 +104,9 @@ def main():
         return sd.inner_update(g, s), loss_M
 
     def batch(t):  # global replica m = island id × replicas per island + local replica
-        x, y = batch_for(t, a.id)
-        return tuple(jax.device_put(v[None], batch_sharding) for v in (x, y))
+        x, y = batch_for(t, a.id)  # every process knows it; each places its own shards
+        return tuple(jax.make_array_from_callback((1,) + v.shape, batch_sharding,
+                                                  lambda i, v=v: v[None][i]) for v in (x, y))
 
     try:
         island = Island(sd, a.store, count=a.count, island_id=a.id, wait_s=a.wait_s,
@@ -123,7 +133,7 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
             t0 = time.monotonic()
             state, loss_M = inner_step(state, batch(t))
-            losses[t] = float(loss_M[0])
+            losses[t] = float(np.asarray(loss_M.addressable_data(0))[0])
             state = island.after_step(state)
             time.sleep(max(0.0, a.step_sleep - (time.monotonic() - t0)))
         state = island.finish(state)
@@ -131,13 +141,18 @@ def main():
     except IslandError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
-    glob = [np.asarray(x) for x in jax.tree.leaves(state.global_params)]
-    outer = [np.asarray(x) for x in jax.tree.leaves(state.outer_state)]
+    from jax.experimental import multihost_utils
+
+    host = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    glob = [host(x) for x in jax.tree.leaves(state.global_params)]
+    outer = [host(x) for x in jax.tree.leaves(state.outer_state)]
     steps = sorted(losses)
     np.savez(a.out, steps=np.array(steps), losses=np.array([losses[t] for t in steps]),
              first=first, rounds=json.dumps(island.rounds),
              **{f"g{i}": x for i, x in enumerate(glob)},
              **{f"o{i}": x for i, x in enumerate(outer)})
+    if a.procs > 1:
+        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +85,31 @@ def test_two_island_processes_equal_single_program(tmp_path, quantize):
     assert len(got[0]["rounds"]) == worker.STEPS // (worker.H // worker.P)
     # the replicas trained apart: the losses of the two islands differ
     assert np.max(np.abs(got[0]["losses"] - got[1]["losses"])) > 1e-3
+
+
+def test_island_of_two_processes_beside_island_of_one(tmp_path):
+    """Island 0 is 2 processes (jax.distributed inside the island, 2 CPU devices each, its
+    replica sharded over both); island 1 is 1 process. Same numbers as the single program."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with Islands(tmp_path) as isl:
+        procs = [isl.start(0, "--count", 2, "--procs", 2, "--proc", i, "--port", port,
+                           *(["--out", tmp_path / "0p1.npz"] if i else []), tag=f"p{i}")
+                 for i in range(2)]
+        procs.append(isl.start(1, "--count", 2))
+        for p, name in zip(procs, ("0p0", "0p1", "1")):
+            assert isl.wait(p) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        got = [isl.result(0), isl.result(1)]
+        second = np.load(tmp_path / "0p1.npz")
+    ref_losses, _ = worker.reference("none")
+    for k in range(2):
+        np.testing.assert_allclose(got[k]["losses"], ref_losses[:, k], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(second["losses"], got[0]["losses"])
+    for a, b, c in zip(_state(got[0]), _state(got[1]), _state(dict(second))):
+        np.testing.assert_array_equal(a, b)  # bitwise across islands...
+        np.testing.assert_array_equal(a, c)  # ...and across the processes of island 0
+    assert all(r["members"] == [0, 1] for r in got[1]["rounds"])
 
 
 def test_kill_one_of_three_islands_and_rejoin(tmp_path):

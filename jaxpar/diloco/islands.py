@@ -123,6 +123,46 @@ def math_settings(sd: StreamingDiLoCo, count: int, params) -> dict:
             "param_shapes": st.digest([np.frombuffer(json.dumps(sig).encode(), np.uint8)])}
 
 
+def _to_host(tree):
+    """numpy copies of (possibly multi-process, sharded) arrays: the whole value everywhere."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _broadcast_bytes(data: bytes | None) -> bytes:
+    """Process 0's bytes on every process of the island (the others pass None)."""
+    if jax.process_count() == 1:
+        return data
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if data else 0)))
+    buf = np.frombuffer(data, np.uint8) if data else np.zeros(n, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
+
+
+def _broadcast_text(text: str) -> str:
+    return _broadcast_bytes(text.encode() if jax.process_index() == 0 else None).decode()
+
+
+def _group_decision(fn) -> tuple:
+    """Process 0 runs `fn` (the others pass None); every process returns its result or raises
+    its IslandError. A decision of the island, never of one process from what only it saw."""
+    data = None
+    if fn is not None:
+        try:
+            out = {"ok": list(fn())}
+        except IslandError as e:
+            out = {"error": str(e), "corrupt": isinstance(e, CorruptBlob)}
+        data = json.dumps(out).encode()
+    out = json.loads(_broadcast_bytes(data))
+    if "error" in out:
+        raise (CorruptBlob if out["corrupt"] else IslandError)(out["error"])
+    return tuple(out["ok"])
+
+
 def _log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -160,7 +200,11 @@ class Island:
         self._beat_lock = threading.Lock()
         self._stolen = None
         self._publisher = None
-        self._cpu = jax.devices("cpu")[0]
+        self._cpu = jax.local_devices(backend="cpu")[0]
+        # an island of several processes (jax.distributed): process 0 talks to the store for
+        # the island (writes, heartbeat, closing rounds); every process reads the same agreed
+        # records and deltas and computes the same update
+        self._lead = jax.process_index() == 0
 
     # ------------------------------------------------------------------ schedule
     def round_of_sync(self, t: int) -> int | None:
@@ -182,19 +226,33 @@ class Island:
         self._frags = self.sd.fragments(state.global_params)
         self._treedef = jax.tree.structure(state.global_params)
         self._outer_defs = [jax.tree.structure(o) for o in state.outer_state]
-        self.store.probe(self.session)
-        self._check_settings(state.global_params)
-        self._claim_id()
-        self._glob = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state.global_params))]
-        self._outer = [[np.asarray(x) for x in jax.tree.leaves(o)]
-                       for o in jax.device_get(state.outer_state)]
-        self.step = int(state.step)
+        self.session = _broadcast_text(self.session)  # the lead's: one session per island
+        self._glob = [np.asarray(x) for x in _to_host(jax.tree.leaves(state.global_params))]
+        self._outer = [[np.asarray(x) for x in _to_host(jax.tree.leaves(o))]
+                       for o in state.outer_state]
+        self.step = int(_to_host(state.step))
         self._compile(state)
+        # the lead checks the store and decides; every process acts on its decision
+        plan = _group_decision(self._lead_join if self._lead else None)
+        if plan[0] == "fresh":
+            return state
+        try:
+            return self._adopt(state, *plan[1:])
+        except BaseException:
+            self.close()
+            raise
+
+    def _lead_join(self) -> tuple:
+        """Process 0: probe, settings, id, and fresh start or the rounds to adopt."""
+        self.store.probe(self.session)
+        self._check_settings(self._tree(self._glob))
+        self._claim_id()
         self._start_heartbeat()
         try:
             if not self.store.rounds_with_record():
-                return self._start_fresh(state)
-            return self._rejoin(state)
+                self._start_fresh()
+                return ("fresh",)
+            return ("adopt",) + self._plan_rejoin()
         except BaseException:
             self.close()  # a failed join leaves no live-looking heartbeat behind
             raise
@@ -219,7 +277,7 @@ class Island:
             time.sleep(2.5 * float(beat.get("every", self.heartbeat_s)))
             again, _ = self.store.get_json(st.heartbeat_key(self.id))
             if again is not None and again.get("beat") != beat.get("beat"):
-                raise self._duplicate(again)
+                raise self._duplicate(self.store.get_json(st.registry_key(self.id))[0] or {})
         reg, gen = self.store.get(st.registry_key(self.id))
         mine = json.dumps({"session": self.session, "host": socket.gethostname(),
                            "pid": os.getpid(), "time": time.time()}).encode()
@@ -232,7 +290,7 @@ class Island:
                            f"(host {other.get('host', '?')}, pid {other.get('pid', '?')}); give "
                            f"each island its own id in 0..{self.count - 1}")
 
-    def _start_fresh(self, state):
+    def _start_fresh(self):
         # a resume before the first round closed is fine (global/0 is there); without global/0
         # the store this island synced through is gone
         if self.step > 0 and not self.store.global_indices():
@@ -247,41 +305,39 @@ class Island:
                 raise IslandError(f"island {self.id}'s initial params differ from "
                                   f"{self.store.url}/{st.global_key(0)}: every island needs the "
                                   f"same init (seed, model)")
-        return state
 
-    def _rejoin(self, state):
-        start_step = self.step
+    def _plan_rejoin(self) -> tuple[int, int]:
+        """Process 0 of a rejoining island: (newest global state n, newest closed round), after
+        announcing itself for a round that had not closed."""
         n_best = max(self.store.global_indices(), default=None)
         if n_best is None:
             raise IslandError(f"sync store {self.store.url} has rounds but no global state "
                               f"(global/ was deleted?): island {self.id} cannot rejoin")
-        header, arrays = self._read_global(n_best)
-        self._load_global(header, arrays)
-        done = n_best  # rounds applied to the host state
-        replayed = 0
         while True:
-            closed = self.store.rounds_with_record()
-            newest = max(closed)
-            for r in range(done, newest + 1):
-                rec = self._record(r)
-                if rec is None:
-                    raise IslandError(f"sync store {self.store.url} lacks the record of round {r} "
-                                      f"(deleted?): island {self.id} cannot replay it to rejoin")
-                self._apply_round(r, rec, cached={})
-                replayed += 1
-            done = newest + 1
+            newest = max(self.store.rounds_with_record())
             self._announce_after(newest)
             if self._record(self._joins_round) is None:
-                break  # announced before that round closed: the others will wait for us
-        last = self._record(done - 1)
+                return n_best, newest  # announced in time: the others will wait for us there
+
+    def _adopt(self, state, n_best: int, newest: int):
+        """Every process: the store's state after round `newest` (global/{n_best} + replay)."""
+        start_step = self.step
+        header, arrays = self._read_global(n_best)
+        self._load_global(header, arrays)
+        for r in range(n_best, newest + 1):
+            rec = self._record(r)
+            if rec is None:
+                raise IslandError(f"sync store {self.store.url} lacks the record of round {r} "
+                                  f"(deleted?): island {self.id} cannot replay it to rejoin")
+            self._apply_round(r, rec, cached={})
+        last = self._record(newest)
         self._alive = last["members"] + last["corrupt"]
-        self.step = self.merge_step(done - 1)
+        self.step = self.merge_step(newest)
         state = self._adopt_fn(state, self._tree(self._glob), self._outer_trees(),
                                jnp.asarray(self.step, jnp.int32))
-        self.log(f"islands: island {self.id} rejoins at round {self._joins_round} (from step "
-                 f"{self.step}, round {done}): adopted "
-                 f"{st.global_key(n_best)} and replayed {replayed} rounds; the data rows of "
-                 f"steps {start_step + 1}..{self.step} are skipped")
+        self.log(f"islands: island {self.id} rejoins (from step {self.step}, round {newest + 1}): "
+                 f"adopted {st.global_key(n_best)} and replayed {newest + 1 - n_best} rounds; "
+                 f"the data rows of steps {start_step + 1}..{self.step} are skipped")
         return state
 
     # ------------------------------------------------------------------ jitted pieces
@@ -296,7 +352,11 @@ class Island:
             x_MKB = jnp.pad(x_MN, ((0, 0), (0, k * qz.BLOCK - n))).reshape(M, k, qz.BLOCK)
             return jax.vmap(lambda b: qz.quantize(b, fmt))(x_MKB)
 
-        self._wire_fn = jax.jit(wire, static_argnums=1)
+        # replicated output: process 0's local copy is the whole delta, even when the island's
+        # replicas span several processes (the gather runs on the devices, asynchronously)
+        rep = None if sd.mesh is None else jax.sharding.NamedSharding(sd.mesh,
+                                                                     jax.sharding.PartitionSpec())
+        self._wire_fn = jax.jit(wire, static_argnums=1, out_shardings=rep)
 
         def install(s, p, glob, outer_p):
             return sd.install_fragment(s, frags, p, glob, outer_p)
@@ -368,9 +428,10 @@ class Island:
 
         def write():
             try:
-                arrays = {"payload": np.asarray(wire.payload)}
+                local = lambda x: np.asarray(x.addressable_data(0))
+                arrays = {"payload": local(wire.payload)}
                 if wire.scale_N is not None:
-                    arrays["scale"] = np.asarray(wire.scale_N)
+                    arrays["scale"] = local(wire.scale_N)
                 header = {"kind": "delta", "round": r, "fragment": p, "step": self.sync_step(r),
                           "island": self.id, "session": self.session,
                           "replicas": self.sd.num_replicas, "quantize": self.sd.quantize,
@@ -382,7 +443,10 @@ class Island:
                 box["error"] = e
 
         th = threading.Thread(target=write, name=f"island-{self.id}-delta-{r}", daemon=True)
-        th.start()
+        if self._lead:
+            th.start()
+        else:  # only process 0 writes the island's delta
+            box["blob"] = b""
         self._pending = (r, th, box)
 
     def _fragment_digest(self, p: int) -> str:
@@ -394,26 +458,29 @@ class Island:
         r, th, box = self._pending
         self._pending = None
         t0 = time.monotonic()
-        th.join()
+        if th.is_alive() or self._lead:
+            th.join()
         if "error" in box:
             e = box["error"]
             raise e if isinstance(e, IslandError) else IslandError(
                 f"island {self.id}: writing its delta of round {r} failed: {e}")
         own_key = st.delta_key(r, self.id, self.session)
-        rec, cached = self._agree(r, t0)
-        cached.setdefault(own_key, box["blob"])
+        rec, cached = self._agree(r, t0) if self._lead else (self._await_record(r, t0), {})
+        if box["blob"]:
+            cached.setdefault(own_key, box["blob"])
         waited = time.monotonic() - t0
         p = r % self.sd.num_fragments
         nbytes = self._apply_round(r, rec, cached)
         state = self._install_fn(state, p, [self._glob[i] for i in self._frags.leaves(p)],
                                  self._outer_tree(p))
         self._alive = rec["members"] + rec["corrupt"]
-        if self.id not in rec["members"] and r >= (self._joins_round or 0):
+        if self._lead and self.id not in rec["members"] and r >= (self._joins_round or 0):
             self._announce_after(r)
             self.log(f"islands: island {self.id} missed round {r} (members {rec['members']}); "
                      f"it applies the round and announces itself for round {self._joins_round}")
         last_of_h = (r + 1) % self.sd.num_fragments == 0  # every fragment merged once more
-        if last_of_h and rec.get("closer") == self.id and rec.get("closer_session") == self.session:
+        closer = rec.get("closer") == self.id and rec.get("closer_session") == self.session
+        if last_of_h and closer and self._lead:
             self._publish(r)
         self.rounds.append({"step": self.step, "round": r, "fragment": p,
                             "members": rec["members"], "wait_s": round(waited, 4),
@@ -464,6 +531,16 @@ class Island:
                     return rec, cached
                 continue  # another island's record won: use it
             time.sleep(self.poll_s)
+
+    def _await_record(self, r: int, t0: float) -> dict:
+        """Processes other than 0 of an island: the record process 0 (or another island)
+        creates; process 0 gives up after wait_s plus the reads, so this is bounded."""
+        while (rec := self._record(r)) is None:
+            if time.monotonic() - t0 > self.wait_s + 300:
+                raise IslandError(f"island {self.id} process {jax.process_index()}: no record of "
+                                  f"round {r} after {self.wait_s + 300:.0f} s (process 0 gone?)")
+            time.sleep(self.poll_s)
+        return rec
 
     def _propose(self, r, present, beats):
         members, corrupt, keys, digests, replicas, cached = [], [], {}, {}, {}, {}
