@@ -1,9 +1,11 @@
 """Streaming DiLoCo islands: separate JAX programs that train alone and agree through a store.
 
 An island is one ordinary run with its own mesh (its `replica` axis may hold several DiLoCo
-replicas). Islands share only a sync store (`jaxpar.diloco.store`, which holds the layout and
-the wire format). The outer math is `jaxpar.diloco.outer`'s, one copy; only the replica mean
-is taken through the store instead of a collective:
+replicas) and one or several processes (`jax.distributed` inside the island: process 0 talks
+to the store for the island and broadcasts its decisions; every process computes the same
+update from the same bytes). Islands share only a sync store (`jaxpar.diloco.store`, which
+holds the layout and the wire format). The outer math is `jaxpar.diloco.outer`'s, one copy;
+only the replica mean is taken through the store instead of a collective:
 
     sd = streaming_diloco(inner, num_replicas=replicas_per_island, ...)
     island = Island(sd, "/shared/run7/sync", count=3, island_id=k, wait_s=120)
