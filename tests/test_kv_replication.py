@@ -40,6 +40,7 @@ def test_import_with_kv_heads_below_the_tensor_axis(tmp_path, kv, shape, attenti
     assert k.sharding.shard_shape(k.shape) == k.shape  # whole on every device
 
 
+@pytest.mark.slow  # ~25 s on the shared 2-core box (two compiled value_and_grads)
 def test_trainer_loss_and_grads_match_the_unsharded_model(tmp_path):
     """MQA (4 query heads, 1 kv head) on data 2 x tensor 4: the sharded step's loss and
     grads equal those of the same params without a mesh; k/v bytes are replicated in the
