@@ -13,13 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-import testing_models
 import user_models
 from jaxpar import comm
 from jaxpar.testing import assert_steps_close, check_layouts
 from jaxpar.testing.plugin import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "docs" / "examples"))
+import tpmodel  # noqa: E402  (docs/examples/tpmodel.py)
 LAYOUTS = [{"data": 8}, {"fsdp": 8}, {"data": 4, "tensor": 2}, {"fsdp": 4, "tensor": 2}]
 
 
@@ -31,7 +32,7 @@ def test_tensor_parallel_model_passes_and_report_adds_up():
     """The hand-written column/row-parallel model equals its 1-device run on fsdp 4 ×
     tensor 2; the report's numbers are the compiled step's: no full gather, the state
     per device is the params + Adam's two moments cut as the rules say."""
-    report = check_layouts(testing_models.tp_factory, [{"fsdp": 4, "tensor": 2}])
+    report = check_layouts(tpmodel.tp_factory, [{"fsdp": 4, "tensor": 2}])
     ref, r = report
     assert ref["layout"] == "1 device" and r["layout"] == "fsdp 4 × tensor 2"
     assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-4
@@ -54,7 +55,7 @@ def test_psum_of_dx_in_custom_vjp_is_caught_with_loss_matching():
     """Seeded bug (a): the textbook psum of dx in a custom_vjp inside shard_map with
     check_vma=False doubles dx on tensor 2: the loss is exact, the gradients are not."""
     with pytest.raises(AssertionError) as e:
-        check_layouts(testing_models.psum_dx_factory, [{"data": 4, "tensor": 2}], steps=1)
+        check_layouts(tpmodel.psum_dx_factory, [{"data": 4, "tensor": 2}], steps=1)
     msg = str(e.value)
     assert msg.startswith("layout data 4 × tensor 2, step 1: gradient down_0/kernel"), msg
     assert "the loss matches" in msg and "missing or doubled reduction" in msg
@@ -66,7 +67,7 @@ def test_psum_of_dx_in_custom_vjp_is_caught_with_loss_matching():
 def test_forgotten_row_psum_is_caught_with_loss_wrong():
     """Seeded bug (b): a row-parallel layer without its psum: the loss itself is wrong."""
     with pytest.raises(AssertionError) as e:
-        check_layouts(testing_models.no_psum_factory, [{"fsdp": 4, "tensor": 2}], steps=1)
+        check_layouts(tpmodel.no_psum_factory, [{"fsdp": 4, "tensor": 2}], steps=1)
     msg = str(e.value)
     assert msg.startswith("layout fsdp 4 × tensor 2, step 1: loss "), msg
     assert "in the 1-device run" in msg and "first differing gradient: down_0/kernel" in msg
@@ -79,7 +80,7 @@ def test_rule_sharding_the_embeddings_lookup_dimension_lists_full_gathers():
     """Seeded bug (c): `vocab -> tensor` cuts the embedding table along the dimension its
     lookup reads whole: numerics are right, and the report lists the table (and the head
     kernel, which XLA then gathers too) gathered whole on tensor every step."""
-    report = check_layouts(testing_models.vocab_rule_factory,
+    report = check_layouts(tpmodel.vocab_rule_factory,
                            [{"data": 4, "tensor": 2}, {"fsdp": 4, "tensor": 2}], steps=1)
     dt, ft = report[1], report[2]
     assert {g["param"]: g["bytes"] for g in dt["full_gathers"]} == {
@@ -113,8 +114,8 @@ def test_check_layouts_takes_a_jax_make_mesh_and_local_factory():
     """A plain `jax.make_mesh` (Explicit axes) with jaxpar axis names is a layout, and a
     factory defined in a function (not importable by name) works; a bad axis is one line."""
     def factory(cfg, mesh):
-        return testing_models.tp_factory(cfg, mesh)
-    factory.rules = testing_models.tp_factory.rules
+        return tpmodel.tp_factory(cfg, mesh)
+    factory.rules = tpmodel.tp_factory.rules
     mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4],
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     report = check_layouts(factory, [mesh], steps=1, overrides=["model.layers=1"])

@@ -1,5 +1,5 @@
-"""A small tensor-parallel MLP language model with hand-written `shard_map` layers, for
-`jaxpar.testing.check_layouts`: correct, and with each seeded bug of docs/testing.md.
+"""tpmodel.py: a small tensor-parallel MLP language model with hand-written `shard_map` layers
+(a `model.module` factory), correct and with each seeded bug of docs/testing.md.
 
     tokens -> embed -> 2 × [x + row(gelu(column(norm(x))))] -> norm -> head -> logits
 

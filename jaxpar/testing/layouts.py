@@ -239,6 +239,10 @@ def check_layouts(factory: Callable | str, layouts, overrides=(), steps: int = 2
         cfg = load_config(config, base + [f"model.module={factory_spec(factory)}",
                                           f"train.steps={steps}", f"train.run_dir={run_dir}",
                                           *overrides])
+        if cfg.diloco.enabled:
+            raise ValueError("check_layouts: diloco.enabled=true is not supported (it compares "
+                             "TrainState steps); tests/test_train_equivalence.py compares "
+                             "DiLoCo runs with jaxpar.diloco on one device")
         stats, want = _train(cfg, {}, jax.devices()[:1], steps)
         params0 = stats.pop("params0")
         report = Report([dict(stats, loss_diff=0.0, grad_diff=0.0)])
