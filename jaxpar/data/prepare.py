@@ -331,6 +331,11 @@ def special_tokens(tok, bos: bool | None, eos: bool | None) -> tuple[bool, bool]
     return out[0], out[1]
 
 
+def _ends(tok: dict) -> str:
+    added = [e.upper() for e in ("bos", "eos") if tok.get(f"add_{e}")]
+    return f"; {' and '.join(added)} per document" if added else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jaxpar-prepare", description=__doc__.splitlines()[0])
     ap.add_argument("inputs", nargs="+", help="text files, folders, or .jsonl files")
@@ -363,7 +368,7 @@ def main(argv=None) -> int:
     s = m["splits"]
     print(f"{args.out}: {m['tokens']} tokens in {m['documents']} documents "
           f"(train {s['train']['tokens']}, eval {s['eval']['tokens']}), vocab {m['vocab_size']} "
-          f"({m['tokenizer']['kind']}), {m['prepare_seconds']:.1f} s")
+          f"({m['tokenizer']['kind']}{_ends(m['tokenizer'])}), {m['prepare_seconds']:.1f} s")
     return 0
 
 
