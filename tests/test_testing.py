@@ -218,3 +218,63 @@ def test_plugin_from_addopts_and_jax_started_too_early(tmp_path):
                    "jaxpar.testing could set XLA_FLAGS; load the plugin first (-p "
                    "jaxpar.testing on the command line or in addopts) and use no jax before "
                    "it"], out[-3000:]
+
+
+# ------------------------------------------------------------------ docs/testing.md
+
+DOC = ROOT / "docs" / "testing.md"
+EXAMPLE = ROOT / "docs" / "examples" / "test_tpmodel.py"
+
+
+def doc_blocks(kind: str) -> dict[str, str]:
+    """{name: body} of the fenced blocks right after `<!-- kind: name -->` in the doc."""
+    text, out = DOC.read_text(), {}
+    for m in re.finditer(rf"<!-- {kind}: (\S+) -->", text):
+        start = text.index("\n", text.index("```", m.end())) + 1
+        out[m.group(1)] = text[start:text.index("```", start)]
+    return out
+
+
+def plain(text: str) -> list[str]:
+    """Non-empty lines with the table's loss/grad differences (float noise) blanked."""
+    return [re.sub(r"\d\.\de[-+]\d\d", "~", x) for x in text.splitlines()
+            if x.strip() and x.strip() != "."]
+
+
+def assert_in_order(doc_lines, real_lines):
+    rest = iter(real_lines)
+    for line in doc_lines:
+        assert any(line == r for r in rest), (
+            f"docs/testing.md has {line!r}, which the run does not print (in this order):\n"
+            + "\n".join(real_lines))
+
+
+def tpmodel_tests():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("doc_test_tpmodel", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(EXAMPLE.parent))
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_testing_doc_shows_the_example_file_and_its_log():
+    assert doc_blocks("file")["docs/examples/test_tpmodel.py"] == EXAMPLE.read_text()
+    outputs = doc_blocks("output")
+    assert list(outputs) == [f.__name__ for f in vars(tpmodel_tests()).values()
+                             if callable(f) and f.__name__.startswith("test_")]
+    log = plain((ROOT / "docs" / "testing_example.log").read_text())
+    assert_in_order([x for body in outputs.values() for x in plain(body)], log)
+
+
+@pytest.mark.slow
+def test_testing_doc_output_is_current(tmp_path):
+    """The doc's command, run now in a fresh process without XLA_FLAGS, prints the doc's
+    outputs (the table's float-noise columns aside)."""
+    args = ["-p", "jaxpar.testing", "--host-devices", "8", "-s", "-q", "-p",
+            "no:cacheprovider", "--rootdir", str(tmp_path), str(EXAMPLE)]
+    rc, out = run_pytest(tmp_path, args, {"PYTHONPATH": f"{EXAMPLE.parent}{os.pathsep}{ROOT}"})
+    assert rc == 0, out[-3000:]
+    assert_in_order([x for body in doc_blocks("output").values() for x in plain(body)],
+                    plain(out))
