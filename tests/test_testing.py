@@ -155,6 +155,25 @@ def test_replica_groups(line, groups):
         groups)
 
 
+def test_find_full_gathers_on_a_plain_jit():
+    """Outside the trainer, on a plain jax mesh: a weight cut over fsdp × tensor, gathered
+    over tensor (reported: 4 × 16 floats per device), and over fsdp only (ZeRO-3: not)."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    from jaxpar.testing import find_full_gathers
+
+    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    w = jax.device_put(np.ones((8, 16), np.float32), NamedSharding(mesh, P("fsdp", "tensor")))
+
+    def gathered(spec):
+        f = jax.jit(lambda w: jax.lax.with_sharding_constraint(2 * w, NamedSharding(mesh, spec)))
+        return find_full_gathers(f.lower(w).compile().as_text(), (w,))
+    found = gathered(P("fsdp", None))
+    assert [(g["param"], g["shape"], g["axes"], g["bytes"]) for g in found] == [
+        ("0", (8, 16), ("tensor",), 4 * 16 * 4)]
+    assert gathered(P(None, "tensor")) == []
+
+
 def test_xla_flags():
     assert xla_flags(8, "--xla_force_host_platform_device_count=2 --foo") == (
         "--foo --xla_cpu_collective_call_terminate_timeout_seconds=600 "
