@@ -308,9 +308,9 @@ class Island:
                                   f"{self.store.url}/{st.global_key(0)}: every island needs the "
                                   f"same init (seed, model)")
 
-    def _plan_rejoin(self) -> tuple[int, int]:
-        """Process 0 of a rejoining island: (newest global state n, newest closed round), after
-        announcing itself for a round that had not closed."""
+    def _plan_rejoin(self) -> tuple[int, int, int]:
+        """Process 0 of a rejoining island: (newest global state n, newest closed round, the
+        round it announced itself for, which had not closed)."""
         n_best = max(self.store.global_indices(), default=None)
         if n_best is None:
             raise IslandError(f"sync store {self.store.url} has rounds but no global state "
@@ -319,9 +319,10 @@ class Island:
             newest = max(self.store.rounds_with_record())
             self._announce_after(newest)
             if self._record(self._joins_round) is None:
-                return n_best, newest  # announced in time: the others will wait for us there
+                # announced in time: the others will wait for us there
+                return n_best, newest, self._joins_round
 
-    def _adopt(self, state, n_best: int, newest: int):
+    def _adopt(self, state, n_best: int, newest: int, joins: int):
         """Every process: the store's state after round `newest` (global/{n_best} + replay)."""
         start_step = self.step
         header, arrays = self._read_global(n_best)
@@ -337,9 +338,10 @@ class Island:
         self.step = self.merge_step(newest)
         state = self._adopt_fn(state, self._tree(self._glob), self._outer_trees(),
                                jnp.asarray(self.step, jnp.int32))
-        self.log(f"islands: island {self.id} rejoins (from step {self.step}, round {newest + 1}): "
-                 f"adopted {st.global_key(n_best)} and replayed {newest + 1 - n_best} rounds; "
-                 f"the data rows of steps {start_step + 1}..{self.step} are skipped")
+        self.log(f"islands: island {self.id} rejoins at round {joins}, training from step "
+                 f"{self.step}: adopted {st.global_key(n_best)} and replayed "
+                 f"{newest + 1 - n_best} rounds; the data rows of steps "
+                 f"{start_step + 1}..{self.step} are skipped")
         return state
 
     # ------------------------------------------------------------------ jitted pieces
