@@ -151,6 +151,13 @@ _PASS_THROUGH = ("copy", "bitcast", "transpose", "reshape", "convert", "copy-sta
                  "copy-done", "all-gather", "all-gather-start", "all-gather-done", "fusion")
 
 
+def parameter_number(ins: HloInstruction) -> int | None:
+    """k of a `parameter(k)` instruction, else None."""
+    if ins.opcode != "parameter":
+        return None
+    return int(ins.line.split("parameter(", 1)[1].split(")", 1)[0])
+
+
 def source_parameter(module: HloModule, name: str) -> int | None:
     """The entry parameter number that the entry instruction `name` is a copy, bitcast,
     transpose, reshape, convert, single-operand fusion or all-gather of (followed back
@@ -161,7 +168,7 @@ def source_parameter(module: HloModule, name: str) -> int | None:
         seen.add(name)
         ins = body[name]
         if ins.opcode == "parameter":
-            return int(ins.line.split("parameter(", 1)[1].split(")", 1)[0])
+            return parameter_number(ins)
         if ins.opcode not in _PASS_THROUGH or not ins.operands or (
                 ins.opcode == "fusion" and len(ins.operands) != 1):
             return None

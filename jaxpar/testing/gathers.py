@@ -55,8 +55,8 @@ def find_full_gathers(hlo: str, args, *, data_parallel=DATA_PARALLEL) -> list[di
     (the HLO op's name)."""
     module = comm.parse_hlo(hlo)
     entry = module.computations.get(module.entry or "", {})
-    params = {int(ins.line.split("parameter(", 1)[1].split(")", 1)[0]): ins
-              for ins in entry.values() if ins.opcode == "parameter"}
+    params = {comm.parameter_number(ins): ins for ins in entry.values()
+              if ins.opcode == "parameter"}
     leaves = jax.tree_util.tree_flatten_with_path(args)[0]
     out = []
     for ins in entry.values():
