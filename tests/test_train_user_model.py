@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import user_models
-from train_helpers import assert_same_steps, reference_diloco, reference_steps, run_steps
+from train_helpers import (assert_losses_close, assert_same_steps, reference_diloco,
+                           reference_steps, run_steps)
 from jaxpar import sharding
 from jaxpar.data import pack
 from jaxpar.train.__main__ import main
@@ -134,7 +135,7 @@ def test_user_model_sharded_run_equals_unsharded(kind, tmp_path):
             ckpt.save(step, state, {"data_step": step})
             ckpt.wait()
     ref, ref_params = plain_losses(cfg, run, kind, start=p0)
-    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+    assert_losses_close(losses, ref)
     assert losses[-1] < losses[0]
     close(state.params, ref_params, rtol=1e-4, atol=1e-5)
     if kind == "linen":  # eval and resume of Linen dicts: test_cli_user_model, test_train_kill
@@ -164,7 +165,7 @@ def test_user_model_zigzag_ring_equals_unsharded(kind, tmp_path):
     state = run.init_state()
     state, losses = run_steps(run, state, STEPS)
     ref, _ = plain_losses(cfg, run, kind)
-    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+    assert_losses_close(losses, ref)
 
 
 @pytest.mark.slow
@@ -178,7 +179,7 @@ def test_user_model_with_jaxpar_parallel_attention(tmp_path):
     p0 = host(state.params)
     state, losses = run_steps(run, state, STEPS)
     ref, _ = plain_losses(cfg, run, "linen", start=p0)
-    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+    assert_losses_close(losses, ref)
 
 
 @pytest.mark.slow
@@ -201,7 +202,7 @@ def test_user_model_diloco_equals_library_diloco(kind, tmp_path):
 
     g0, apply = reference(cfg, kind)
     ref, ref_state = reference_diloco(cfg, run, reference_loss(apply), g0, steps)
-    np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-5)
+    assert_losses_close(losses, ref)
     close(state.global_params, ref_state.global_params, rtol=1e-4, atol=1e-5)
 
 

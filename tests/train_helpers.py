@@ -80,6 +80,11 @@ def run_steps(run, state, steps, metrics: list | None = None):
     return state, losses
 
 
+def assert_losses_close(losses, ref, where: str = "sharded run"):
+    """Per-step losses against a reference's, through jaxpar.testing (1e-5 + 1e-5·|ref|)."""
+    assert_steps_close([{"loss": x} for x in losses], [{"loss": x} for x in ref], where=where)
+
+
 def assert_same_steps(run, state, steps, ref: dict):
     """Run the sharded trainer from `state` and compare it with a reference: the first
     step's gradients (as the compiled step computed them), every step's loss and grad
