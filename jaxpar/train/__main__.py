@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+ISLAND_EXIT_CODE = 5  # an IslandError after the join (launch.py --restarts restarts it)
+
 
 def _init_distributed(cluster: bool) -> None:
     import jax
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     from jaxpar.train.faults import STOP_EXIT_CODE, Stopped
     from jaxpar.train.goodput import process_start
     from jaxpar.train.run import train
+    from jaxpar.diloco.islands import IslandError
 
     try:
         train(cfg, started=process_start())
@@ -61,6 +64,9 @@ def main(argv=None) -> int:
     except Stopped as e:  # a non-finite step under train.nonfinite=stop
         print(f"stopped: {e}", file=sys.stderr)
         return STOP_EXIT_CODE
+    except IslandError as e:  # the islands protocol at run time (the store, a fall behind):
+        print(f"error: {e}", file=sys.stderr)  # the same command restarts and rejoins
+        return ISLAND_EXIT_CODE
     return 0
 
 

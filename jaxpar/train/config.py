@@ -107,6 +107,8 @@ class TrainSection:
     hang_timeout_s: float = 600.0  # no step finished in this long: stacks, exit 4; 0 = off
     startup_timeout_s: float = 1800.0  # the same for restore + compile + the first step
     preempt_grace_s: float = 30.0  # the scheduler's SIGTERM-to-SIGKILL time (warns if short)
+    # a jax.profiler trace of some steps: {start: k, steps: n, process: all | i} (profile.py)
+    profile: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,12 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsSection:
+    # Weights & Biases: {project, name, mode: online | offline | disabled, entity, tags}
+    wandb: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     mesh: MeshSection = MeshSection()
     model: ModelSection = ModelSection()
@@ -153,6 +161,7 @@ class Config:
     data: DataSection = DataSection()
     checkpoint: CheckpointSection = CheckpointSection()
     eval: EvalSection = EvalSection()
+    metrics: MetricsSection = MetricsSection()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,7 +190,8 @@ RESUME_SAFE = (
     "attention.impl", "attention.ring_impl", "overlap.mode", "overlap.direction",
     "sharding.rules", "model.remat", "train.microbatches", "train.run_dir", "train.log_every",
     "train.nonfinite", "train.peak_tflops", "train.hang_timeout_s", "train.startup_timeout_s",
-    "train.preempt_grace_s", "checkpoint.every", "checkpoint.keep", "eval.every",
+    "train.preempt_grace_s", "train.profile", "metrics.wandb", "checkpoint.every",
+    "checkpoint.keep", "eval.every",
     "eval.batches", "eval.sample_bytes", "eval.prompt", "data.tokenizer_mismatch")
 RESUME_LAYOUT = ("model.scan_layers",)
 RESUME_MATH = (
@@ -506,12 +516,21 @@ def validate(cfg: Config, device_count: int) -> None:
 
         if not d.enabled:
             raise ConfigError("diloco.islands needs diloco.enabled=true")
+        if cfg.train.nonfinite == "rollback":  # it would rewind behind the others' rounds
+            raise ConfigError("train.nonfinite=rollback cannot be used with diloco.islands (a "
+                              "rollback rewinds one island behind the rounds the others "
+                              "closed); use train.nonfinite=skip or stop")
         try:
             islands_config(d.islands)
         except IslandError as e:
             raise ConfigError(str(e)) from None
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1)")
+    from jaxpar.train.metrics import wandb_config
+    from jaxpar.train.profile import profile_config
+
+    _config_error(profile_config, t.profile)
+    _config_error(wandb_config, cfg.metrics.wandb)
     _check_run_dir(t.run_dir)
     check_ranges(cfg)
     check_byte_corpus(cfg)

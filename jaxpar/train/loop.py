@@ -11,7 +11,10 @@ gradients in one step (`jaxpar.train.microbatch`). With `diloco.enabled` it is t
 `DiLoCoState`: params carry a leading replica axis on the `replica` mesh axis, the inner
 step is `jax.vmap(..., spmd_axis_name='replica')` of the same sharded model (so each
 replica's step is itself sharded over data/seq/tensor and never talks across replicas), and
-`StreamingDiLoCo.update` adds the fragment syncs and merges.
+`StreamingDiLoCo.update` adds the fragment syncs and merges. With `diloco.islands` the run is
+one island of several: the compiled step is `StreamingDiLoCo.inner_update` alone (the rounds
+go through the sync store, `jaxpar.train.island`), and its replicas are the global replicas
+id·M..id·M+M−1 of count·M, reading the rows those read in the single program.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from jaxpar import comm, hf, sharding
 from jaxpar.data import ByteData, feed, open_data, pack
 from jaxpar.data.tokens import TokenDataset
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco
+from jaxpar.diloco.islands import IslandsConfig, islands_config
 from jaxpar.mesh import MeshConfig, make_mesh
 from jaxpar.train import faults, microbatch
 from jaxpar.train import model as model_lib
@@ -81,6 +85,7 @@ class Run:
     schedule: Any
     zigzag: int
     diloco: StreamingDiLoCo | None = None
+    islands: IslandsConfig | None = None  # this run is one island of several (diloco.islands)
     param_specs: Any = None
     logical: Any = None
     # metrics also carry the step's gradients tree (tests compare it with a reference);
@@ -108,7 +113,8 @@ class Run:
         tx, schedule = inner_optimizer(cfg)
         # the sequence-parallel impls take tokens in the zigzag order over the ring axis
         zigzag = cfg.mesh.seq if cfg.attention.impl != "dense" else 1
-        return cls(cfg, mesh, rules, model, data, tx, schedule, zigzag)
+        islands = islands_config(cfg.diloco.islands) if cfg.diloco.enabled else None
+        return cls(cfg, mesh, rules, model, data, tx, schedule, zigzag, islands=islands)
 
     def scope(self):
         """The mesh and rules context every trace of the model needs."""
@@ -127,6 +133,12 @@ class Run:
     def num_replicas(self) -> int:
         return self.cfg.mesh.replica if self.cfg.diloco.enabled else 1
 
+    def global_replicas(self) -> tuple[int, int]:
+        """(this run's first global replica, replicas in all): island k of `count` holds the
+        global replicas k·M..k·M+M−1 of count·M (M = mesh.replica); a single program 0..M−1."""
+        M = self.num_replicas
+        return (self.islands.id * M, self.islands.count * M) if self.islands else (0, M)
+
     # ------------------------------------------------------------------ data
     def _batch_spec(self, lead: int) -> P:
         batch = sharding.mesh_axes("batch", self.rules)
@@ -144,7 +156,9 @@ class Run:
         """Global batch for inner step `step` (counted from 1), packed and sharded; this
         process reads only the rows of its own shards (jaxpar.data.feed)."""
         B, N, M = self.cfg.train.batch_size, self.cfg.train.seq_len, self.num_replicas
-        read = lambda ix, rows: self.data.train_rows(step, ix[0] if ix else 0, rows, B, M)
+        first, total = self.global_replicas()
+        read = lambda ix, rows: self.data.train_rows(step, first + (ix[0] if ix else 0), rows,
+                                                     B, total)
         if self.cfg.diloco.enabled:
             return self._feed(read, (M, B, N), P(sharding.REPLICA, *self._batch_spec(0)))
         return self._feed(read, (B, N), self._batch_spec(0))
@@ -267,11 +281,14 @@ class Run:
     def _step_fn(self):
         grad = self.value_and_grad()
         if self.diloco is not None:
+            # an island's rounds go through the store, on the host (jaxpar.train.island)
+            update = self.diloco.inner_update if self.islands else self.diloco.update
+
             def step(state: DiLoCoState, b):
                 loss_M, grads_M = grad(state.params, b)
                 norm_M = jax.vmap(optax.tree.norm)(grads_M)
                 lr = self.schedule(state.step)
-                state = self.diloco.update(grads_M, state)
+                state = update(grads_M, state)
                 metrics = {"loss": jnp.mean(loss_M), "grad_norm": jnp.mean(norm_M), "lr": lr}
                 return state, {**metrics, "grads": grads_M} if self.report_grads else metrics
             return step

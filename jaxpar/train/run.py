@@ -20,9 +20,10 @@ from jaxpar import sharding
 from jaxpar.bench import machine
 from jaxpar.monitor.steps import StepMonitor
 from jaxpar.monitor.watchdog import Watchdog
-from jaxpar.train import attention_choice, faults, runfolder
+from jaxpar.train import attention_choice, faults, island, runfolder
 from jaxpar.train.checkpoint import Checkpointer, layout_meta
 from jaxpar.train.goodput import Goodput, format_line, summarize
+from jaxpar.train.profile import Profiler
 from jaxpar.train.config import Config
 from jaxpar.train.loop import Run, peak_tflops, sample
 from jaxpar.train.metrics import MetricsWriter, StepRate
@@ -70,6 +71,7 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
         runfolder.check_fresh(run_dir, cfg)
     diff = {}
     fresh = run.init_state()
+    isl = island.for_run(run)  # diloco.islands: this run is one island of several
     goodput.add("startup", time.time() - started)
     with goodput.timed("restore"):  # the newest checkpoint every process can read
         start, state, meta = ckpt.restore_newest(
@@ -83,7 +85,8 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
         runfolder.record(run_dir, cfg, start, diff)
         _write_run_files(run, run_dir, params_for_table)
     writer = MetricsWriter(run_dir, total_steps=cfg.train.steps, start_step=start,
-                           enabled=lead, redo_eval=redo_eval)
+                           enabled=lead, redo_eval=redo_eval, wandb=cfg.metrics.wandb,
+                           config=cfg.to_dict())
     if start:
         writer.print(f"resumed from {run_dir}/checkpoints step {start} "
                      f"(data position: step {start + offset})")
@@ -99,6 +102,11 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
     b = run.batch(start + 1 + offset)
     with goodput.timed("compile"):
         comm_bytes = run.comm_bytes(state, b)  # compiles the train step
+    # compiled first: a rejoining island is ready to train when it announces itself
+    state, joined = isl.join(state, start, meta, writer)
+    if joined != start:  # adopted the store's newer state: its data step follows
+        start = joined
+        b = run.batch(start + 1 + offset)
     flops_tok = run.flops_per_token(params_for_table)
     peak = peak_tflops(cfg)
     n_dev = len(run.mesh.devices.flat)
@@ -111,7 +119,7 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
     # that step again (the eval runs after the save, so a kill or a stop can come between)
     meta_of = lambda s, offset: {"data_step": s + offset, "seed": cfg.train.seed,
                                  "eval_due": eval_due(s), "config": cfg.to_dict(),
-                                 **layout_meta(cfg)}
+                                 **layout_meta(cfg), **isl.meta()}
 
     def evaluate(s):
         with goodput.timed("eval"):
@@ -120,14 +128,17 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
         evals_seen.append([s, loss])
     if redo_eval:
         evaluate(start)
-    with StepMonitor.for_run(run, run_dir, start, watchdog) as monitor:
+    with (StepMonitor.for_run(run, run_dir, start, watchdog) as monitor,
+          Profiler(cfg.train.profile, run_dir, say, start_step=start) as profiler):
         while step < steps:
             step += 1
             t0 = time.perf_counter()
+            profiler.before(step)  # train.profile: a trace of the configured steps
             state, m = run.train_step(state, b, stop=preempt.signal is not None)
             if step < steps:
                 b = run.batch(step + 1 + offset)  # built on the host while the device runs
             m = monitor.step(step, m)  # waits for the step: times, heartbeat, straggler warnings
+            profiler.after(step)
             stop, bad = int(m.pop("stop")), int(m["nonfinite"])  # the same on every process
             dt = time.perf_counter() - t0
             rate.add(dt, timed=step > start + 1)  # 1st: warm-up
@@ -141,6 +152,7 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
                     evals_seen = [e for e in evals_seen if e[0] <= step]
                     b = run.batch(step + 1 + offset)
                     continue
+            state = isl.after_step(state, step)  # an island's sync / merge of this step
             if step % cfg.train.log_every == 0 or step == steps or step == start + 1:
                 rec = {"step": step, **_floats(m), "comm_bytes": sum(comm_bytes.values())}
                 tok_s = rate.take(run.tokens_per_step())
@@ -154,6 +166,7 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
                 goodput.write()
             if stop and step < steps:  # a signal to any process: all stop after this step
                 preempt.agreed()
+                isl.close()
                 return _stop(step, state, meta_of(step, offset), preempt, ckpt, writer,
                              goodput, run_dir, say)
             # save before eval: the checkpoint's commit does not wait for eval (or its compile)
@@ -165,6 +178,7 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
     with goodput.timed("checkpoint"):
         ckpt.wait()
         ckpt.close()
+    isl.close()
 
     final_params = run.eval_params(state)
     # the loop evaluates the last step; a finished run started again evaluates here
@@ -184,7 +198,7 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
         "comm_bytes_per_step": comm_bytes, "flops_per_token": flops_tok,
         "params": int(sum(x.size for x in jax.tree.leaves(final_params))),
         "sample": text, "machine": machine(), "goodput": summarize(run_dir),
-        "config": dataclasses.asdict(cfg),
+        "config": dataclasses.asdict(cfg), **isl.summary(),
     }
     if run.diloco is not None:
         summary["diloco_bytes"] = run.diloco.bytes_report(final_params, steps)
