@@ -1,6 +1,7 @@
 """Where a run's numbers go: metrics.jsonl (one JSON object per line), TensorBoard events
-when tensorboardX is installed, and a tqdm progress bar on a terminal (plain lines when
-stdout is not a TTY, e.g. under CI or `scripts/launch.py`).
+when tensorboardX is installed, Weights & Biases with `metrics.wandb` (the same records, the
+resolved config, one run id across restarts), and a tqdm progress bar on a terminal (plain
+lines when stdout is not a TTY, e.g. under CI or `scripts/launch.py`).
 
 Across restarts: a resume (or a rollback) keeps the lines up to the step it restarts from,
 written to a temporary file and moved over metrics.jsonl (`os.replace`, atomic), and drops a
@@ -22,13 +23,14 @@ from tqdm import tqdm
 
 class MetricsWriter:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool = True,
-                 redo_eval: bool = False):
+                 redo_eval: bool = False, wandb: dict | None = None, config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
         self.tty = enabled and sys.stdout.isatty()
         self.bar = (tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
                     if self.tty else None)
+        self.wandb = WandbSink(wandb, run_dir, config, self.print) if wandb and enabled else None
         self.restart_at(start_step, redo_eval=redo_eval)
 
     def restart_at(self, step: int, *, redo_eval: bool = False) -> None:
@@ -66,6 +68,8 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record)
         if "eval_loss" in record:
             self.print(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, "
                        f"{record['eval_bpb']:.3f} bits/byte")
@@ -93,6 +97,62 @@ class MetricsWriter:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def wandb_config(raw: dict) -> dict:
+    """The checked `metrics.wandb` mapping: {project, name, mode, entity, tags}."""
+    keys = ("project", "name", "mode", "entity", "tags")
+    for k in raw:
+        if k not in keys:
+            raise ValueError(f"unknown key metrics.wandb.{k} (valid keys: {', '.join(keys)})")
+    if raw and not raw.get("project"):
+        raise ValueError("metrics.wandb.project is required (the W&B project to log to)")
+    if raw.get("mode", "online") not in WANDB_MODES:
+        raise ValueError(f"metrics.wandb.mode={raw['mode']!r} must be one of {list(WANDB_MODES)}")
+    return raw
+
+
+class WandbSink:
+    """Weights & Biases (optional dependency: `pip install wandb`). The run id is kept in
+    RUN_DIR/wandb_id.txt, so every restart logs into the same W&B run (`resume="allow"`);
+    W&B keeps the first value of a step, so steps redone after a resume or a rollback are
+    not logged twice there (metrics.jsonl has the redone values). A missing package is said
+    once, and the run goes on."""
+
+    def __init__(self, raw: dict, run_dir, config: dict | None, say):
+        try:
+            import wandb
+        except ImportError:
+            say("metrics.wandb is set but wandb is not installed: no W&B logging "
+                "(metrics.jsonl has every number; pip install wandb)")
+            self.run = None
+            return
+        id_file = Path(run_dir) / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(project=raw["project"], name=raw.get("name"),
+                              entity=raw.get("entity"), tags=raw.get("tags"),
+                              mode=raw.get("mode", "online"), id=run_id, resume="allow",
+                              dir=str(run_dir), config=config)
+
+    def log(self, record: dict) -> None:
+        if self.run is None:
+            return
+        numbers = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numbers:
+            self.run.log(numbers, step=int(record["step"]))
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
 
 
 def finite_or_str(v):
