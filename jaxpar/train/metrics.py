@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -134,7 +135,7 @@ class WandbSink:
             self.run = None
             return
         id_file = Path(run_dir) / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=raw["project"], name=raw.get("name"),
                               entity=raw.get("entity"), tags=raw.get("tags"),
