@@ -258,7 +258,7 @@ def test_kill_one_of_three_islands_it_restarts_and_rejoins(tmp_path):
     long = [f"train.steps={steps}", "eval.every=10", "checkpoint.every=5"]
     cmd = train_cmd(f"{tmp_path}/island_{{island}}", *long,
                     islands_arg(tmp_path / "store", 3, wait_s), "mesh.replica=1", "mesh.data=2")
-    stopped = []
+    stopped, hold_s = [], 0.0
     with Launch(["--islands", "3", "-n", "1", "--devices", "6", "--restarts", "1"], cmd,
                 tmp_path / "logs") as job:
         try:
@@ -269,6 +269,7 @@ def test_kill_one_of_three_islands_it_restarts_and_rejoins(tmp_path):
             # the survivors close a round without island 2, then wait while it restarts
             wait_for("a round without island 2", lambda: any(
                 r.get("members") == [0, 1] for r in metrics_steps(tmp_path / "island_0")))
+            held = time.monotonic()
             stopped = [island_pid(job.proc.pid, k) for k in (0, 1)]
             for pid in stopped:
                 os.killpg(pid, signal.SIGSTOP)
@@ -276,6 +277,7 @@ def test_kill_one_of_three_islands_it_restarts_and_rejoins(tmp_path):
         finally:
             for pid in stopped:
                 os.killpg(pid, signal.SIGCONT)
+            hold_s = time.monotonic() - held if stopped else 0.0
         code, out, err = job.wait()
         assert code == 0, err + job.log(2)[-3000:]
         assert "island 2: restart 1" in err
@@ -288,7 +290,10 @@ def test_kill_one_of_three_islands_it_restarts_and_rejoins(tmp_path):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()  # bitwise
     rounds = [[r for r in g if "round" in r] for g in got]
     for k in (0, 1):
-        assert max(r["wait_s"] for r in rounds[k]) <= wait_s + 2.0  # + reading the deltas
+        # no round waits longer than wait_s (+ reading the deltas), but for the hold: a
+        # SIGSTOP that fell inside a merge's wait adds its length to that one round
+        over = [r["wait_s"] - wait_s - 2.0 for r in rounds[k] if r["wait_s"] > wait_s + 2.0]
+        assert len(over) <= 1 and all(x <= hold_s for x in over), (rounds[k], hold_s)
         assert [r["round"] for r in rounds[k]] == list(range(steps // 3))
     missed = [r["round"] for r in rounds[0] if 2 not in r["members"]]
     assert missed and missed == list(range(missed[0], missed[-1] + 1))  # then back for good
