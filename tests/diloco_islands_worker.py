@@ -124,7 +124,7 @@ def main():
         # it announces itself
         inner_step = inner_step.lower(state, batch(1)).compile()
         state = island.join(state)
-        first = island.step
+        first, joined_at = island.step, time.time()
         losses = {}
         while island.step < a.steps:
             t = island.step + 1
@@ -148,7 +148,7 @@ def main():
     outer = [host(x) for x in jax.tree.leaves(state.outer_state)]
     steps = sorted(losses)
     np.savez(a.out, steps=np.array(steps), losses=np.array([losses[t] for t in steps]),
-             first=first, rounds=json.dumps(island.rounds),
+             first=first, joined_at=joined_at, rounds=json.dumps(island.rounds),
              **{f"g{i}": x for i, x in enumerate(glob)},
              **{f"o{i}": x for i, x in enumerate(outer)})
     if a.procs > 1:
