@@ -90,7 +90,7 @@ def from_hf(src, out, overrides=()) -> Path:
     from jaxpar.train.config import dump, load_config
     from jaxpar.train.loop import Run
 
-    from jaxpar.train.config import validate
+    from jaxpar.train.checks import validate
 
     src, out = Path(src), Path(out)
     overrides = [*_default_mesh(overrides, jax.device_count()), *overrides]

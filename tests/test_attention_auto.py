@@ -188,7 +188,8 @@ def test_auto_bad_axis():
 
 def test_trainer_resolves_and_records_auto(tmp_path, capsys):
     from jaxpar.train import attention_choice
-    from jaxpar.train.config import load_config, validate
+    from jaxpar.train.config import load_config
+    from jaxpar.train.checks import validate
 
     run_dir = tmp_path / "run"
     cfg = load_config("configs/base.yaml", [

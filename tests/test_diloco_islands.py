@@ -161,7 +161,8 @@ def test_config_section_and_id_from_environment(tmp_path):
     from pathlib import Path
 
     from jaxpar.diloco.islands import ID_ENV, islands_config
-    from jaxpar.train.config import ConfigError, load_config, validate
+    from jaxpar.train.config import ConfigError, load_config
+    from jaxpar.train.checks import validate
 
     base = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
     # train.nonfinite=rollback (the default) would rewind one island behind the others

@@ -111,7 +111,8 @@ def test_dataset_tokenizer_must_be_the_models(tmp_path, corpus, capsys):
 
     # the same tokenizer, reformatted (content hash, not bytes): accepted
     (model / "tokenizer.json").write_text(json.dumps(json.loads(mine.read_text()), indent=4))
-    from jaxpar.train.config import load_config, validate
+    from jaxpar.train.config import load_config
+    from jaxpar.train.checks import validate
 
     validate(load_config(None, base[1:]), 8)
     # another tokenizer (one word different): both named, exit 2
@@ -133,7 +134,8 @@ def test_model_vocab_larger_than_the_data_needs_a_reason(tmp_path, capsys):
             f"train.run_dir={tmp_path / 'r'}"]
     (tmp_path / "c.yaml").write_text("{}\n")
     one_line(capsys, train_main, argv, "model.vocab=512", "256", "data.tokenizer_mismatch")
-    from jaxpar.train.config import load_config, validate
+    from jaxpar.train.config import load_config
+    from jaxpar.train.checks import validate
 
     validate(load_config(None, argv[1:] + ["data.tokenizer_mismatch=reserved ids"]), 8)
 

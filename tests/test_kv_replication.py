@@ -14,7 +14,8 @@ import hf_reference as R
 from jaxpar import hf, make_mesh
 from jaxpar.attention.layout import zigzag_indices
 from jaxpar.models.transformer import Transformer
-from jaxpar.train.config import load_config, validate
+from jaxpar.train.config import load_config
+from jaxpar.train.checks import validate
 from jaxpar.train.loop import Run, cross_entropy
 from jaxpar.train.model import transformer_config
 

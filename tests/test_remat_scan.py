@@ -10,7 +10,8 @@ import pytest
 
 from jaxpar.models import blocks
 from jaxpar.models.transformer import Transformer, TransformerConfig
-from jaxpar.train.config import Config, ConfigError, validate
+from jaxpar.train.config import Config, ConfigError
+from jaxpar.train.checks import validate
 from jaxpar.train.loop import Run
 
 CFG = TransformerConfig(vocab=64, layers=2, embed=32, heads=4, kv_heads=2, head_dim=8, mlp=64)

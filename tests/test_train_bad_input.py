@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxpar import make_mesh, sequence_parallel_attention, streaming_diloco
-from jaxpar.train.config import (ConfigError, all_keys, from_dict, load_config, parse_override,
-                                 validate)
+from jaxpar.train.checks import validate
+from jaxpar.train.config import ConfigError, all_keys, from_dict, load_config, parse_override
 from jaxpar.train.loop import Run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxpar.train.config import ConfigError, load_config, validate
+from jaxpar.train.config import ConfigError, load_config
+from jaxpar.train.checks import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -142,7 +142,8 @@ def test_launch_islands_refuses_bad_input_in_one_line(tmp_path):
 
 
 def test_islands_refuse_nonfinite_rollback():
-    from jaxpar.train.config import ConfigError, load_config, validate
+    from jaxpar.train.config import ConfigError, load_config
+    from jaxpar.train.checks import validate
 
     cfg = load_config(ROOT / "configs" / "base.yaml", [
         *TINY, "train.nonfinite=rollback", "mesh.data=8", islands_arg("/tmp/x", 2)])

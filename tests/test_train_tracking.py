@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from jaxpar.train.config import Config, ConfigError, validate
+from jaxpar.train.config import Config, ConfigError
+from jaxpar.train.checks import validate
 
 
 def tiny(run_dir, **sections) -> Config:

@@ -7,7 +7,8 @@
     metrics.py     metrics.jsonl, TensorBoard when installed, progress bar
     run.py         train(cfg): the loop from an empty or existing run folder to a summary
 """
-from jaxpar.train.config import Config, ConfigError, load_config, validate
+from jaxpar.train.config import Config, ConfigError, load_config
+from jaxpar.train.checks import validate
 from jaxpar.train.loop import Run, TrainState, cross_entropy, sample
 from jaxpar.train.run import train
 

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
                     help="call jax.distributed.initialize() (cluster environments)")
     args = ap.parse_args(argv)
 
-    from jaxpar.train.config import ConfigError, load_config, validate
+    from jaxpar.train.config import ConfigError, load_config
+    from jaxpar.train.checks import validate
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -38,7 +38,8 @@ from jaxpar.diloco.islands import IslandsConfig, islands_config
 from jaxpar.mesh import MeshConfig, make_mesh
 from jaxpar.train import faults, microbatch
 from jaxpar.train import model as model_lib
-from jaxpar.train.config import Config, ConfigError, head_dim, resolve, validate
+from jaxpar.train.config import Config, ConfigError, head_dim
+from jaxpar.train.checks import resolve, validate
 
 # dense bf16 peak TFLOP/s per device, for MFU (train.peak_tflops overrides)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0,
