@@ -250,13 +250,17 @@ def test_a_peer_stopped_during_startup_ends_the_group_and_a_restart_completes(tm
     ended_s = first.stat().st_mtime - t0  # process 0's last line: its end
     ended = [ln for ln in err.splitlines() if "exited with" in ln][0]
     assert "restart 1" in err, err
-    text = first.read_text()  # process 0 waited in the restore agreement or the first step
-    assert f"hang: process 0: nothing finished in {startup} s (start-up" in text, text[-3000:]
-    assert "process 1 (pid" in text and "stopped or dead" in text
+    # Whichever bound comes first ends process 0, all within the start-up bound: its
+    # watchdog (a wait inside a collective: "hang: ... stopped or dead"), or gloo's 30 s
+    # deadline for a peer that never joined the first collective (an error, exit 1)
+    text = first.read_text()
+    how = [w for w in (f"hang: process 0: nothing finished in {startup} s (start-up",
+                       "Gloo context initialization failed") if w in text]
+    assert how, text[-3000:]
     assert ended_s <= startup + 5, ended_s
     assert max(metrics(d)[0]) == 4
-    print(f"SIGSTOP of process 1 during start-up: {ended.strip()} {ended_s:.0f} s after the "
-          f"stop (bound {startup} s); restarted, the run completed")
+    print(f"SIGSTOP of process 1 during start-up: {ended.split(';')[0].strip()} {ended_s:.0f} s "
+          f"after the stop ({how[0]}; bound {startup} s); restarted, the run completed")
 
 
 def kill_moments(run_dir, steps):
