@@ -501,3 +501,57 @@ def test_preemption_flags_both_signals_and_a_second_ctrl_c_stops_now():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# ------------------------------------------------------------------ grace period, goodput
+
+
+def test_a_stop_slower_than_the_grace_period_is_warned_about_at_the_next_start(tmp_path):
+    from jaxpar.train.run import PREEMPT_FILE, warn_grace
+    cfg = Config().replace(train=dict(preempt_grace_s=30.0))
+    said = []
+    warn_grace(tmp_path, cfg, said.append)  # no stop yet: nothing to say
+    (tmp_path / PREEMPT_FILE).write_text(json.dumps(
+        {"step": 6, "signal": "SIGTERM", "signal_to_commit_s": 12.5}))
+    warn_grace(tmp_path, cfg, said.append)
+    assert said == []
+    (tmp_path / PREEMPT_FILE).write_text(json.dumps(
+        {"step": 6, "signal": "SIGTERM", "signal_to_commit_s": 46.7}))
+    warn_grace(tmp_path, cfg, said.append)
+    assert len(said) == 1 and "46.7 s" in said[0] and "train.preempt_grace_s=30" in said[0]
+
+
+def test_goodput_sums_segments_and_the_gaps_between_them(tmp_path, capsys, monkeypatch):
+    from jaxpar.train import goodput
+    clock = [1000.0]
+    monkeypatch.setattr(goodput.time, "time", lambda: clock[0])
+    # two starts: the first killed after reaching step 6, the second redoes 5..6
+    first = goodput.Goodput(tmp_path, started=1000.0)
+    clock[0] += 10.0
+    first.add("startup", 10.0)
+    for s in range(1, 7):
+        clock[0] += 1.0
+        first.step(s, 1.0)
+    clock[0] += 0.5  # logging
+    first.write()  # its last record at 1016.5; then the kill
+    second = goodput.Goodput(tmp_path, started=1020.0)
+    assert second.index == 1 and second.reached == 6
+    clock[0] = 1020.0
+    with second.timed("restore"):
+        clock[0] += 2.0
+    for s in range(5, 11):
+        clock[0] += 1.0
+        second.step(s, 1.0)
+    second.write()
+    g = goodput.summarize(tmp_path)
+    segs = [json.loads((tmp_path / "goodput" / f"segment_{i}.json").read_text()) for i in (0, 1)]
+    assert g["segments"] == 2 and g["steps"] == 10
+    assert g["seconds"]["productive"] == 10.0 and g["seconds"]["redone"] == 2.0
+    assert g["seconds"]["restart_wait"] == 3.5 and g["seconds"]["restore"] == 2.0
+    assert g["wall_s"] == 28.0 and segs[0]["seconds"]["other"] == 0.5
+    assert abs(sum(g["seconds"].values()) - g["wall_s"]) < 1e-6  # every second accounted
+    assert json.loads((tmp_path / "goodput.json").read_text())["segments"] == 2
+    assert goodput.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("goodput ") and "redone" in out and "restart_wait" in out
+    assert goodput.main([str(tmp_path / "nothing")]) == 2
