@@ -45,29 +45,37 @@ def send_home(part, s, axis_name, direction=+1, *, causal=False, fill=None):
     receiver gets `fill` (a tree like `part` of scalars; None: zeros). The shift differs per
     step, so inside the step loop it is a `lax.switch` over the static shifts the loop
     visits, 1 .. P−2, each once (collective bytes then count exactly, `jaxpar.comm`); every
-    device takes the same branch, so the collectives stay matched."""
+    device takes the same branch, so the collectives stay matched. The halves are cut before
+    the switch and joined after it: permutes of slices joined by a concatenate *inside* a
+    branch inside the loop abort XLA:CPU's collective runtime intermittently (jaxlib 0.10.2,
+    8 host devices; docs/architecture.md), whole operands in the branch do not."""
     p = axis_size(axis_name)
+    if not causal:
+        return _switch_shifts(part, s, p, lambda x, j: shift(x, axis_name, direction * j))
+    fills = jax.tree.map(lambda _: 0.0, part) if fill is None else fill
 
-    def send(x, j):
-        if not causal:
-            return shift(x, axis_name, direction * j)
-        second = shift(jax.tree.map(lambda y: _half(y, 1), x), axis_name, direction * j)
+    def send(halves, j):
+        first, second = halves
         pairs = [(r, (r + direction * j) % p) for r in _first_half_senders(p, j, direction)]
         got = np.isin(np.arange(p), [t for _, t in pairs])
         received = jnp.asarray(got)[jax.lax.axis_index(axis_name)]
-        fills = jax.tree.map(lambda _: 0.0, x) if fill is None else fill
 
         def first_half(y, value):
-            y = jax.lax.ppermute(_half(y, 0), axis_name, pairs)
+            y = jax.lax.ppermute(y, axis_name, pairs)
             return y if got.all() else jnp.where(received, y, jnp.asarray(value, y.dtype))
 
-        first = jax.tree.map(first_half, x, fills)
-        return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), first, second)
+        return jax.tree.map(first_half, first, fills), shift(second, axis_name, direction * j)
 
+    halves = tuple(jax.tree.map(lambda y, w=w: _half(y, w), part) for w in (0, 1))
+    first, second = _switch_shifts(halves, s, p, send)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), first, second)
+
+
+def _switch_shifts(x, s, p, send):
+    """send(x, s) for a static s; for a traced one a `lax.switch` over the shifts 1 .. P−2."""
     if isinstance(s, int):
-        return send(part, s)
-    branches = [lambda x, j=j: send(x, j) for j in range(1, p - 1)]
-    return jax.lax.switch(s - 1, branches, part)
+        return send(x, s)
+    return jax.lax.switch(s - 1, [lambda y, j=j: send(y, j) for j in range(1, p - 1)], x)
 
 
 def _first_half_senders(p, j, direction):
