@@ -24,6 +24,8 @@ Bytes: data parallel all-reduces fp32 gradients every step, 2(M−1)/M·4 bytes 
     python scripts/bench_diloco.py --replicas 2 --seeds 0 --json trainer_M2_seed0.json
     python scripts/bench_diloco.py --replicas 2 --seeds 1 --methods dp fp4 --json s1.json
     python scripts/bench_diloco.py --render a.json b.json --plot docs/diloco_trainer_loss.png
+    python scripts/bench_diloco.py --islands --json docs/diloco_islands_trainer.json \\
+        --plot docs/diloco_islands_trainer.png
 
 `--render` merges JSON files: a variant run (e.g. `--methods fp4 --H 32 --label H=32`) is
 compared with the data-parallel rows of another file with the same M, seed and steps; the
@@ -301,7 +303,12 @@ def main(argv=None):
     ap.add_argument("--render", nargs="+", help="only print tables / plot from these JSONs")
     ap.add_argument("--json", help="write all results here (rewritten after every run)")
     ap.add_argument("--plot", help="write the eval-loss curves (PNG) here")
+    ap.add_argument("--islands", action="store_true",
+                    help="3 islands (launch.py --islands) with a killed and rejoined island, "
+                         "without the fault, and data parallel")
     args = ap.parse_args(argv)
+    if args.islands:
+        return islands_main(args)
     if args.render:
         runs = [json.load(open(f)) for f in args.render]
         results = [r for d in runs for r in d["results"]]
@@ -349,6 +356,209 @@ def main(argv=None):
     print(f"\ntotal experiment wall time: {time.perf_counter() - t_start:.0f} s", flush=True)
     if args.plot:
         plot(results, args.plot)
+
+
+# ------------------------------------------------------------------ --islands
+ISLANDS = dict(islands=3, layers=2, embed=64, heads=4, kv_heads=2, mlp=192, seq=64, batch=8,
+               steps=60, H=6, P=2, tau=1, alpha=0.5, quantize="fp4_e3m0", eval_every=6,
+               eval_batches=6, wait_s=20, kill_seed=21)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def island_overrides(s: dict, run_dir: str, islands: str | None) -> list[str]:
+    """`python -m jaxpar.train configs/base.yaml` overrides of one island (islands=store) or,
+    islands=None, of data parallel with the same tokens per step and eval windows."""
+    k = s["islands"]
+    common = [f"model.layers={s['layers']}", f"model.embed={s['embed']}",
+              f"model.heads={s['heads']}", f"model.kv_heads={s['kv_heads']}",
+              f"model.mlp={s['mlp']}", f"train.seq_len={s['seq']}", f"train.steps={s['steps']}",
+              "train.lr=1e-2", "train.warmup=2", "train.log_every=1", "train.nonfinite=skip",
+              f"eval.every={s['eval_every']}", "eval.sample_bytes=0",
+              f"checkpoint.every={s['eval_every']}", f"train.run_dir={run_dir}"]
+    if islands is None:
+        return common + [f"mesh.data={2 * k}", f"train.batch_size={s['batch'] * k}",
+                         f"eval.batches={s['eval_batches'] // k}"]
+    return common + [
+        "mesh.replica=1", "mesh.data=2", f"train.batch_size={s['batch']}",
+        f"eval.batches={s['eval_batches']}", "diloco.enabled=true",
+        f"diloco.sync_every={s['H']}", f"diloco.num_fragments={s['P']}",
+        f"diloco.overlap_steps={s['tau']}", f"diloco.alpha={s['alpha']}",
+        f"diloco.quantize={s['quantize']}",
+        f"diloco.islands={{store: {islands}, count: {k}, wait_s: {s['wait_s']}}}"]
+
+
+def _records(run_dir: str) -> list[dict]:
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+            return [json.loads(x) for x in fh]
+    except (OSError, ValueError):
+        return []
+
+
+def _children(pid: int, k: int) -> int | None:
+    """launch.py's trainer process of island k (by its $JAXPAR_ISLAND_ID)."""
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    for child in map(int, out.split()):
+        try:
+            with open(f"/proc/{child}/environ", "rb") as fh:
+                if f"JAXPAR_ISLAND_ID={k}".encode() in fh.read().split(b"\0"):
+                    return child
+        except OSError:
+            pass
+    return None
+
+
+def _until(cond, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            sys.exit("timed out (see the logs)")
+        time.sleep(0.1)
+
+
+def run_islands(s: dict, work: str, kill_at: int | None) -> dict:
+    """3 islands through launch.py --islands; with kill_at, island 2 is SIGKILLed after that
+    step and restarted by launch.py (--restarts 1); the survivors are held (SIGSTOP) from their
+    first round without it until it has rejoined, so that this short run sees the rejoin."""
+    import signal
+    import subprocess
+
+    k = s["islands"]
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch.py"), "--islands", str(k),
+           "-n", "1", "--devices", str(2 * k), "--restarts", "1", "--log-dir",
+           f"{work}/logs", "--", sys.executable, "-m", "jaxpar.train",
+           os.path.join(ROOT, "configs", "base.yaml"),
+           *island_overrides(s, f"{work}/island_{{island}}", f"{work}/store")]
+    env = {key: v for key, v in os.environ.items() if key != "XLA_FLAGS"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    out: dict = {}
+    held: list[int] = []
+    try:
+        if kill_at is not None:
+            _until(lambda: any(r.get("step", 0) >= kill_at and "loss" in r
+                               for r in _records(f"{work}/island_2")))
+            os.kill(_children(proc.pid, 2), signal.SIGKILL)
+            t_kill = time.monotonic()
+            _until(lambda: any(r.get("members") == [0, 1] for r in _records(f"{work}/island_0")))
+            t_hold = time.monotonic()
+            held = [_children(proc.pid, j) for j in (0, 1)]
+            for pid in held:
+                os.killpg(pid, signal.SIGSTOP)
+            log = f"{work}/logs/island_2/process_0.log"
+            _until(lambda: os.path.exists(log) and "rejoins at round" in open(log).read())
+            out.update(downtime_s=time.monotonic() - t_kill, hold_s=time.monotonic() - t_hold)
+            for pid in held:
+                os.killpg(pid, signal.SIGCONT)
+            held = []
+        if proc.wait(timeout=900):
+            sys.exit(f"launch.py failed (logs in {work}/logs)")
+    finally:
+        for pid in held:
+            os.killpg(pid, signal.SIGCONT)
+        if proc.poll() is None:
+            for j in range(k):
+                child = _children(proc.pid, j)
+                if child:
+                    os.killpg(child, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out["wall_s"] = time.monotonic() - t0
+    recs = [_records(f"{work}/island_{j}") for j in range(k)]
+    out["curve"] = [[r["step"], r["eval_loss"]] for r in recs[0] if "eval_loss" in r]
+    out["final_eval_loss"] = [[r["eval_loss"] for r in g if "eval_loss" in r][-1] for g in recs]
+    rounds = [r for r in recs[0] if "round" in r]
+    out["rounds"] = len(rounds)
+    out["rounds_without_island_2"] = [r["round"] for r in rounds if 2 not in r["members"]]
+    out["max_wait_s"] = max(r["wait_s"] for g in recs[:2] for r in g if "round" in r)
+    out["bytes_per_round_island_0"] = int(np.median([r["bytes"] for r in rounds]))
+    if kill_at is not None:
+        import re
+
+        text = open(f"{work}/logs/island_2/process_0.log").read()
+        killed = open(f"{work}/logs/island_2/attempt_0/process_0.log").read()
+        m = re.search(r"rejoins at round (\d+), training from step (\d+).*steps (\d+)\.\.(\d+) "
+                      r"are skipped", text)
+        restored = re.search(r"checkpoints step (\d+)", text)
+        last = max(int(x) for x in re.findall(r"^step (\d+): loss", killed, re.M))
+        a, b = int(m.group(3)), int(m.group(4))
+        out["failure"] = {
+            "killed_after_step": last, "restored_checkpoint_step": int(restored.group(1))
+            if restored else 0, "rejoined_at_round": int(m.group(1)),
+            "rejoined_at_step": int(m.group(2)), "data_steps_skipped": [a, b],
+            "rows_skipped": (b - a + 1) * s["batch"],
+            "rounds_missed": out["rounds_without_island_2"]}
+    return out
+
+
+def run_data_parallel(s: dict, work: str) -> dict:
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={2 * s['islands']}")
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "jaxpar.train", os.path.join(ROOT, "configs",
+                                                                        "base.yaml"),
+                    *island_overrides(s, f"{work}/dp", None)], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    recs = _records(f"{work}/dp")
+    return {"wall_s": time.monotonic() - t0,
+            "curve": [[r["step"], r["eval_loss"]] for r in recs if "eval_loss" in r],
+            "final_eval_loss": [[r["eval_loss"] for r in recs if "eval_loss" in r][-1]]}
+
+
+def islands_main(args) -> None:
+    """--islands: 3 islands with island 2 killed and rejoined, the same without the fault, and
+    data parallel with the same tokens per step; a JSON and a plot of eval loss vs step."""
+    import random
+
+    from jaxpar.bench import machine
+
+    s = dict(ISLANDS)
+    kill_at = random.Random(s["kill_seed"]).randint(s["steps"] // 6, s["steps"] // 3)
+    work = tempfile.mkdtemp(prefix="bench_islands_")
+    runs = {}
+    try:
+        for name, fn in (("3 islands, island 2 killed and rejoined",
+                          lambda: run_islands(s, f"{work}/fault", kill_at)),
+                         ("3 islands, no fault", lambda: run_islands(s, f"{work}/clean", None)),
+                         ("data parallel", lambda: run_data_parallel(s, work))):
+            print(f"{name} ...", flush=True)
+            runs[name] = fn()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    fault, clean = runs["3 islands, island 2 killed and rejoined"], runs["3 islands, no fault"]
+    out = {"settings": s, "kill_at_step": kill_at, "machine": machine(),
+           "note": "shared CPU host (other jobs running): wall times are inflated",
+           "argv": sys.argv[1:], "runs": runs,
+           "final_eval_loss_ratio_fault_vs_no_fault":
+               fault["final_eval_loss"][0] / clean["final_eval_loss"][0]}
+    for name, r in runs.items():
+        print(f"{name}: final eval loss {r['final_eval_loss'][0]:.4f}, wall {r['wall_s']:.0f} s")
+    print(json.dumps(fault.get("failure"), indent=1))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for name, r in runs.items():
+            t, loss = zip(*r["curve"])
+            ax.plot(t, loss, marker=".", label=name)
+        ax.axvline(kill_at, color="gray", linestyle=":", label=f"island 2 killed (step {kill_at})")
+        ax.set(title="3 Streaming DiLoCo islands through the trainer", xlabel="inner step",
+               ylabel="eval loss (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
