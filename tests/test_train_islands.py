@@ -141,7 +141,7 @@ def test_launch_islands_refuses_bad_input_in_one_line(tmp_path):
     assert r.returncode != 0 and "--devices=8 must be divisible by --islands=3" in r.stderr
 
 
-def test_islands_refuse_nonfinite_rollback():
+def test_islands_refuse_nonfinite_rollback_and_a_wait_the_watchdog_would_end():
     from jaxpar.train.config import ConfigError, load_config
     from jaxpar.train.checks import validate
 
@@ -150,6 +150,13 @@ def test_islands_refuse_nonfinite_rollback():
     with pytest.raises(ConfigError, match="train.nonfinite=rollback cannot be used with "
                                           "diloco.islands"):
         validate(cfg, 8)
+    cfg = load_config(ROOT / "configs" / "base.yaml", [
+        *TINY, "mesh.data=8", "train.hang_timeout_s=100",
+        "diloco.islands={store: /tmp/x, count: 2, id: 0, wait_s: 120}"])
+    with pytest.raises(ConfigError, match=r"diloco.islands.wait_s=120 must be < "
+                                          r"train.hang_timeout_s=100"):
+        validate(cfg, 8)
+    validate(cfg.replace(train={"hang_timeout_s": 0}), 8)  # the watchdog off: any wait
 
 
 # ------------------------------------------------------------------ slow: real islands

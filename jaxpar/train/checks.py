@@ -145,9 +145,14 @@ def validate(cfg: Config, device_count: int) -> None:
                               "rollback rewinds one island behind the rounds the others "
                               "closed); use train.nonfinite=skip or stop")
         try:
-            islands_config(d.islands)
+            wait_s = islands_config(d.islands).wait_s
         except IslandError as e:
             raise ConfigError(str(e)) from None
+        hang = cfg.train.hang_timeout_s  # a round's wait happens between two steps' beats
+        if hang and wait_s >= hang:
+            raise ConfigError(f"diloco.islands.wait_s={wait_s:g} must be < train.hang_timeout_s="
+                              f"{hang:g}: the hang watchdog would end an island that waits for "
+                              f"a missing one")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1)")
     from jaxpar.train.metrics import wandb_config
