@@ -147,6 +147,8 @@ class Profile:
             tc = dict(kw["tile_cost"])
             tc["few_heads"] = tuple(tc["few_heads"]) if tc.get("few_heads") else None
             kw["tile_cost"] = TileCost(**tc)
+            # the tile model replaces the FLOP-rate fields, so a calibrated file leaves them out
+            kw = {"kernel_flops": 0.0, "call_s": kw["tile_cost"].call_s} | kw
         return cls(**kw)
 
 
