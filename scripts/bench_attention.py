@@ -7,6 +7,7 @@ Baseline in the same process: the single-device blockwise (flash) kernel doing t
 total work. Prints a markdown table; `--json PATH` writes the rows.
 
     python scripts/bench_attention.py --quick
+    python scripts/bench_attention.py --causal-tokenring   # smoke: its rows run, no timing
     python scripts/bench_attention.py --seq-lens 2048 4096 8192 16384 --json out.json
     python scripts/bench_attention.py --calibrate --json jaxpar/attention/profile_cpu.json
     python scripts/bench_attention.py --grid --json docs/attention_auto_grid.json
@@ -108,6 +109,9 @@ def dense_fits(n, h, limit_gib):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N ∈ {1024, 2048}, one repeat")
+    ap.add_argument("--causal-tokenring", action="store_true",
+                    help="smoke check, not timing: ring and TokenRing rows at N=2048, one "
+                         "repeat (causal TokenRing used to abort XLA:CPU here)")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--heads", type=int, default=8)
@@ -143,6 +147,8 @@ def main(argv=None):
         return run(args)
     if args.quick:
         args.seq_lens, args.repeats = [1024, 2048], 1
+    if args.causal_tokenring:
+        args.seq_lens, args.impls, args.repeats = [2048], ["ring", "tokenring"], 1
     if jax.device_count() < args.devices:
         sys.exit(f"--devices={args.devices} but only {jax.device_count()} devices; set "
                  f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices}")
