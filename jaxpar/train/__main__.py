@@ -71,5 +71,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit with `code`. A failing process of a group exits at once (`os._exit`): a normal
+    exit waits in jax.distributed's shutdown barrier for every peer, and a peer that is
+    stopped or dead would hold it there until the coordination service's heartbeat timeout
+    (100 s), past the start-up and hang bounds the run promises."""
+    jax = sys.modules.get("jax")
+    if code and jax is not None and jax.process_count() > 1:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        _code = main()
+    except BaseException as e:  # noqa: BLE001 - a traceback, then out without the barrier
+        if isinstance(e, SystemExit):
+            _code = e.code if isinstance(e.code, int) else 1
+        else:
+            import traceback
+            traceback.print_exc()
+            _code = 1
+    _exit(_code)
