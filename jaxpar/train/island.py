@@ -75,11 +75,14 @@ class TrainIsland:
             raise ConfigError(f"train.run_dir holds the checkpoints of island {meta['island']}, "
                               f"not of diloco.islands.id={self.id}: give each island its own "
                               f"run_dir")
+        self._writer = writer
+        if start >= self.steps:  # a finished run started again: nothing left to sync
+            return state, start
         try:
             state = self.island.join(state)
         except IslandError as e:  # settings, duplicate id, missing store: a restart won't help
             raise ConfigError(str(e)) from None
-        self._writer, joined = writer, self.island.step
+        joined = self.island.step
         if joined < start:  # adopted an older state than its own checkpoint: drop what's newer
             writer.restart_at(joined)
         self._written = len(self.island.rounds)
