@@ -14,6 +14,8 @@ process started, when the account was last written, and seconds per category:
 - `redone`: steps an earlier segment (or this one, before a rollback) had already reached —
   work lost to a fault;
 - `eval`, `checkpoint`: the loop's time in evals and in saving / waiting for commits;
+- `island_sync`: with `diloco.islands`, the host-side rounds (writing this island's delta,
+  waiting for the others', the outer update);
 - `other`: the rest of the segment (logging, the final sample and summary).
 
 `goodput.json` (written with each account) sums the segments, and adds `restart_wait`: the
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 CATEGORIES = ("startup", "restore", "compile", "productive", "redone", "eval", "checkpoint",
-              "other")
+              "island_sync", "other")
 
 
 def process_start() -> float:

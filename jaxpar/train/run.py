@@ -152,7 +152,8 @@ def _train(cfg: Config, run_dir: Path, preempt, watchdog, *, devices, quiet, sta
                     evals_seen = [e for e in evals_seen if e[0] <= step]
                     b = run.batch(step + 1 + offset)
                     continue
-            state = isl.after_step(state, step)  # an island's sync / merge of this step
+            with goodput.timed("island_sync"):
+                state = isl.after_step(state, step)  # an island's sync / merge of this step
             if step % cfg.train.log_every == 0 or step == steps or step == start + 1:
                 rec = {"step": step, **_floats(m), "comm_bytes": sum(comm_bytes.values())}
                 tok_s = rate.take(run.tokens_per_step())
