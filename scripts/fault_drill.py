@@ -123,7 +123,7 @@ def drill(tmp: Path, cfg: dict, faults: list[tuple[str, int]]) -> tuple[list[dic
         exited = wait_for(lambda: ([(t, x) for t, x in lines if "exited with" in x] + [None]
                                    * j)[j - 1], 300, "detection")
         restarted = wait_for(lambda: next(((t, x) for t, x in lines
-                                           if f"restart {j} of" in x), None), 60, "restart")
+                                           if f"restart {j} (" in x), None), 60, "restart")
         first = wait_for(lambda: (lambda b: b if b and b["pid"] != old_pid0 and b["step"] > 0
                                   else None)(read_heartbeats(run_dir).get(0)), 600,
                          "first step after the restart")

@@ -346,7 +346,7 @@ def test_nonfinite_skip_stop_and_rollback(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_nonfinite_with_diloco_skip_and_stop(tmp_path, monkeypatch):
     """DiLoCo: a NaN in one replica's batch skips the whole step (counted), the eval stays
-    finite; the same NaN under the default policy (stop) stops at step 3 with step 2's
+    finite; the same NaN under train.nonfinite=stop stops at step 3 with step 2's
     checkpoint, instead of reporting a finite eval loss from the untouched global params."""
     from jaxpar.train.run import train
     dl = dict(enabled=True, sync_every=2, num_fragments=1)
@@ -360,7 +360,7 @@ def test_nonfinite_with_diloco_skip_and_stop(tmp_path, monkeypatch):
     assert np.isfinite(out["final_eval_loss"])
     with pytest.raises(faults.Stopped, match="train.nonfinite=stop"):
         train(tiny(tmp_path / "stop", model=user, mesh=dict(replica=2, data=4), diloco=dl,
-                   train=dict(batch_size=4)))
+                   train=dict(batch_size=4, nonfinite="stop")))
     assert Checkpointer(tmp_path / "stop", 3).steps()[-1] == 2
     for r in records(tmp_path / "stop"):  # valid JSON throughout
         assert all(v == v for v in r.values() if isinstance(v, float))

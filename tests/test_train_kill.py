@@ -131,9 +131,12 @@ def test_sigkill_anywhere_then_the_same_command_loses_nothing(tmp_path, referenc
         seen, written = evals(), len(lines(d))
         proc = subprocess.Popen(cmd(d, extra), env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        if cond is None:  # a moment after this segment's own first line, not an earlier one's
-            wait_for(proc, lambda: len(lines(d)) > written)
-            time.sleep(rng.uniform(0.0, 2.0))
+        if cond is None:  # a seeded step of this segment's own (not an earlier one's line),
+            wait_for(proc, lambda: len(lines(d)) > written)  # then a little into the next
+            first = max(losses(d)[0])
+            k = rng.randint(first, max(first, STEPS - 2))
+            wait_for(proc, lambda: max(losses(d)[0], default=0) >= k)
+            time.sleep(rng.uniform(0.0, 0.1))
         else:
             wait_for(proc, cond)
         proc.send_signal(signal.SIGKILL)
