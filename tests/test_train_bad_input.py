@@ -36,6 +36,7 @@ def corpora(tmp_path_factory):
 
 
 BAD = [  # (overrides, words the one-line message must contain); {c} = the corpora folder
+    (["model.init_from=1"], ["model.init_from", "1"]),  # a number read as a path (hypothesis)
     (["train.clip=0"], ["train.clip=0.0", "> 0"]),
     (["train.clip=-1"], ["train.clip=-1.0", "reverses"]),
     (["train.b2=1"], ["train.b2=1.0", "[0, 1)"]),

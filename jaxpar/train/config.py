@@ -312,7 +312,8 @@ def from_dict(raw: dict) -> Config:
         if not isinstance(body, dict):
             raise ConfigError(f"section {name!r} must be a mapping of keys, got {body!r}")
         if name == "model" and body.get("init_from"):
-            body = _init_from(body)
+            body = _init_from({**body, "init_from": _coerce(  # a path before it is opened
+                "model.init_from", body["init_from"], str)})
         cls = _SECTION_TYPES[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
