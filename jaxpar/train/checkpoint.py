@@ -25,8 +25,9 @@ classifies before it trusts, and every process acts on the same verdict:
 
 Replicated arrays are written whole by their first replica (orbax's `use_replica_parallel`
 off): replica-parallel writes slice each replicated array per writer, which compiled one
-XLA program per distinct slice on the first save (166 programs, 6-17 s here), and that
-first save is what a SIGTERM grace period must fit (docs/reliability.md).
+XLA program per distinct slice on the first save (the demo state: 160 compilations, 6.3 s
+against 0.55 s without; docs/reliability_first_save.json), and that first save is what a
+SIGTERM grace period must fit (docs/reliability.md).
 """
 from __future__ import annotations
 
