@@ -261,7 +261,7 @@ def test_kill_one_of_three_islands_it_restarts_and_rejoins(tmp_path):
     outer state are bitwise the same in the three final checkpoints, and the final eval loss is
     within 3% of the run without the fault (the single program with mesh.replica=3, which the
     3 islands equal without faults)."""
-    wait_s, steps = 5, 30
+    wait_s, steps = 5, 60
     kill_at = random.Random(21).randint(5, 10)
     long = [f"train.steps={steps}", "eval.every=10", "checkpoint.every=5"]
     cmd = train_cmd(f"{tmp_path}/island_{{island}}", *long,
