@@ -340,8 +340,8 @@ def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads
     K/V transfer, so measured backward bytes are lower there than this formula. Partials,
     lse, delta and gradient accumulators of the ring schedules are fp32 (4 bytes);
     q/k/v/out/dout use `itemsize`; segment ids are int32. `causal` (zigzag) changes only
-    TokenRing: its partials (and dQ) travel without their empty first-half rows, 3/4 of the
-    rows on average.
+    TokenRing: its query blocks and partials (and dQ) travel without their dead first-half
+    rows, 3/4 of the rows on average.
     """
     b, n, h, kh, d = batch, seq_len, heads, kv_heads, head_dim
     out: dict[str, float] = collections.defaultdict(float)
@@ -377,15 +377,15 @@ def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads
         if backward:  # K/V (+ids) again, and dK/dV in fp32 for P hops
             out["collective-permute"] += kv + seg + p * 2 * tok * kh * d * 4
     elif impl == "tokenring":
-        qbytes = (p - 1) * tok * h * d * itemsize
-        seg = (p - 1) * tok * 4 if segment_ids else 0
-        # causal: the second half-rows from every device, the first from (P−1)/2 on average
+        # causal: every hop of a query block or a partial carries its second half-rows; the
+        # first half-rows make (P−1)/2 hops on average, the ones where they are live
         rows = (p - 1) * tok * (0.75 if causal else 1.0)
+        qbytes = rows * h * d * itemsize
+        seg = rows * 4 if segment_ids else 0
         partials = rows * h * (d + 1) * 4
         out["collective-permute"] += qbytes + seg + partials
         if backward:  # q, dout, lse, delta (+ids) forward; dQ partials (fp32) back
-            out["collective-permute"] += (2 * qbytes + seg + (p - 1) * tok * h * 8
-                                          + rows * h * d * 4)
+            out["collective-permute"] += 2 * qbytes + seg + rows * h * 8 + rows * h * d * 4
     else:
         raise ValueError(f"no closed form for impl={impl!r}; valid: ulysses, ring, tokenring, "
                          f"hybrid")

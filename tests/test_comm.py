@@ -80,8 +80,9 @@ def per_device_counted(impl, p, causal, backward, *, n=64, h=4, kh=2, d=16, b=1)
     pytest.param("tokenring", 5, True, marks=pytest.mark.slow),  # odd P
     pytest.param("ring", 4, True, marks=pytest.mark.slow)])
 def test_causal_counted_bytes_equal_closed_form_all_kinds(impl, p, backward):
-    # causal TokenRing sends its partials (and dQ) without the empty half-rows: 3/4 of the
-    # non-causal partial bytes; every collective is compared, all-reduces included
+    # causal TokenRing sends its query blocks and partials (and dQ) without the dead
+    # half-rows: 3/4 of the non-causal bytes; every collective is compared, all-reduces
+    # included
     got = per_device_counted(impl, p, True, backward, n=16 * p)
     want = comm.attention_bytes(impl, batch=1, seq_len=16 * p, heads=4, kv_heads=2,
                                 head_dim=16, shards=p, backward=backward, segment_ids=True,
@@ -89,13 +90,9 @@ def test_causal_counted_bytes_equal_closed_form_all_kinds(impl, p, backward):
     assert got.keys() == want.keys()
     for kind in want:
         assert got[kind] == pytest.approx(want[kind], rel=1e-9), kind
-    if impl == "tokenring":
-        full = comm.attention_bytes(impl, batch=1, seq_len=16 * p, heads=4, kv_heads=2,
-                                    head_dim=16, shards=p, backward=backward,
-                                    segment_ids=True)
-        partial_rows = (p - 1) * 16 * 4 * ((16 + 1) * 4 + (16 * 4 if backward else 0))
-        assert full["collective-permute"] - got["collective-permute"] == pytest.approx(
-            partial_rows / 4)
+    if impl == "tokenring":  # counted from both HLOs: 3/4 of the non-causal bytes
+        full = per_device_counted(impl, p, False, backward, n=16 * p)
+        assert got["collective-permute"] / full["collective-permute"] == pytest.approx(0.75)
 
 
 def test_gqa_ring_sends_kv_heads_not_query_heads():

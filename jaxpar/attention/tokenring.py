@@ -7,9 +7,12 @@ the owner merges all P partials. Queries use one link direction, partials the ot
 
 Bytes per device: q (P−1)·B·L·H·D, partials (P−1)·B·L·H·(D+1) in fp32. Against ring's
 (P−1)·2·B·L·K·D this pays off when K ≈ H (MHA); with GQA (K ≪ H) ring moves less.
-Causal (zigzag): a partial from a device after the owner holds only the second query chunk
-(the first sees none of its keys), so the first-half rows travel only from the devices
-before the owner (a `ppermute` over those pairs): 3/4 of the partial bytes (dQ likewise).
+Causal (zigzag): a query block's first half (chunk o of owner o) sees the keys of devices
+r < o only. Its partials travel home only from those devices (a `ppermute` over those
+pairs), and the first-half query rows travel only to them: in the forward they are dropped
+when the block wraps past device 0; in the backward, where the block meets devices after
+its owner first, the owner sends them straight to device 0 at the wrap. Both are 3/4 of the
+non-causal rows, for queries and partials alike (dQ, dout, lse and delta likewise).
 
 Backward (custom_vjp) is the mirror image: (q, dout, lse, delta) travel r → r + 1; every
 device accumulates dK/dV for its own K/V in place (they never move) and sends each partial
@@ -66,16 +69,59 @@ def send_home(part, s, axis_name, direction=+1, *, causal=False, fill=None):
 
         return jax.tree.map(first_half, first, fills), shift(second, axis_name, direction * j)
 
-    halves = tuple(jax.tree.map(lambda y, w=w: _half(y, w), part) for w in (0, 1))
-    first, second = _switch_shifts(halves, s, p, send)
-    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), first, second)
+    return join_rows(_switch_shifts(split_rows(part, True), s, p, send), True)
 
 
-def _switch_shifts(x, s, p, send):
-    """send(x, s) for a static s; for a traced one a `lax.switch` over the shifts 1 .. P−2."""
+def _switch_shifts(x, s, p, send, first=1):
+    """send(x, s) for a static s; for a traced one a `lax.switch` over the static values the
+    step loop visits, first .. first + P − 3."""
     if isinstance(s, int):
         return send(x, s)
-    return jax.lax.switch(s - 1, [lambda y, j=j: send(y, j) for j in range(1, p - 1)], x)
+    return jax.lax.switch(s - first, [lambda y, j=j: send(y, j)
+                                      for j in range(first, first + p - 2)], x)
+
+
+def move_queries(visiting, s, axis_name, direction, *, causal, own=None):
+    """Move the visiting query blocks (a tree) one device in `direction`, into step s (s may
+    be traced, 2 ≤ s ≤ P−1 then). At step s device r holds the block of owner r − s·direction.
+
+    causal: `visiting` is (first-half rows, second-half rows), trees alike. Second halves
+    travel the whole ring; a first half travels only while it is live at the receiver (see
+    the module docstring) — forward (−1): senders 1 .. P−s, until the wrap past device 0;
+    backward (+1): senders 0 .. s−2, and device 0 receives its first half straight from the
+    owner P − s (`own`: that device's own first-half rows). Where no first half arrives the
+    rows hold zeros or stale rows: the kernels never read them (`kernels.pair_fwd`'s
+    second-half branch). Halves are whole operands in the switch (docs/architecture.md)."""
+    if not causal:
+        return shift(visiting, axis_name, direction)
+    first, second = visiting
+    second = shift(second, axis_name, direction)
+    p = axis_size(axis_name)
+
+    def pairs_permute(x, pairs):
+        return jax.tree.map(lambda y: jax.lax.ppermute(y, axis_name, pairs), x) if pairs else x
+
+    if direction < 0:
+        first = _switch_shifts(first, s, p, lambda x, j: pairs_permute(
+            x, [(r, r - 1) for r in range(1, p - j + 1)]), first=2)
+        return first, second
+    chain, direct = _switch_shifts((first, own), s, p, lambda x, j: (
+        pairs_permute(x[0], [(r, r + 1) for r in range(j - 1)]),
+        pairs_permute(x[1], [(p - j, 0)])), first=2)
+    at_zero = jax.lax.axis_index(axis_name) == 0
+    first = jax.tree.map(lambda a, b: jnp.where(at_zero, a, b), direct, chain)
+    return first, second
+
+
+def split_rows(tree, causal):
+    """The visiting representation of a query block: (first halves, second halves) if causal."""
+    return tuple(jax.tree.map(lambda y, w=w: _half(y, w), tree) for w in (0, 1)) if causal else tree
+
+
+def join_rows(visiting, causal):
+    if not causal:
+        return visiting
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), *visiting)
 
 
 def _first_half_senders(p, j, direction):
@@ -96,15 +142,18 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
     r = jax.lax.axis_index(axis_name)
 
     def partial_for(visiting, s):  # queries of owner (r + s) mod P against the local K/V
-        return kernels.pair_fwd(kernel, visiting[0], k, v, visiting[1], seg, (r + s) % p, r,
+        vq, vseg = join_rows(visiting, causal)
+        return kernels.pair_fwd(kernel, vq, k, v, vseg, seg, (r + s) % p, r,
                                 causal=causal, diagonal=False)
 
-    visiting = (q, seg)
+    def move(visiting, s):
+        return move_queries(visiting, s, axis_name, -1, causal=causal)
+
     empty = (0.0, -jnp.inf)  # the merge identity, for rows no partial arrives for
     out, lse = kernels.pair_fwd(kernel, q, k, v, seg, seg, r, r, causal=causal, diagonal=True)
     if p == 1:
         return out, lse
-    visiting = shift(visiting, axis_name, -1)
+    visiting = move(split_rows((q, seg), causal), 1)
     part = partial_for(visiting, 1)
 
     # Software-pipelined: step s sends step s−1's partial home while it receives the next
@@ -112,7 +161,7 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
     def step(carry, s):
         out, lse, visiting, part = carry
         home = send_home(part, s - 1, axis_name, causal=causal, fill=empty)
-        visiting = shift(visiting, axis_name, -1)
+        visiting = move(visiting, s)
         part_next = partial_for(visiting, s)
         out, lse = blockwise.merge(out, lse, *home)
         return out, lse, visiting, part_next
@@ -136,21 +185,27 @@ def _tokenring_bwd(axis_name, causal, kernel, res, dout):
     # directions, and transfers XLA cannot CSE with the forward's identical query hops
     # (which would keep every visiting query block alive until the backward).
     def grads_for(visiting, s):  # queries of owner (r − s) mod P against the local K/V
-        vq, vseg, vlse, vdout, vdlt = visiting
+        vq, vseg, vlse, vdout, vdlt = join_rows(visiting, causal)
         return kernels.pair_bwd(kernel, vq, k, v, vseg, seg, (r - s) % p, r, vlse, vdout, vdlt,
                                 causal=causal, diagonal=False)
+
+    own = split_rows((q, seg, lse, dout, dlt), causal)
+
+    def move(visiting, s):
+        return move_queries(visiting, s, axis_name, +1, causal=causal,
+                            own=own[0] if causal else None)
 
     dq, dk, dv = kernels.pair_bwd(kernel, q, k, v, seg, seg, r, r, lse, dout, dlt,
                                   causal=causal, diagonal=True)
     if p > 1:
-        visiting = shift((q, seg, lse, dout, dlt), axis_name, +1)
+        visiting = move(own, 1)
         dq_s, dk_s, dv_s = grads_for(visiting, 1)
         dk, dv = dk + dk_s, dv + dv_s
 
         def step(carry, s):
             dq, dk, dv, visiting, dq_prev = carry
             home = send_home(dq_prev, s - 1, axis_name, direction=-1, causal=causal)
-            visiting = shift(visiting, axis_name, +1)
+            visiting = move(visiting, s)
             dq_s, dk_s, dv_s = grads_for(visiting, s)
             return dq + home, dk + dk_s, dv + dv_s, visiting, dq_s
 
