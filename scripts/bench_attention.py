@@ -11,13 +11,16 @@ total work. Prints a markdown table; `--json PATH` writes the rows.
     python scripts/bench_attention.py --seq-lens 2048 4096 8192 16384 --json out.json
     python scripts/bench_attention.py --calibrate --json jaxpar/attention/profile_cpu.json
     python scripts/bench_attention.py --grid --json docs/attention_auto_grid.json
+    python scripts/bench_attention.py --heldout --json docs/attention_auto_heldout.json
     python scripts/bench_attention.py --peer --json docs/attention_peer.json
     python scripts/bench_attention.py --tiles --json docs/kernels_cpu_tiles.json
 
 --calibrate measures the CPU cost profile of `impl="auto"` (the kernel's tile model fitted
 to calls of several shapes, copy bandwidth and latency, elementwise bandwidth); --grid
 times every schedule on a grid of meshes and shapes and compares auto's pick with the
-fastest; --peer compares ring, TokenRing and Ulysses with the `ringattention` package
+fastest; --heldout does that on a grid that shares no kernel call shape with the calibration,
+and scores auto against the fixed rule and always-ring (--rescore: again from the JSON, no
+timing, after a change of the model); --peer compares ring, TokenRing and Ulysses with the `ringattention` package
 (optional, benchmark only); --tiles sweeps the CPU kernel's tile sizes on the --peer configuration.
 """
 from __future__ import annotations
@@ -128,6 +131,11 @@ def main(argv=None):
     ap.add_argument("--from-json", help="skip measuring: print/plot the rows of this file")
     ap.add_argument("--calibrate", action="store_true", help="measure the CPU auto profile")
     ap.add_argument("--grid", action="store_true", help="auto's pick vs every impl, a grid")
+    ap.add_argument("--heldout", action="store_true",
+                    help="auto vs the fixed rule vs always-ring on the held-out grid "
+                         "(resumes from --json)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="--heldout: no timing, re-score --json's rows with today's model")
     ap.add_argument("--peer", action="store_true", help="vs the ringattention package")
     ap.add_argument("--tiles", action="store_true", help="CPU kernel tile sweep (peer config)")
     ap.add_argument("--tile-sizes", type=int, nargs="+", default=[256, 512, 1024],
@@ -139,11 +147,11 @@ def main(argv=None):
     ap.add_argument("--peer-chunks", type=int, nargs="+", default=[512, 1024],
                     help="--peer: the peer's query/key chunk sizes to try (its best counts)")
     args = ap.parse_args(argv)
-    if args.calibrate or args.grid or args.peer or args.tiles:
-        from bench_attention_auto import calibrate, grid, peer, tiles
+    if args.calibrate or args.grid or args.heldout or args.peer or args.tiles:
+        from bench_attention_auto import calibrate, grid, heldout, peer, tiles
 
         run = (calibrate if args.calibrate else grid if args.grid else
-               peer if args.peer else tiles)
+               heldout if args.heldout else peer if args.peer else tiles)
         return run(args)
     if args.quick:
         args.seq_lens, args.repeats = [1024, 2048], 1

@@ -251,6 +251,160 @@ def grid_table(payload):
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- held out
+
+# (P, N, H, K, D, causal): the validation grid. It shares no kernel call shape with
+# CALIBRATION_CALLS (`heldout` checks), covers P 2/4/8, MHA and GQA (K = 1, 2, H), H 4-16
+# (6 and 12 too, where Ulysses or a hybrid split cannot run), D 64 and 128, causal and not,
+# and N 2K-32K with 9 of the 24 at N >= 8K. Sizes are kept to what 2 cores time in ~45 min.
+HELDOUT = [
+    (2, 2048, 4, 1, 64, True), (2, 2048, 8, 8, 128, False), (4, 2048, 16, 2, 64, True),
+    (4, 2048, 6, 6, 64, False), (8, 2048, 12, 12, 64, True), (8, 2048, 16, 1, 128, True),
+    (8, 2048, 8, 2, 64, False), (2, 4096, 8, 2, 64, True), (4, 4096, 4, 4, 128, False),
+    (4, 4096, 8, 1, 64, True), (8, 4096, 16, 16, 64, True), (8, 4096, 4, 2, 128, False),
+    (8, 4096, 6, 2, 64, True), (2, 4096, 12, 4, 64, False), (4, 4096, 12, 12, 64, True),
+    (2, 8192, 4, 4, 64, True), (4, 8192, 4, 1, 64, False), (8, 8192, 8, 8, 64, True),
+    (8, 8192, 4, 4, 128, True), (4, 8192, 8, 2, 64, True), (8, 8192, 12, 4, 64, True),
+    (8, 16384, 4, 1, 64, True), (2, 16384, 4, 2, 64, True), (2, 32768, 4, 1, 64, True)]
+
+
+def call_shapes(c: auto.Candidate, n, h, kh, d, causal):
+    """The kernel calls (Lq, Lk, heads, kv heads, D, causal) one fwd+bwd of `c` makes (B=1):
+    what the tile model is evaluated on, as `auto.predict` cuts them."""
+    if c.impl == "ulysses":
+        p = c.shards[0]
+        return {(n, n, h // p, max(kh // p, 1), d, causal)}
+    pr, pu = c.shards if c.impl == "hybrid" else (c.shards[0], 1)
+    kv = (kh if kh % pu == 0 else pu) // pu
+    tok = n // pr
+    if causal:
+        return {(tok, tok, h // pu, kv, d, True), (tok, tok // 2, h // pu, kv, d, False)}
+    return {(tok, tok, h // pu, kv, d, False)}
+
+
+def fixed_rule(p, h, kh) -> str:
+    """The baseline rule: Ulysses if the heads divide, else the hybrid ring 2 × Ulysses P/2
+    (ring outside), else ring."""
+    if auto.ulysses_fits(h, kh, p):
+        return auto.Candidate("ulysses", (p,)).label
+    if p > 2 and auto.ulysses_fits(h, kh, p // 2):
+        return auto.Candidate("hybrid", (2, p // 2), "ring").label
+    return auto.Candidate("ring", (p,)).label
+
+
+def timed_all(fn, args, repeats):
+    """Every repeat's (wall s, process-CPU s) after one warm-up run."""
+    jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn(*args))
+        out.append((time.perf_counter() - w, time.process_time() - c))
+    return out
+
+
+def heldout(args):
+    """Time every schedule on HELDOUT; score auto, the fixed rule and always-ring. Resumes:
+    configurations already in --json are kept (written after each one)."""
+    calib = set(CALIBRATION_CALLS)
+    for p, n, h, kh, d, causal in HELDOUT:
+        for c in auto.flexible(p):
+            shared = call_shapes(c, n, h, kh, d, causal) & calib
+            assert not shared, f"held-out {c.label} at {(p, n, h, kh, d, causal)}: {shared}"
+    path = pathlib.Path(args.json) if args.json else None
+    saved = json.loads(path.read_text()) if path and path.exists() else {}
+    rows = [{k: r[k] for k in ("P", "N", "H", "K", "D", "causal", "measured")}
+            for r in saved.get("rows", [])]
+    if args.rescore:  # the model changed: score the measured rows again, no timing
+        payload = heldout_payload(rows, saved["repeats"])
+        print(heldout_table(payload))
+        return write(args.json, payload)
+    have = {(r["P"], r["N"], r["H"], r["K"], r["D"], r["causal"]) for r in rows}
+    for i, (p, n, h, kh, d, causal) in enumerate(HELDOUT):
+        if (p, n, h, kh, d, causal) in have:
+            continue
+        s = auto.Shape(1, n, h, kh, d, 4, causal)
+        q, k, v = (randn((1, n, x, d), j) for j, x in enumerate((h, kh, kh)))
+        measured = {}
+        for c in auto.flexible(p):
+            if auto.why_not(c, s):
+                continue
+            f, mesh, spec = schedule_fn(c, causal, jax.devices()[:p])
+            reps = timed_all(f, put(mesh, spec, q, k, v), args.repeats)
+            cpu = [c_ for _, c_ in reps]
+            measured[c.label] = {"cpu_ms": 1e3 * min(cpu),
+                                 "wall_ms": 1e3 * min(w for w, _ in reps),
+                                 "cpu_ms_repeats": [1e3 * x for x in cpu],
+                                 "spread": (max(cpu) - min(cpu)) / min(cpu)}
+        rows.append({"P": p, "N": n, "H": h, "K": kh, "D": d, "causal": causal,
+                     "measured": measured})
+        print(f"[{i + 1}/{len(HELDOUT)}] P={p} N={n} H={h} K={kh} D={d} causal={causal}: "
+              + ", ".join(f"{lab} {m['cpu_ms']:.0f}" for lab, m in measured.items()), flush=True)
+        write(args.json, heldout_payload(rows, args.repeats))
+    payload = heldout_payload(rows, args.repeats)
+    print(heldout_table(payload))
+    write(args.json, payload)
+
+
+def score(rows, prof):
+    """Each policy's pick per row, its time over the fastest's, and the summary."""
+    policies = {"auto": lambda r: auto.choose(
+                    auto.flexible(r["P"]), batch=1, seq_len=r["N"], heads=r["H"],
+                    kv_heads=r["K"], head_dim=r["D"], causal=r["causal"],
+                    profile=prof).pick.label,
+                "fixed rule": lambda r: fixed_rule(r["P"], r["H"], r["K"]),
+                "always ring": lambda r: auto.Candidate("ring", (r["P"],)).label}
+    summary = {}
+    for r in rows:
+        ms = {lab: m["cpu_ms"] for lab, m in r["measured"].items()}
+        r["fastest"] = min(ms, key=ms.get)
+        r["picks"] = {name: pick(r) for name, pick in policies.items()}
+        r["over_fastest"] = {name: ms[lab] / ms[r["fastest"]] for name, lab in r["picks"].items()}
+        # the margin the fastest wins by, against its runner-up: noise below it could flip it
+        second = sorted(ms.values())[1] if len(ms) > 1 else ms[r["fastest"]]
+        r["fastest_margin"] = second / ms[r["fastest"]] - 1
+    for name in policies:
+        ratios = [r["over_fastest"][name] for r in rows]
+        summary[name] = {"within_10pct": sum(x <= 1.10 for x in ratios), "configs": len(rows),
+                         "mean_slowdown": sum(ratios) / len(ratios) - 1 if ratios else 0.0,
+                         "worst": max(ratios, default=1.0)}
+    return summary
+
+
+def heldout_payload(rows, repeats):
+    prof = auto.profile_for("cpu")
+    summary = score(rows, prof)
+    spreads = sorted(m["spread"] for r in rows for m in r["measured"].values())
+    return {"machine": bench.machine(), "repeats": repeats,
+            "timing": f"fwd+bwd of a loss (value_and_grad), B=1, fp32; {repeats} repeats after "
+                      f"a warm-up, every repeat's process CPU time kept; a schedule's time is "
+                      f"the minimum, its spread (max - min) / min",
+            "profile": "jaxpar/attention/profile_cpu.json (fitted to CALIBRATION_CALLS; no "
+                       "held-out call shape is among them)",
+            "spread": {"median": spreads[len(spreads) // 2] if spreads else None,
+                       "max": spreads[-1] if spreads else None},
+            "summary": summary, "rows": rows}
+
+
+def heldout_table(payload):
+    lines = ["| policy | within 10% of the fastest | mean slowdown | worst |",
+             "|---|---|---|---|"]
+    for name, s in payload["summary"].items():
+        lines.append(f"| {name} | {s['within_10pct']} of {s['configs']} | "
+                     f"{100 * s['mean_slowdown']:.1f}% | {s['worst']:.2f}× |")
+    lines += ["", "| P | N | H | K | D | causal | fastest (CPU ms) | auto | fixed rule | "
+              "always ring | largest spread |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in payload["rows"]:
+        fast = r["fastest"]
+        cells = [f"{r['picks'][n]} {r['over_fastest'][n]:.2f}×"
+                 for n in ("auto", "fixed rule", "always ring")]
+        spread = max(m["spread"] for m in r["measured"].values())
+        lines.append(f"| {r['P']} | {r['N']} | {r['H']} | {r['K']} | {r['D']} | "
+                     f"{r['causal']} | {fast} {r['measured'][fast]['cpu_ms']:.0f} | "
+                     + " | ".join(cells) + f" | {100 * spread:.1f}% |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- peer
 
 
@@ -370,4 +524,4 @@ def tiles(args):
     write(args.json, payload)
 
 
-__all__ = ["calibrate", "grid", "peer", "tiles"]
+__all__ = ["calibrate", "grid", "heldout", "peer", "tiles"]
