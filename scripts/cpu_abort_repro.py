@@ -1,14 +1,17 @@
 """The XLA:CPU collective abort of causal TokenRing on 8 host devices, before and after the fix.
 
 Each variant runs in --runs fresh processes; each process computes fwd+bwd of a loss (the
-mean of the squared output) of causal TokenRing at N=2048 (B=1, H=8, D=64) --calls times.
-Variants (only `send_home`'s causal path differs, docs/architecture.md):
-  in_branch: the halves of a partial are sliced, permuted and concatenated inside each branch
-             of the step loop's lax.switch (the code before the fix)
-  fixed:     the halves are cut before the switch and joined after it (jaxpar today)
+mean of the squared output) of causal TokenRing at N=2048 (B=1, D=64, --heads H) --calls
+times. Variants (only the step loop's `tokenring.exchange` differs, docs/architecture.md):
+  in_branch:    the partial's halves are cut, permuted and joined *inside* the branch of the
+                step loop's lax.switch (the form of the first abort)
+  two_switches: the halves are whole operands, but the queries' first halves move in a
+                second lax.switch beside the one that sends the partial home (the form of
+                the second abort, the first version of the causal query drop)
+  fixed:        one switch per step, whole operands (jaxpar today)
 Records every process's exit code (negative: killed by that signal) and writes --json.
 
-    python scripts/cpu_abort_repro.py --runs 10 --json docs/cpu_tokenring_abort.json
+    python scripts/cpu_abort_repro.py --runs 6 --heads 16 --json docs/cpu_tokenring_abort.json
 """
 from __future__ import annotations
 
@@ -19,42 +22,52 @@ import signal
 import subprocess
 import sys
 
-N, B, H, D = 2048, 1, 8, 64
+N, B, D = 2048, 1, 64
 
 
-def in_branch_send_home(part, s, axis_name, direction=+1, *, causal=False, fill=None):
-    """send_home as it was before the fix: slice, permute, concatenate inside each branch."""
+def in_branch_exchange(part, visiting, s, axis_name, direction, *, causal, fill=None,
+                       own=None):
+    """`exchange` with the partial cut, permuted and joined inside each branch."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from jaxpar._spmd import axis_size, shift
-    from jaxpar.attention import tokenring
+    from jaxpar.attention import tokenring as t
     p = axis_size(axis_name)
+    first, second = visiting
 
-    def send(x, j):
-        if not causal:
-            return shift(x, axis_name, direction * j)
-        second = shift(jax.tree.map(lambda y: tokenring._half(y, 1), x), axis_name, direction * j)
-        senders = tokenring._first_half_senders(p, j, direction)
-        pairs = [(r, (r + direction * j) % p) for r in senders]
-        got = np.isin(np.arange(p), [t for _, t in pairs])
-        received = jnp.asarray(got)[jax.lax.axis_index(axis_name)]
-        fills = jax.tree.map(lambda _: 0.0, x) if fill is None else fill
+    def branch(x, j):
+        part, first_own = x
+        halves = t._home_halves(t.split_rows(part, True), j - 1, axis_name, -direction, fill)
+        return t.join_rows(halves, True), t._first_halves(first_own, j, axis_name, direction)
 
-        def first_half(y, value):
-            y = jax.lax.ppermute(tokenring._half(y, 0), axis_name, pairs)
-            return y if got.all() else jnp.where(received, y, jnp.asarray(value, y.dtype))
-
-        first = jax.tree.map(first_half, x, fills)
-        return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), first, second)
-
-    if isinstance(s, int):
-        return send(part, s)
-    return jax.lax.switch(s - 1, [lambda x, j=j: send(x, j) for j in range(1, p - 1)], part)
+    home, firsts = jax.lax.switch(s - 2, [lambda y, j=j: branch(y, j) for j in range(2, p)],
+                                  (part, (first, own)))
+    return home, (t._pick_first(firsts, axis_name), shift(second, axis_name, direction))
 
 
-def worker(variant, calls):
+def two_switches_exchange(part, visiting, s, axis_name, direction, *, causal, fill=None,
+                          own=None):
+    """`exchange` with the partial home in one switch, the queries' first halves in another."""
+    import jax
+
+    from jaxpar._spmd import axis_size, shift
+    from jaxpar.attention import tokenring as t
+    p = axis_size(axis_name)
+    first, second = visiting
+    home = jax.lax.switch(s - 2, [lambda y, j=j: t._home_halves(y, j - 1, axis_name,
+                                                               -direction, fill)
+                                  for j in range(2, p)], t.split_rows(part, True))
+    firsts = jax.lax.switch(s - 2, [lambda y, j=j: t._first_halves(y, j, axis_name, direction)
+                                    for j in range(2, p)], (first, own))
+    return (t.join_rows(home, True),
+            (t._pick_first(firsts, axis_name), shift(second, axis_name, direction)))
+
+
+VARIANTS = {"in_branch": in_branch_exchange, "two_switches": two_switches_exchange,
+            "fixed": None}
+
+
+def worker(variant, calls, heads):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
     import jaxpar  # noqa: F401  (the DFS-scheduler flag, before jax starts)
@@ -64,11 +77,12 @@ def worker(variant, calls):
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxpar.attention import attention, tokenring
 
-    if variant == "in_branch":
-        tokenring.send_home = in_branch_send_home
+    if VARIANTS[variant] is not None:
+        tokenring.exchange = VARIANTS[variant]
     mesh = jax.make_mesh((8,), ("seq",))
     spec = P(None, "seq")  # inputs taken to be in zigzag order already, as the benchmark does
-    q, k, v = (jax.device_put(jax.random.normal(kk, (B, N, H, D)), NamedSharding(mesh, spec))
+    q, k, v = (jax.device_put(jax.random.normal(kk, (B, N, heads, D)),
+                              NamedSharding(mesh, spec))
                for kk in jax.random.split(jax.random.key(0), 3))
     attn = jax.shard_map(lambda q, k, v: attention(q, k, v, impl="tokenring", axis="seq",
                                                    causal=True),
@@ -87,20 +101,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10, help="fresh processes per variant")
     ap.add_argument("--calls", type=int, default=5, help="fwd+bwd calls per process")
-    ap.add_argument("--variants", nargs="+", default=["in_branch", "fixed"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per process")
     ap.add_argument("--json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.calls)
-    result = {"config": dict(N=N, B=B, H=H, D=D, causal=True, impl="tokenring", devices=8,
+        return worker(args.worker, args.calls, args.heads)
+    result = {"config": dict(N=N, B=B, H=args.heads, D=D, causal=True, impl="tokenring",
+                             devices=8,
                              calls_per_process=args.calls), "variants": {}}
     for variant in args.variants:
         codes = []
         for _ in range(args.runs):
             proc = subprocess.Popen([sys.executable, __file__, "--worker", variant,
-                                     "--calls", str(args.calls)], stdout=subprocess.PIPE,
+                                     "--calls", str(args.calls), "--heads", str(args.heads)],
+                                    stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
             try:
                 out, err = proc.communicate(timeout=args.timeout)

@@ -273,7 +273,8 @@ def _ring_part(impl, pr, s: Shape, heads, kv_heads, prof: Profile, devices: int)
     total = sum(sent.values())
     if impl == "tokenring" and prof.bidirectional:
         # queries one way, partials (and dQ) the other: the busier direction sets the time
-        q_way = (pr - 1) * b * tok * heads * d * s.itemsize * 3 + (pr - 1) * b * tok * heads * 8
+        rows = (pr - 1) * b * tok * (0.75 if s.causal else 1.0)  # causal: the query drop
+        q_way = rows * heads * (d * s.itemsize * 3 + 8)
         total = max(q_way, total - q_way)
     steps = 2 * (pr - 1) + 1 if pr > 1 else 0  # forward P−1 hops, backward P
     link = total / prof.link_bw + steps * prof.latency_s

@@ -40,50 +40,21 @@ def tokenring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = Fal
 
 
 def send_home(part, s, axis_name, direction=+1, *, causal=False, fill=None):
-    """Send a partial computed at step s (s may be traced, 1 ≤ s ≤ P−2 then) to its owner,
-    s devices away in `direction`.
+    """Send a partial computed at step s (a static int) to its owner, s devices away in
+    `direction`. Inside the step loop, where s is traced, `exchange` does it.
 
     causal (zigzag): the second-half rows travel from every device, the first-half rows only
     from the devices whose pair holds them (`_first_half_senders`); where none arrives the
-    receiver gets `fill` (a tree like `part` of scalars; None: zeros). The shift differs per
-    step, so inside the step loop it is a `lax.switch` over the static shifts the loop
-    visits, 1 .. P−2, each once (collective bytes then count exactly, `jaxpar.comm`); every
-    device takes the same branch, so the collectives stay matched. The halves are cut before
-    the switch and joined after it: permutes of slices joined by a concatenate *inside* a
-    branch inside the loop abort XLA:CPU's collective runtime intermittently (jaxlib 0.10.2,
-    8 host devices; docs/architecture.md), whole operands in the branch do not."""
-    p = axis_size(axis_name)
+    receiver gets `fill` (a tree like `part` of scalars; None: zeros)."""
     if not causal:
-        return _switch_shifts(part, s, p, lambda x, j: shift(x, axis_name, direction * j))
-    fills = jax.tree.map(lambda _: 0.0, part) if fill is None else fill
-
-    def send(halves, j):
-        first, second = halves
-        pairs = [(r, (r + direction * j) % p) for r in _first_half_senders(p, j, direction)]
-        got = np.isin(np.arange(p), [t for _, t in pairs])
-        received = jnp.asarray(got)[jax.lax.axis_index(axis_name)]
-
-        def first_half(y, value):
-            y = jax.lax.ppermute(y, axis_name, pairs)
-            return y if got.all() else jnp.where(received, y, jnp.asarray(value, y.dtype))
-
-        return jax.tree.map(first_half, first, fills), shift(second, axis_name, direction * j)
-
-    return join_rows(_switch_shifts(split_rows(part, True), s, p, send), True)
-
-
-def _switch_shifts(x, s, p, send, first=1):
-    """send(x, s) for a static s; for a traced one a `lax.switch` over the static values the
-    step loop visits, first .. first + P − 3."""
-    if isinstance(s, int):
-        return send(x, s)
-    return jax.lax.switch(s - first, [lambda y, j=j: send(y, j)
-                                      for j in range(first, first + p - 2)], x)
+        return shift(part, axis_name, direction * s)
+    return join_rows(_home_halves(split_rows(part, True), s, axis_name, direction, fill), True)
 
 
 def move_queries(visiting, s, axis_name, direction, *, causal, own=None):
-    """Move the visiting query blocks (a tree) one device in `direction`, into step s (s may
-    be traced, 2 ≤ s ≤ P−1 then). At step s device r holds the block of owner r − s·direction.
+    """Move the visiting query blocks one device in `direction`, into step s (a static int;
+    inside the step loop `exchange` does it). At step s device r holds the block of owner
+    r − s·direction.
 
     causal: `visiting` is (first-half rows, second-half rows), trees alike. Second halves
     travel the whole ring; a first half travels only while it is live at the receiver (see
@@ -91,26 +62,82 @@ def move_queries(visiting, s, axis_name, direction, *, causal, own=None):
     backward (+1): senders 0 .. s−2, and device 0 receives its first half straight from the
     owner P − s (`own`: that device's own first-half rows). Where no first half arrives the
     rows hold zeros or stale rows: the kernels never read them (`kernels.pair_fwd`'s
-    second-half branch). Halves are whole operands in the switch (docs/architecture.md)."""
+    second-half branch)."""
     if not causal:
         return shift(visiting, axis_name, direction)
     first, second = visiting
-    second = shift(second, axis_name, direction)
-    p = axis_size(axis_name)
+    return (_pick_first(_first_halves((first, own), s, axis_name, direction), axis_name),
+            shift(second, axis_name, direction))
 
-    def pairs_permute(x, pairs):
+
+def exchange(part, visiting, s, axis_name, direction, *, causal, fill=None, own=None):
+    """One pipelined step's transfers, s traced (2 ≤ s ≤ P−1): the partial computed at step
+    s − 1 goes home (`send_home`, s − 1 devices against `direction`) while the visiting
+    queries move one device in `direction` into step s (`move_queries`). Returns (the
+    partial arrived home, the queries of step s).
+
+    What a step sends depends on s, so inside the loop it is a `lax.switch` over the static
+    steps the loop visits, 2 .. P−1, each once (collective bytes then count exactly,
+    `jaxpar.comm`); every device takes the same branch, so the collectives stay matched.
+    Every permute whose pairs depend on s is in that *one* switch, with whole operands: the
+    halves are cut before it and joined after. Permutes of slices joined inside a branch,
+    or a second switch with permutes in the same loop body, abort XLA:CPU's collective
+    runtime intermittently (jaxlib 0.10.2, 8 host devices; docs/architecture.md)."""
+    p = axis_size(axis_name)
+    if not causal:  # the queries' shift is the same every step: outside the switch
+        home = jax.lax.switch(s - 2, [lambda y, j=j: shift(y, axis_name, -direction * j)
+                                      for j in range(1, p - 1)], part)
+        return home, shift(visiting, axis_name, direction)
+    first, second = visiting
+
+    def branch(x, j):
+        halves, first_own = x
+        return (_home_halves(halves, j - 1, axis_name, -direction, fill),
+                _first_halves(first_own, j, axis_name, direction))
+
+    home, firsts = jax.lax.switch(s - 2, [lambda y, j=j: branch(y, j) for j in range(2, p)],
+                                  (split_rows(part, True), (first, own)))
+    return (join_rows(home, True),
+            (_pick_first(firsts, axis_name), shift(second, axis_name, direction)))
+
+
+def _home_halves(halves, j, axis_name, direction, fill):
+    """send_home's permutes of a causal partial cut in halves, for a static shift j."""
+    p = axis_size(axis_name)
+    first, second = halves
+    pairs = [(r, (r + direction * j) % p) for r in _first_half_senders(p, j, direction)]
+    got = np.isin(np.arange(p), [t for _, t in pairs])
+    received = jnp.asarray(got)[jax.lax.axis_index(axis_name)]
+    fills = jax.tree.map(lambda _: 0.0, first) if fill is None else fill
+
+    def first_half(y, value):
+        y = jax.lax.ppermute(y, axis_name, pairs)
+        return y if got.all() else jnp.where(received, y, jnp.asarray(value, y.dtype))
+
+    return jax.tree.map(first_half, first, fills), shift(second, axis_name, direction * j)
+
+
+def _first_halves(first_own, j, axis_name, direction):
+    """move_queries' permutes of the live first halves into step j (static): (from the
+    neighbour, from the owner — backward only, else None)."""
+    p = axis_size(axis_name)
+    first, own = first_own
+
+    def permute(x, pairs):
         return jax.tree.map(lambda y: jax.lax.ppermute(y, axis_name, pairs), x) if pairs else x
 
     if direction < 0:
-        first = _switch_shifts(first, s, p, lambda x, j: pairs_permute(
-            x, [(r, r - 1) for r in range(1, p - j + 1)]), first=2)
-        return first, second
-    chain, direct = _switch_shifts((first, own), s, p, lambda x, j: (
-        pairs_permute(x[0], [(r, r + 1) for r in range(j - 1)]),
-        pairs_permute(x[1], [(p - j, 0)])), first=2)
+        return permute(first, [(r, r - 1) for r in range(1, p - j + 1)]), None
+    return permute(first, [(r, r + 1) for r in range(j - 1)]), permute(own, [(p - j, 0)])
+
+
+def _pick_first(firsts, axis_name):
+    """The first halves a device holds after `_first_halves`: device 0 takes the owner's."""
+    chain, direct = firsts
+    if direct is None:
+        return chain
     at_zero = jax.lax.axis_index(axis_name) == 0
-    first = jax.tree.map(lambda a, b: jnp.where(at_zero, a, b), direct, chain)
-    return first, second
+    return jax.tree.map(lambda a, b: jnp.where(at_zero, a, b), direct, chain)
 
 
 def split_rows(tree, causal):
@@ -146,22 +173,19 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
         return kernels.pair_fwd(kernel, vq, k, v, vseg, seg, (r + s) % p, r,
                                 causal=causal, diagonal=False)
 
-    def move(visiting, s):
-        return move_queries(visiting, s, axis_name, -1, causal=causal)
 
     empty = (0.0, -jnp.inf)  # the merge identity, for rows no partial arrives for
     out, lse = kernels.pair_fwd(kernel, q, k, v, seg, seg, r, r, causal=causal, diagonal=True)
     if p == 1:
         return out, lse
-    visiting = move(split_rows((q, seg), causal), 1)
+    visiting = move_queries(split_rows((q, seg), causal), 1, axis_name, -1, causal=causal)
     part = partial_for(visiting, 1)
 
     # Software-pipelined: step s sends step s−1's partial home while it receives the next
     # queries and computes its own partial — three independent things at once.
     def step(carry, s):
         out, lse, visiting, part = carry
-        home = send_home(part, s - 1, axis_name, causal=causal, fill=empty)
-        visiting = move(visiting, s)
+        home, visiting = exchange(part, visiting, s, axis_name, -1, causal=causal, fill=empty)
         part_next = partial_for(visiting, s)
         out, lse = blockwise.merge(out, lse, *home)
         return out, lse, visiting, part_next
@@ -190,22 +214,19 @@ def _tokenring_bwd(axis_name, causal, kernel, res, dout):
                                 causal=causal, diagonal=False)
 
     own = split_rows((q, seg, lse, dout, dlt), causal)
-
-    def move(visiting, s):
-        return move_queries(visiting, s, axis_name, +1, causal=causal,
-                            own=own[0] if causal else None)
+    own_first = own[0] if causal else None
 
     dq, dk, dv = kernels.pair_bwd(kernel, q, k, v, seg, seg, r, r, lse, dout, dlt,
                                   causal=causal, diagonal=True)
     if p > 1:
-        visiting = move(own, 1)
+        visiting = move_queries(own, 1, axis_name, +1, causal=causal, own=own_first)
         dq_s, dk_s, dv_s = grads_for(visiting, 1)
         dk, dv = dk + dk_s, dv + dv_s
 
         def step(carry, s):
             dq, dk, dv, visiting, dq_prev = carry
-            home = send_home(dq_prev, s - 1, axis_name, direction=-1, causal=causal)
-            visiting = move(visiting, s)
+            home, visiting = exchange(dq_prev, visiting, s, axis_name, +1, causal=causal,
+                                      own=own_first)
             dq_s, dk_s, dv_s = grads_for(visiting, s)
             return dq + home, dk + dk_s, dv + dv_s, visiting, dq_s
 
