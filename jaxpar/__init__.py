@@ -16,6 +16,10 @@ _CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_SCHEDULER_FLAG}".strip()
 
+from jaxpar._xla_cpu import unique_permute_channels  # noqa: E402
+
+unique_permute_channels()  # every permute its own rendezvous key on XLA:CPU (_xla_cpu.py)
+
 from jaxpar import attention, comm, diloco, hf, overlap  # noqa: E402
 from jaxpar.attention import sequence_parallel_attention  # noqa: E402
 from jaxpar.diloco import DiLoCoState, StreamingDiLoCo, streaming_diloco  # noqa: E402

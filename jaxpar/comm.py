@@ -332,8 +332,7 @@ def total_bytes(fn_or_hlo, *args, **kwargs) -> float:
 
 def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads: int,
                     head_dim: int, shards, itemsize: int = 4, backward: bool = False,
-                    segment_ids: bool = False, causal: bool = False,
-                    query_drop: bool = True) -> dict[str, float]:
+                    segment_ids: bool = False, causal: bool = False) -> dict[str, float]:
     """{collective kind: bytes one device sends} for a forward (+ backward) pass.
 
     `shards` is P, or (ring, ulysses) sizes for impl="hybrid". The backward ring turns the
@@ -341,10 +340,8 @@ def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads
     K/V transfer, so measured backward bytes are lower there than this formula. Partials,
     lse, delta and gradient accumulators of the ring schedules are fp32 (4 bytes);
     q/k/v/out/dout use `itemsize`; segment ids are int32. `causal` (zigzag) changes only
-    TokenRing: its partials (and dQ) travel without their dead first-half rows, 3/4 of the
-    rows on average, and so do its query blocks (q, dout, lse, delta, ids) with
-    `query_drop` (the GPU/TPU form; XLA:CPU host meshes send them whole,
-    `tokenring.query_drop`).
+    TokenRing: its query blocks and partials (and dQ) travel without their dead first-half
+    rows, 3/4 of the rows on average.
     """
     b, n, h, kh, d = batch, seq_len, heads, kv_heads, head_dim
     out: dict[str, float] = collections.defaultdict(float)
@@ -383,13 +380,12 @@ def attention_bytes(impl: str, *, batch: int, seq_len: int, heads: int, kv_heads
         # causal: every hop of a query block or a partial carries its second half-rows; the
         # first half-rows make (P−1)/2 hops on average, the ones where they are live
         rows = (p - 1) * tok * (0.75 if causal else 1.0)
-        q_rows = rows if query_drop else (p - 1) * tok
-        qbytes = q_rows * h * d * itemsize
-        seg = q_rows * 4 if segment_ids else 0
+        qbytes = rows * h * d * itemsize
+        seg = rows * 4 if segment_ids else 0
         partials = rows * h * (d + 1) * 4
         out["collective-permute"] += qbytes + seg + partials
         if backward:  # q, dout, lse, delta (+ids) forward; dQ partials (fp32) back
-            out["collective-permute"] += 2 * qbytes + seg + q_rows * h * 8 + rows * h * d * 4
+            out["collective-permute"] += 2 * qbytes + seg + rows * h * 8 + rows * h * d * 4
     else:
         raise ValueError(f"no closed form for impl={impl!r}; valid: ulysses, ring, tokenring, "
                          f"hybrid")

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxpar import comm, make_mesh
-from jaxpar.attention import attention, sequence_parallel_attention, tokenring
+from jaxpar.attention import attention, sequence_parallel_attention
 
 
 def counted(impl, p, *, n=64, h=4, kh=2, d=16, b=1, backward=False, segments=False,
@@ -79,24 +79,18 @@ def per_device_counted(impl, p, causal, backward, *, n=64, h=4, kh=2, d=16, b=1)
     pytest.param("tokenring", 4, False, marks=pytest.mark.slow),
     pytest.param("tokenring", 5, True, marks=pytest.mark.slow),  # odd P
     pytest.param("ring", 4, True, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("drop", [False, True], ids=["cpu_form", "query_drop"])
-def test_causal_counted_bytes_equal_closed_form_all_kinds(impl, p, backward, drop,
-                                                          monkeypatch):
-    # causal TokenRing sends its partials (and dQ) without the dead half-rows, and with the
-    # query drop (the GPU/TPU form, compiled here and never run: XLA:CPU aborts it) its
-    # query blocks too: 3/4 of the non-causal bytes. Every collective is compared,
-    # all-reduces included.
-    if impl == "ring" and drop:
-        pytest.skip("the query drop is TokenRing's")
-    monkeypatch.setitem(tokenring.QUERY_DROP, "cpu", drop)
+def test_causal_counted_bytes_equal_closed_form_all_kinds(impl, p, backward):
+    # causal TokenRing sends its query blocks and partials (and dQ) without the dead
+    # half-rows: 3/4 of the non-causal bytes; every collective is compared, all-reduces
+    # included
     got = per_device_counted(impl, p, True, backward, n=16 * p)
     want = comm.attention_bytes(impl, batch=1, seq_len=16 * p, heads=4, kv_heads=2,
                                 head_dim=16, shards=p, backward=backward, segment_ids=True,
-                                causal=True, query_drop=drop)
+                                causal=True)
     assert got.keys() == want.keys()
     for kind in want:
         assert got[kind] == pytest.approx(want[kind], rel=1e-9), kind
-    if impl == "tokenring" and drop:  # counted from both HLOs: 3/4 of the non-causal bytes
+    if impl == "tokenring":  # counted from both HLOs: 3/4 of the non-causal bytes
         full = per_device_counted(impl, p, False, backward, n=16 * p)
         assert got["collective-permute"] / full["collective-permute"] == pytest.approx(0.75)
 

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 
 from jaxpar import comm
 from jaxpar._spmd import divisors
-from jaxpar.attention.tokenring import query_drop
 
 CPU_PROFILE = pathlib.Path(__file__).with_name("profile_cpu.json")  # --calibrate writes it
 
@@ -268,15 +267,13 @@ def _ring_part(impl, pr, s: Shape, heads, kv_heads, prof: Profile, devices: int)
     merge_bytes = pr * b * tok * heads * (d + 1) * 4 * 3  # read two partials, write one (fwd)
     merge_bytes += pr * b * tok * kv_heads * d * 4 * 2 * 2  # dK/dV (or dQ) accumulation (bwd)
     compute += merge_bytes / prof.mem_bw
-    drop = query_drop("cpu" if prof.shared_cores else "gpu")  # host meshes send q whole
     sent = comm.attention_bytes(impl, batch=b, seq_len=s.seq_len, heads=heads,
                                 kv_heads=kv_heads, head_dim=d, shards=pr,
-                                itemsize=s.itemsize, backward=True, causal=s.causal,
-                                query_drop=drop)
+                                itemsize=s.itemsize, backward=True, causal=s.causal)
     total = sum(sent.values())
     if impl == "tokenring" and prof.bidirectional:
         # queries one way, partials (and dQ) the other: the busier direction sets the time
-        rows = (pr - 1) * b * tok * (0.75 if s.causal and drop else 1.0)
+        rows = (pr - 1) * b * tok * (0.75 if s.causal else 1.0)  # causal: the query drop
         q_way = rows * heads * (d * s.itemsize * 3 + 8)
         total = max(q_way, total - q_way)
     steps = 2 * (pr - 1) + 1 if pr > 1 else 0  # forward P−1 hops, backward P

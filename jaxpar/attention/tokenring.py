@@ -12,9 +12,7 @@ r < o only. Its partials travel home only from those devices (a `ppermute` over 
 pairs), and the first-half query rows travel only to them: in the forward they are dropped
 when the block wraps past device 0; in the backward, where the block meets devices after
 its owner first, the owner sends them straight to device 0 at the wrap. Both are 3/4 of the
-non-causal rows, for queries and partials alike (dQ, dout, lse and delta likewise). The
-query drop is off on XLA:CPU host meshes (`QUERY_DROP`): there it aborts the collective
-runtime; query blocks travel whole (the partials still drop their dead rows).
+non-causal rows, for queries and partials alike (dQ, dout, lse and delta likewise).
 
 Backward (custom_vjp) is the mirror image: (q, dout, lse, delta) travel r → r + 1; every
 device accumulates dK/dV for its own K/V in place (they never move) and sends each partial
@@ -29,19 +27,6 @@ import numpy as np
 from jaxpar.attention import blockwise, kernels
 from jaxpar._spmd import axis_size, shift
 from jaxpar.attention.common import check_local_shapes, ring_custom_vjp
-
-# Backends where causal query blocks travel whole instead of dropping their dead first
-# halves. XLA:CPU's in-process collectives abort (a rendezvous joined by more devices than
-# it has, a termination timeout, or a segfault) in most fresh processes once the drop's
-# extra permutes run at realistic sizes (P=8, N=2048, H>=12; P=4, N=4096, H=12), while
-# the form without it never did (docs/architecture.md). Host-mesh bytes are memory copies;
-# the byte count of the GPU/TPU form is checked by compiling it on CPU (tests/test_comm.py).
-QUERY_DROP = {"cpu": False}
-
-
-def query_drop(backend: str | None = None) -> bool:
-    """Whether causal TokenRing drops dead query rows on this backend (default: jax's)."""
-    return QUERY_DROP.get(backend or jax.default_backend(), True)
 
 
 def tokenring_attention(q_BLHD, k_BLKD, v_BLKD, *, axis_name, causal: bool = False,
@@ -66,26 +51,26 @@ def send_home(part, s, axis_name, direction=+1, *, causal=False, fill=None):
     return join_rows(_home_halves(split_rows(part, True), s, axis_name, direction, fill), True)
 
 
-def move_queries(visiting, s, axis_name, direction, *, drop, own=None):
+def move_queries(visiting, s, axis_name, direction, *, causal, own=None):
     """Move the visiting query blocks one device in `direction`, into step s (a static int;
     inside the step loop `exchange` does it). At step s device r holds the block of owner
     r − s·direction.
 
-    drop (causal, `query_drop()`): `visiting` is (first-half rows, second-half rows), trees
-    alike. Second halves travel the whole ring; a first half travels only while it is live
-    at the receiver (see the module docstring) — forward (−1): senders 1 .. P−s, until the
-    wrap past device 0; backward (+1): senders 0 .. s−2, and device 0 receives its first
-    half straight from the owner P − s (`own`: that device's own first-half rows). Where no
-    first half arrives the rows hold zeros or stale rows: the kernels never read them
-    (`kernels.pair_fwd`'s second-half branch)."""
-    if not drop:
+    causal: `visiting` is (first-half rows, second-half rows), trees alike. Second halves
+    travel the whole ring; a first half travels only while it is live at the receiver (see
+    the module docstring) — forward (−1): senders 1 .. P−s, until the wrap past device 0;
+    backward (+1): senders 0 .. s−2, and device 0 receives its first half straight from the
+    owner P − s (`own`: that device's own first-half rows). Where no first half arrives the
+    rows hold zeros or stale rows: the kernels never read them (`kernels.pair_fwd`'s
+    second-half branch)."""
+    if not causal:
         return shift(visiting, axis_name, direction)
     first, second = visiting
     return (_pick_first(_first_halves((first, own), s, axis_name, direction), axis_name),
             shift(second, axis_name, direction))
 
 
-def exchange(part, visiting, s, axis_name, direction, *, causal, drop, fill=None, own=None):
+def exchange(part, visiting, s, axis_name, direction, *, causal, fill=None, own=None):
     """One pipelined step's transfers, s traced (2 ≤ s ≤ P−1): the partial computed at step
     s − 1 goes home (`send_home`, s − 1 devices against `direction`) while the visiting
     queries move one device in `direction` into step s (`move_queries`). Returns (the
@@ -94,27 +79,22 @@ def exchange(part, visiting, s, axis_name, direction, *, causal, drop, fill=None
     What a step sends depends on s, so inside the loop it is a `lax.switch` over the static
     steps the loop visits, 2 .. P−1, each once (collective bytes then count exactly,
     `jaxpar.comm`); every device takes the same branch, so the collectives stay matched.
-    Every permute whose pairs depend on s is in that *one* switch, with whole operands: the
-    halves are cut before it and joined after. Permutes of slices joined inside a branch,
-    or a second switch with permutes in the same loop body, abort XLA:CPU's collective
-    runtime intermittently (jaxlib 0.10.2, 8 host devices; docs/architecture.md)."""
+    Every permute whose pairs depend on s is in that one switch, with whole operands: the
+    halves are cut before it and joined after."""
     p = axis_size(axis_name)
-
-    def home_at(x, j):  # step j − 1's partial, home
-        if not causal:
-            return shift(x, axis_name, -direction * (j - 1))
-        return _home_halves(x, j - 1, axis_name, -direction, fill)
-
-    def step_switch(fn, x):
-        return jax.lax.switch(s - 2, [lambda y, j=j: fn(y, j) for j in range(2, p)], x)
-
-    if not drop:  # the queries' shift is the same every step: outside the switch
-        home = step_switch(home_at, split_rows(part, causal))
-        return join_rows(home, causal), shift(visiting, axis_name, direction)
+    if not causal:  # the queries' shift is the same every step: outside the switch
+        home = jax.lax.switch(s - 2, [lambda y, j=j: shift(y, axis_name, -direction * j)
+                                      for j in range(1, p - 1)], part)
+        return home, shift(visiting, axis_name, direction)
     first, second = visiting
-    home, firsts = step_switch(
-        lambda x, j: (home_at(x[0], j), _first_halves(x[1], j, axis_name, direction)),
-        (split_rows(part, True), (first, own)))
+
+    def branch(x, j):
+        halves, first_own = x
+        return (_home_halves(halves, j - 1, axis_name, -direction, fill),
+                _first_halves(first_own, j, axis_name, direction))
+
+    home, firsts = jax.lax.switch(s - 2, [lambda y, j=j: branch(y, j) for j in range(2, p)],
+                                  (split_rows(part, True), (first, own)))
     return (join_rows(home, True),
             (_pick_first(firsts, axis_name), shift(second, axis_name, direction)))
 
@@ -189,26 +169,24 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
     p = axis_size(axis_name)
     r = jax.lax.axis_index(axis_name)
 
-    drop = causal and query_drop()
-
     def partial_for(visiting, s):  # queries of owner (r + s) mod P against the local K/V
-        vq, vseg = join_rows(visiting, drop)
+        vq, vseg = join_rows(visiting, causal)
         return kernels.pair_fwd(kernel, vq, k, v, vseg, seg, (r + s) % p, r,
                                 causal=causal, diagonal=False)
+
 
     empty = (0.0, -jnp.inf)  # the merge identity, for rows no partial arrives for
     out, lse = kernels.pair_fwd(kernel, q, k, v, seg, seg, r, r, causal=causal, diagonal=True)
     if p == 1:
         return out, lse
-    visiting = move_queries(split_rows((q, seg), drop), 1, axis_name, -1, drop=drop)
+    visiting = move_queries(split_rows((q, seg), causal), 1, axis_name, -1, causal=causal)
     part = partial_for(visiting, 1)
 
     # Software-pipelined: step s sends step s−1's partial home while it receives the next
     # queries and computes its own partial — three independent things at once.
     def step(carry, s):
         out, lse, visiting, part = carry
-        home, visiting = exchange(part, visiting, s, axis_name, -1, causal=causal, drop=drop,
-                                  fill=empty)
+        home, visiting = exchange(part, visiting, s, axis_name, -1, causal=causal, fill=empty)
         part_next = partial_for(visiting, s)
         out, lse = blockwise.merge(out, lse, *home)
         return out, lse, visiting, part_next
@@ -231,27 +209,25 @@ def _tokenring_bwd(axis_name, causal, kernel, res, dout):
     # Mirror image of the forward (queries go to r + 1, dQ comes back by −s): the other link
     # directions, and transfers XLA cannot CSE with the forward's identical query hops
     # (which would keep every visiting query block alive until the backward).
-    drop = causal and query_drop()
-
     def grads_for(visiting, s):  # queries of owner (r − s) mod P against the local K/V
-        vq, vseg, vlse, vdout, vdlt = join_rows(visiting, drop)
+        vq, vseg, vlse, vdout, vdlt = join_rows(visiting, causal)
         return kernels.pair_bwd(kernel, vq, k, v, vseg, seg, (r - s) % p, r, vlse, vdout, vdlt,
                                 causal=causal, diagonal=False)
 
-    own = split_rows((q, seg, lse, dout, dlt), drop)
-    own_first = own[0] if drop else None
+    own = split_rows((q, seg, lse, dout, dlt), causal)
+    own_first = own[0] if causal else None
 
     dq, dk, dv = kernels.pair_bwd(kernel, q, k, v, seg, seg, r, r, lse, dout, dlt,
                                   causal=causal, diagonal=True)
     if p > 1:
-        visiting = move_queries(own, 1, axis_name, +1, drop=drop, own=own_first)
+        visiting = move_queries(own, 1, axis_name, +1, causal=causal, own=own_first)
         dq_s, dk_s, dv_s = grads_for(visiting, 1)
         dk, dv = dk + dk_s, dv + dv_s
 
         def step(carry, s):
             dq, dk, dv, visiting, dq_prev = carry
             home, visiting = exchange(dq_prev, visiting, s, axis_name, +1, causal=causal,
-                                      drop=drop, own=own_first)
+                                      own=own_first)
             dq_s, dk_s, dv_s = grads_for(visiting, s)
             return dq + home, dk + dk_s, dv + dv_s, visiting, dq_s
 
