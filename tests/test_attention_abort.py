@@ -56,3 +56,44 @@ def test_causal_schedules_never_abort_on_host_mesh():
                                            err_msg=f"{impl} N={n}")
                 np.testing.assert_allclose(r["grad_sq"], ref["grad_sq"], rtol=1e-3,
                                            err_msg=f"{impl} N={n}")
+
+
+def permute_channels(fn, *args):
+    """The channel ids of the collective-permutes in fn's lowered (StableHLO) program."""
+    import re
+
+    import jax
+    text = jax.jit(fn).lower(*args).as_text()
+    return [int(m) for m in re.findall(
+        r"collective_permute.*?channel_handle<handle = (\d+)", text)]
+
+
+def test_cpu_permutes_get_their_own_channel_ids():
+    """jaxpar/_xla_cpu.py: on CPU every ppermute op gets its own channel id, hence its own
+    rendezvous key (JAX's lowering gives them all id 1: checked too, so the test can fail)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import jaxpar
+    from jaxpar.attention import attention
+
+    mesh = jaxpar.make_mesh(seq=4, devices=jax.devices()[:4])
+    x = jax.device_put(jnp.ones((1, 64, 2, 8)), jax.NamedSharding(mesh, P(None, "seq")))
+    attn = jax.shard_map(lambda q: attention(q, q, q, impl="tokenring", axis="seq",
+                                             causal=True),
+                         mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"))
+
+    def loss(q):
+        return jnp.mean(attn(q) ** 2)
+
+    ours = permute_channels(jax.grad(loss), x)
+    try:
+        jaxpar._xla_cpu.unique_permute_channels(False)
+        theirs = permute_channels(jax.grad(loss), x)
+    finally:
+        jaxpar._xla_cpu.unique_permute_channels(True)
+    # JAX lowers a sub-program it reuses (a loop body, a switch branch called twice) once,
+    # so its permutes keep their ids in every copy: distinct ids, not one per copy
+    assert len(ours) > 10 and len(set(ours)) > len(ours) // 3, ours
+    assert set(theirs) == {1} and len(theirs) == len(ours)
