@@ -52,7 +52,8 @@ def test_causal_schedules_never_abort_on_host_mesh():
             at_n = {r["impl"]: r for r in rows if r["n"] == n}
             ref = at_n.get("dense", at_n["ring"])
             for impl, r in at_n.items():
-                np.testing.assert_allclose(r["loss"], ref["loss"], rtol=1e-4,
+                # the loss is a sum of ~10⁶ outputs of either sign: fp32 order error ~1e-2
+                np.testing.assert_allclose(r["loss"], ref["loss"], rtol=1e-4, atol=0.05,
                                            err_msg=f"{impl} N={n}")
                 np.testing.assert_allclose(r["grad_sq"], ref["grad_sq"], rtol=1e-3,
                                            err_msg=f"{impl} N={n}")
