@@ -31,7 +31,10 @@ def unique_permute_channels(enable: bool = True) -> bool:
         return False
 
     def lowering(ctx, x, *, axis_name, perm):
-        full_perm, other = common(ctx, axis_name=axis_name, perm=perm, op_name="ppermute")
+        try:
+            full_perm, other = common(ctx, axis_name=axis_name, perm=perm, op_name="ppermute")
+        except TypeError:  # the helper's signature changed: JAX's own lowering, unchanged
+            return default(ctx, x, axis_name=axis_name, perm=perm)
         if "channel_handle" in other:
             other["channel_handle"] = hlo.ChannelHandle.get(ctx.module_context.new_channel(),
                                                             mlir.DEVICE_TO_DEVICE_TYPE)
