@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import warnings
 
-_registered: dict = {}
-
-
 def unique_permute_channels(enable: bool = True) -> bool:
     """Lower `ppermute` on CPU with a fresh channel id per op (enable=False: JAX's own
     lowering again). Returns whether jaxpar's lowering is now in place."""
@@ -42,5 +39,4 @@ def unique_permute_channels(enable: bool = True) -> bool:
 
     mlir.register_lowering(parallel.ppermute_p, lowering if enable else default,
                            platform="cpu")
-    _registered["on"] = enable
     return enable

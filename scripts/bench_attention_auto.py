@@ -24,15 +24,20 @@ from jaxpar.attention import attention, auto, dense_attention, kernels
 KEY = jax.random.key(0)
 
 
-def timed_min(fn, args, repeats):
-    """(min wall s, min process-CPU s) over `repeats` runs after one warm-up run."""
+def timed_all(fn, args, repeats):
+    """Every repeat's (wall s, process-CPU s) after one warm-up run."""
     jax.block_until_ready(fn(*args))
-    walls, cpus = [], []
+    out = []
     for _ in range(repeats):
         w, c = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
+        out.append((time.perf_counter() - w, time.process_time() - c))
+    return out
+
+
+def timed_min(fn, args, repeats):
+    """(min wall s, min process-CPU s) over `repeats` runs after one warm-up run."""
+    walls, cpus = zip(*timed_all(fn, args, repeats))
     return min(walls), min(cpus)
 
 
@@ -290,17 +295,6 @@ def fixed_rule(p, h, kh) -> str:
     if p > 2 and auto.ulysses_fits(h, kh, p // 2):
         return auto.Candidate("hybrid", (2, p // 2), "ring").label
     return auto.Candidate("ring", (p,)).label
-
-
-def timed_all(fn, args, repeats):
-    """Every repeat's (wall s, process-CPU s) after one warm-up run."""
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        out.append((time.perf_counter() - w, time.process_time() - c))
-    return out
 
 
 def heldout(args):

@@ -82,9 +82,12 @@ def exchange(part, visiting, s, axis_name, direction, *, causal, fill=None, own=
     Every permute whose pairs depend on s is in that one switch, with whole operands: the
     halves are cut before it and joined after."""
     p = axis_size(axis_name)
+
+    def at_step(send, x):  # send(x, j) for the loop's static step j = s
+        return jax.lax.switch(s - 2, [lambda y, j=j: send(y, j) for j in range(2, p)], x)
+
     if not causal:  # the queries' shift is the same every step: outside the switch
-        home = jax.lax.switch(s - 2, [lambda y, j=j: shift(y, axis_name, -direction * j)
-                                      for j in range(1, p - 1)], part)
+        home = at_step(lambda y, j: shift(y, axis_name, -direction * (j - 1)), part)
         return home, shift(visiting, axis_name, direction)
     first, second = visiting
 
@@ -93,8 +96,7 @@ def exchange(part, visiting, s, axis_name, direction, *, causal, fill=None, own=
         return (_home_halves(halves, j - 1, axis_name, -direction, fill),
                 _first_halves(first_own, j, axis_name, direction))
 
-    home, firsts = jax.lax.switch(s - 2, [lambda y, j=j: branch(y, j) for j in range(2, p)],
-                                  (split_rows(part, True), (first, own)))
+    home, firsts = at_step(branch, (split_rows(part, True), (first, own)))
     return (join_rows(home, True),
             (_pick_first(firsts, axis_name), shift(second, axis_name, direction)))
 
@@ -173,7 +175,6 @@ def _tokenring_forward(q, k, v, seg, axis_name, causal, kernel):
         vq, vseg = join_rows(visiting, causal)
         return kernels.pair_fwd(kernel, vq, k, v, vseg, seg, (r + s) % p, r,
                                 causal=causal, diagonal=False)
-
 
     empty = (0.0, -jnp.inf)  # the merge identity, for rows no partial arrives for
     out, lse = kernels.pair_fwd(kernel, q, k, v, seg, seg, r, r, causal=causal, diagonal=True)
