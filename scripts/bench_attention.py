@@ -16,7 +16,8 @@ total work. Prints a markdown table; `--json PATH` writes the rows.
     python scripts/bench_attention.py --tiles --json docs/kernels_cpu_tiles.json
 
 --calibrate measures the CPU cost profile of `impl="auto"` (the kernel's tile model fitted
-to calls of several shapes, copy bandwidth and latency, elementwise bandwidth); --grid
+to calls of several shapes, copy bandwidth and latency, elementwise bandwidth, and what
+TokenRing costs beyond its bytes, from ring and TokenRing timed side by side); --grid
 times every schedule on a grid of meshes and shapes and compares auto's pick with the
 fastest; --heldout does that on a grid that shares no kernel call shape with the calibration,
 and scores auto against the fixed rule and always-ring (--rescore: again from the JSON, no

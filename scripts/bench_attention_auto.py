@@ -71,7 +71,7 @@ def write(path, payload):
 
 # (Lq, Lk, heads, kv heads, D, causal) of the calls the tile model is fitted to: the lengths,
 # heads per call (MHA and GQA) and head dims that ring pair calls (L × L, L × L/2) and
-# Ulysses' whole-sequence calls take in the grid, short and long, D 16-64.
+# Ulysses' whole-sequence calls take, short and long, D 16-128.
 CALIBRATION_CALLS = [
     (128, 128, 8, 8, 32, False), (256, 256, 1, 1, 32, False), (256, 256, 8, 8, 32, False),
     (256, 128, 8, 2, 16, False), (512, 512, 4, 4, 64, False), (1024, 1024, 1, 1, 32, False),
@@ -79,8 +79,17 @@ CALIBRATION_CALLS = [
     (1024, 1024, 4, 4, 16, False), (1024, 1024, 8, 2, 32, False), (2048, 1024, 4, 1, 16, False),
     (2048, 2048, 1, 1, 16, False), (2048, 2048, 2, 2, 32, False), (4096, 4096, 1, 1, 32, False),
     (1024, 1024, 8, 8, 32, True), (2048, 2048, 1, 1, 16, True), (4096, 4096, 1, 1, 32, True),
-    (8192, 8192, 2, 1, 16, True)]
-TILE_COST_TERMS = ("call_s", "tile_s", "score_s", "score_d_s", "gqa_s", "spill_s", "io_s")
+    (8192, 8192, 2, 1, 16, True),
+    # head dims 64 and 128, as real models have them, at lengths the held-out grid never
+    # uses (768-12288, not powers of two): few-head calls (512² tiles) and many-head ones
+    (3072, 3072, 1, 1, 64, False), (6144, 6144, 1, 1, 64, True), (3072, 3072, 2, 1, 64, True),
+    (3072, 1536, 2, 2, 128, False), (6144, 6144, 2, 2, 128, True),
+    (12288, 12288, 1, 1, 64, True), (1536, 1536, 1, 1, 128, False),
+    (768, 768, 8, 8, 64, False), (1536, 768, 8, 2, 64, False), (1536, 1536, 4, 4, 128, True),
+    (768, 384, 16, 2, 128, False), (3072, 3072, 4, 1, 64, True), (1536, 768, 12, 12, 64, False),
+    (768, 768, 6, 6, 64, True), (3072, 1536, 3, 3, 64, False)]
+TILE_COST_TERMS = ("call_s", "tile_s", "score_s", "score_d_s", "gqa_s", "spill_s", "io_s",
+                   "operand_s")
 
 
 def fit_tile_cost(calls, per_call_s, tile, few_heads=None):
@@ -162,6 +171,9 @@ def calibrate(args):
                         latency_s=latency, mem_bw=mem_bw, overlap=False, bidirectional=False,
                         shared_cores=True, tile_cost=tile_cost,
                         source="scripts/bench_attention.py --calibrate (this file)")
+    extra, meas["schedules"] = fit_tokenring_extra(prof, reps)
+    prof = dataclasses.replace(prof, tokenring_extra=extra)
+    print(f"TokenRing's bytes cost {1 + extra:.2f}x their link time", flush=True)
     # the FLOP-rate fields are what tile_cost replaces (Profile.from_json fills them back)
     raw = {k: v for k, v in dataclasses.asdict(prof).items()
            if k not in ("kernel_flops", "call_s", "kernel_by_len")}
@@ -169,6 +181,52 @@ def calibrate(args):
                "profile": raw, "measurements": meas}
     print(json.dumps(raw, indent=1))
     write(args.json, payload)
+
+
+# (P, N, H, K, D, causal) where ring and TokenRing (flat, and outside a Ulysses of 2) are
+# timed side by side: the part of TokenRing's time its bytes do not explain
+# (`Profile.tokenring_extra`). No kernel call shape of these is in HELDOUT (`heldout`).
+SCHEDULE_CALIBRATION = [(8, 3072, 8, 8, 64, True), (8, 6144, 8, 8, 64, True),
+                        (8, 6144, 4, 4, 128, False), (4, 6144, 8, 2, 64, True)]
+
+
+def ring_pairs(p):
+    """(ring, TokenRing) candidates alike but for the ring impl: flat, and the hybrid with
+    the ring over P/2 outside a Ulysses of 2."""
+    pairs = [(auto.Candidate("ring", (p,)), auto.Candidate("tokenring", (p,)))]
+    if p > 2:
+        pairs.append(tuple(auto.Candidate("hybrid", (p // 2, 2), ri)
+                           for ri in ("ring", "tokenring")))
+    return pairs
+
+
+def fit_tokenring_extra(prof, reps):
+    """Least squares over SCHEDULE_CALIBRATION: TokenRing's time minus ring's, less what the
+    model (tokenring_extra = 0) predicts for that difference, against TokenRing's link time.
+    Returns (the factor, at least 0; the timings)."""
+    one = dataclasses.replace(prof, tokenring_extra=1.0)
+    xs, ys, rows = [], [], []
+    for p, n, h, kh, d, causal in SCHEDULE_CALIBRATION:
+        s = auto.Shape(1, n, h, kh, d, 4, causal)
+        q, k, v = (randn((1, n, x, d), j) for j, x in enumerate((h, kh, kh)))
+        for pair in ring_pairs(p):
+            cpu = []
+            for c in pair:
+                f, mesh, spec = schedule_fn(c, causal, jax.devices()[:p])
+                cpu.append(timed_min(f, put(mesh, spec, q, k, v), reps)[1])
+            ring_c, token_c = pair
+            gap = cpu[1] - cpu[0] - (auto.predict(token_c, s, prof) - auto.predict(ring_c, s, prof))
+            xs.append(auto.predict(token_c, s, one) - auto.predict(token_c, s, prof))
+            ys.append(gap)
+            rows.append({"P": p, "N": n, "H": h, "K": kh, "D": d, "causal": causal,
+                         "ring": ring_c.label, "ring_cpu_s": cpu[0], "tokenring": token_c.label,
+                         "tokenring_cpu_s": cpu[1], "unexplained_s": gap,
+                         "tokenring_link_s": xs[-1]})
+            print(f"{token_c.label} vs {ring_c.label} at {(p, n, h, kh, d, causal)}: "
+                  f"{cpu[1] * 1e3:.0f} vs {cpu[0] * 1e3:.0f} ms CPU, {gap * 1e3:.0f} ms "
+                  f"unexplained", flush=True)
+    extra = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return max(extra, 0.0), rows
 
 
 # --------------------------------------------------------------------------- grid
@@ -287,6 +345,20 @@ def call_shapes(c: auto.Candidate, n, h, kh, d, causal):
     return {(tok, tok, h // pu, kv, d, False)}
 
 
+def assert_heldout_unseen():
+    """No kernel call of a HELDOUT schedule is a calibration call or a call of a
+    SCHEDULE_CALIBRATION schedule."""
+    seen = set(CALIBRATION_CALLS)
+    for p, n, h, kh, d, causal in SCHEDULE_CALIBRATION:
+        for pair in ring_pairs(p):
+            for c in pair:
+                seen |= call_shapes(c, n, h, kh, d, causal)
+    for p, n, h, kh, d, causal in HELDOUT:
+        for c in auto.flexible(p):
+            shared = call_shapes(c, n, h, kh, d, causal) & seen
+            assert not shared, f"held-out {c.label} at {(p, n, h, kh, d, causal)}: {shared}"
+
+
 def fixed_rule(p, h, kh) -> str:
     """The baseline rule: Ulysses if the heads divide, else the hybrid ring 2 × Ulysses P/2
     (ring outside), else ring."""
@@ -300,16 +372,15 @@ def fixed_rule(p, h, kh) -> str:
 def heldout(args):
     """Time every schedule on HELDOUT; score auto, the fixed rule and always-ring. Resumes:
     configurations already in --json are kept (written after each one)."""
-    calib = set(CALIBRATION_CALLS)
-    for p, n, h, kh, d, causal in HELDOUT:
-        for c in auto.flexible(p):
-            shared = call_shapes(c, n, h, kh, d, causal) & calib
-            assert not shared, f"held-out {c.label} at {(p, n, h, kh, d, causal)}: {shared}"
+    assert_heldout_unseen()
     path = pathlib.Path(args.json) if args.json else None
     saved = json.loads(path.read_text()) if path and path.exists() else {}
     rows = [{k: r[k] for k in ("P", "N", "H", "K", "D", "causal", "measured")}
             for r in saved.get("rows", [])]
     if args.rescore:  # the model changed: score the measured rows again, no timing
+        if not rows:
+            sys.exit(f"--rescore needs --json naming a held-out JSON with measured rows; "
+                     f"{args.json!r} has none")
         payload = heldout_payload(rows, saved["repeats"])
         print(heldout_table(payload))
         return write(args.json, payload)
@@ -373,8 +444,8 @@ def heldout_payload(rows, repeats):
             "timing": f"fwd+bwd of a loss (value_and_grad), B=1, fp32; {repeats} repeats after "
                       f"a warm-up, every repeat's process CPU time kept; a schedule's time is "
                       f"the minimum, its spread (max - min) / min",
-            "profile": "jaxpar/attention/profile_cpu.json (fitted to CALIBRATION_CALLS; no "
-                       "held-out call shape is among them)",
+            "profile": "jaxpar/attention/profile_cpu.json (fitted to CALIBRATION_CALLS and "
+                       "SCHEDULE_CALIBRATION; no held-out call shape is among their calls)",
             "spread": {"median": spreads[len(spreads) // 2] if spreads else None,
                        "max": spreads[-1] if spreads else None},
             "summary": summary, "rows": rows}

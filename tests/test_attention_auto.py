@@ -87,6 +87,22 @@ def test_overlap_and_bidirectional_links():
         tr, s, dataclasses.replace(base, bidirectional=False))
 
 
+def test_tokenring_extra_scales_tokenring_bytes_only():
+    # Profile.tokenring_extra: each TokenRing byte costs (1 + extra) link-times; ring and
+    # Ulysses are untouched. With free compute and no latency the time is the bytes alone.
+    s = auto.Shape(1, 4096, 8, 8, 64, 4, True)
+    extra = dataclasses.replace(SLOW_LINK, tokenring_extra=0.5)
+    for c in auto.flexible(8):
+        base, more = auto.predict(c, s, SLOW_LINK), auto.predict(c, s, extra)
+        if c.impl == "tokenring":
+            assert more == pytest.approx(1.5 * fwd_bwd_bytes(c, 8, 8) / SLOW_LINK.link_bw)
+        elif c.impl == "hybrid" and c.ring_impl == "tokenring":
+            assert base < more < 1.5 * base  # its Ulysses all-to-alls stay as they were
+        else:
+            assert more == base
+    assert auto.profile_for("cpu").tokenring_extra >= 0.0
+
+
 def test_profiles():
     cpu = auto.profile_for("cpu")
     assert cpu.shared_cores and not cpu.overlap and cpu.tile_cost is not None
@@ -113,6 +129,10 @@ def test_tile_model_counts_the_kernels_tiles(lq, lk, tile, causal):
                               gqa_s=100.0)
     assert per_score.seconds(lq, lk, 3, 16, causal) == want * tq * tk * 3 * 17
     assert per_score.seconds(lq, lk, 3, 16, causal, kv_heads=1) == want * tq * tk * 3 * 117
+    # a tile's operands: q and k slices of its sides, every head, D wide
+    per_operand = auto.TileCost(tile, call_s=0.0, tile_s=0.0, score_s=0.0, score_d_s=0.0,
+                                operand_s=1.0)
+    assert per_operand.seconds(lq, lk, 3, 16, causal) == want * 3 * (tq + tk) * 16
 
 
 def test_tile_model_uses_the_kernels_few_heads_tile():

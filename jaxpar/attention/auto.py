@@ -44,7 +44,8 @@ class TileCost:
     """CPU seconds of one fwd+bwd call of the tiled XLA kernel (`blockwise.tiled_fwd/bwd`):
 
         call_s + io_s · (Lq + Lk) · heads · D + Σ over tiles with work of
-                 (tile_s + S · (score_s + score_d_s · D + gqa_s · [K < H]) + spill_s · S⁺)
+                 (tile_s + S · (score_s + score_d_s · D + gqa_s · [K < H]) + spill_s · S⁺
+                  + operand_s · heads · (tq + tk) · D)
 
     with S = heads · tq · tk the tile's score elements and S⁺ = max(0, S − 2¹⁸) those beyond
     1 MiB of fp32 scores (the tile no longer stays in a core's cache). tq × tk tiles as the
@@ -52,9 +53,14 @@ class TileCost:
     most that many heads: `blockwise.FEW_HEADS_TILES`); causal calls skip the tiles above
     the diagonal. Per call: a fixed cost, and the per-element work on its operands (the
     kernel's head-major transposes, casts, the dQ buffer). Per score: the elementwise
-    softmax work (exp, max, rescale; independent of D), the matmuls (∝ D), and GQA. A FLOP
-    rate alone misses these, and that short calls pay the fixed costs more often. Fitted
-    to measured calls of several shapes by `scripts/bench_attention.py --calibrate`."""
+    softmax work (exp, max, rescale; independent of D), the matmuls (∝ D), and GQA. Per
+    tile, its operands: the q, k, v slices it reads and the dq, dk, dv slices it adds to
+    grow with the tile's sides, not its area, so a 512² tile does a quarter of a 256² tile's
+    operand work per score; at D = 64-128 that is what makes Ulysses' long few-head calls
+    cheaper per score than ring pair calls over many heads (docs/attention.md, "What the
+    model was missing"). A FLOP rate alone misses these, and that short calls pay the fixed
+    costs more often. Fitted to measured calls of several shapes and head dims by
+    `scripts/bench_attention.py --calibrate`."""
 
     tile: int
     call_s: float
@@ -64,6 +70,7 @@ class TileCost:
     gqa_s: float = 0.0
     spill_s: float = 0.0
     io_s: float = 0.0
+    operand_s: float = 0.0
     few_heads: tuple[int, int] | None = None  # (heads at most, tile)
 
     CACHE_SCORES = 1 << 18
@@ -84,8 +91,9 @@ class TileCost:
         grouped = kv_heads is not None and kv_heads < heads
         per_score = self.score_s + self.score_d_s * d + (self.gqa_s if grouped else 0.0)
         spill = max(0, scores - self.CACHE_SCORES) * self.spill_s
+        operands = self.operand_s * heads * (tq + tk) * d
         return (self.call_s + self.io_s * (lq + lk) * heads * d
-                + tiles * (self.tile_s + scores * per_score + spill))
+                + tiles * (self.tile_s + scores * per_score + spill + operands))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +108,10 @@ class Profile:
       overlap: ring transfers hide behind compute; bidirectional: both link directions at
       full rate at once; shared_cores: all devices share one machine's cores (host
       devices), so their work adds up: kernel, link and memory figures are then the whole
-      machine's, measured with every device busy.
+      machine's, measured with every device busy; tokenring_extra: what a byte TokenRing
+      sends costs beyond its link time, as a multiple of it (on CPU its halves are cut,
+      joined and selected, and each step's switch passes whole operands: copies a ring's
+      K/V do not make), fitted to ring and TokenRing schedules timed side by side.
     """
 
     name: str
@@ -115,6 +126,7 @@ class Profile:
     source: str = ""
     kernel_by_len: dict | None = None
     tile_cost: TileCost | None = None
+    tokenring_extra: float = 0.0
 
     def flops_at(self, length: int, causal: bool) -> float:
         """Kernel throughput for calls over `length` tokens (queries × keys of that order)."""
@@ -276,6 +288,8 @@ def _ring_part(impl, pr, s: Shape, heads, kv_heads, prof: Profile, devices: int)
         rows = (pr - 1) * b * tok * (0.75 if s.causal else 1.0)  # causal: the query drop
         q_way = rows * heads * (d * s.itemsize * 3 + 8)
         total = max(q_way, total - q_way)
+    if impl == "tokenring":
+        total *= 1 + prof.tokenring_extra
     steps = 2 * (pr - 1) + 1 if pr > 1 else 0  # forward P−1 hops, backward P
     link = total / prof.link_bw + steps * prof.latency_s
     return _on(compute, devices, prof), _on(link, devices, prof)
