@@ -12,6 +12,10 @@ total work. Prints a markdown table; `--json PATH` writes the rows.
     python scripts/bench_attention.py --calibrate --json jaxpar/attention/profile_cpu.json
     python scripts/bench_attention.py --grid --json docs/attention_auto_grid.json
     python scripts/bench_attention.py --heldout --json docs/attention_auto_heldout.json
+    python scripts/bench_attention.py --heldout --rescore --json docs/attention_auto_heldout.json \
+        --profile docs/attention_profile_cpu_repeat.json --out docs/attention_auto_heldout_repeat.json
+    python scripts/bench_attention.py --heldout --ablation --json docs/attention_auto_heldout.json \
+        --out docs/attention_auto_ablation.json
     python scripts/bench_attention.py --peer --json docs/attention_peer.json
     python scripts/bench_attention.py --tiles --json docs/kernels_cpu_tiles.json
 
@@ -137,6 +141,12 @@ def main(argv=None):
                          "(resumes from --json)")
     ap.add_argument("--rescore", action="store_true",
                     help="--heldout: no timing, re-score --json's rows with today's model")
+    ap.add_argument("--profile", help="--rescore: score with this CPU profile JSON instead "
+                                      "of jaxpar/attention/profile_cpu.json")
+    ap.add_argument("--out", help="--rescore: write here instead of over --json")
+    ap.add_argument("--ablation", action="store_true",
+                    help="--heldout: no timing, score the CPU model with and without each of "
+                         "its later terms (--out: the JSON)")
     ap.add_argument("--peer", action="store_true", help="vs the ringattention package")
     ap.add_argument("--tiles", action="store_true", help="CPU kernel tile sweep (peer config)")
     ap.add_argument("--tile-sizes", type=int, nargs="+", default=[256, 512, 1024],

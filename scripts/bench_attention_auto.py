@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import statistics
 import sys
 import time
 
@@ -92,21 +93,23 @@ TILE_COST_TERMS = ("call_s", "tile_s", "score_s", "score_d_s", "gqa_s", "spill_s
                    "operand_s")
 
 
-def fit_tile_cost(calls, per_call_s, tile, few_heads=None):
+def fit_tile_cost(calls, per_call_s, tile, few_heads=None, terms=TILE_COST_TERMS):
     """Least squares in relative error, non-negative: the TileCost whose seconds match the
-    measured ones (each term of the model is linear in one coefficient). `tile`,
-    `few_heads`: the kernel's tiles (`blockwise.tile_sizes`, `FEW_HEADS_TILES`)."""
+    measured ones (each term of the model is linear in one coefficient; `terms` left out
+    stay 0). `tile`, `few_heads`: the kernel's tiles (`blockwise.tile_sizes`,
+    `FEW_HEADS_TILES`)."""
     import numpy as np
     from scipy.optimize import nnls
 
+    zero = dict.fromkeys(TILE_COST_TERMS, 0.0)
+
     def features(lq, lk, h, kh, d, causal):
-        zero = dict.fromkeys(TILE_COST_TERMS, 0.0)
         return [auto.TileCost(tile, **zero | {t: 1.0}, few_heads=few_heads).seconds(
-            lq, lk, h, d, causal, kh) for t in TILE_COST_TERMS]
+            lq, lk, h, d, causal, kh) for t in terms]
 
     a = np.array([features(*c) for c in calls]) / np.array(per_call_s)[:, None]
     x, _ = nnls(a, np.ones(len(calls)))
-    return auto.TileCost(tile, **dict(zip(TILE_COST_TERMS, map(float, x))), few_heads=few_heads)
+    return auto.TileCost(tile, **zero | dict(zip(terms, map(float, x))), few_heads=few_heads)
 
 
 def calibrate(args):
@@ -381,9 +384,11 @@ def heldout(args):
         if not rows:
             sys.exit(f"--rescore needs --json naming a held-out JSON with measured rows; "
                      f"{args.json!r} has none")
-        payload = heldout_payload(rows, saved["repeats"])
+        payload = heldout_payload(rows, saved["repeats"], args.profile)
         print(heldout_table(payload))
-        return write(args.json, payload)
+        return write(args.out or args.json, payload)
+    if args.ablation:
+        return ablation(rows, args.out)
     have = {(r["P"], r["N"], r["H"], r["K"], r["D"], r["causal"]) for r in rows}
     for i, (p, n, h, kh, d, causal) in enumerate(HELDOUT):
         if (p, n, h, kh, d, causal) in have:
@@ -411,6 +416,55 @@ def heldout(args):
     write(args.json, payload)
 
 
+def ablation(rows, out):
+    """What each change to the CPU model buys on the held-out rows, no timing: the tile model
+    refitted to the committed profile's measured calls (the first 19, or all), without or
+    with the operand term, and TokenRing's extra at 0 or as fitted."""
+    raw = json.loads(auto.CPU_PROFILE.read_text())
+    prof = auto.profile_for("cpu")
+    n_dev = raw["measurements"]["devices"]
+    recs = raw["measurements"]["kernel_calls"]
+    calls = [(r["Lq"], r["Lk"], r["H"], r["K"], r["D"], r["causal"]) for r in recs]
+    per_call = [r["cpu_s"] / n_dev for r in recs]
+    without = tuple(t for t in TILE_COST_TERMS if t != "operand_s")
+    variants = []
+    for n_calls, what in ((19, "the 19 calls of D 16-64"), (len(calls), f"all {len(calls)} calls")):
+        for terms, name in ((without, "no operand term"), (TILE_COST_TERMS, "operand term")):
+            cost = fit_tile_cost(calls[:n_calls], per_call[:n_calls], prof.tile_cost.tile,
+                                 prof.tile_cost.few_heads, terms)
+            fits = [cost.seconds(lq, lk, h, d, c, kh) / t
+                    for (lq, lk, h, kh, d, c), t in zip(calls, per_call)]
+            few = prof.tile_cost.few_heads[0]
+            # the two kinds of call the schedules choose between, at real head dims
+            kinds = {kind: statistics.median(f for f, (_, _, h, _, d, _) in zip(fits, calls)
+                                             if d >= 64 and (h <= few) == (kind == "few"))
+                     for kind in ("few", "many")}
+            for extra in sorted({0.0, prof.tokenring_extra}):
+                summary = score([dict(r) for r in rows], dataclasses.replace(
+                    prof, tile_cost=cost, tokenring_extra=extra))
+                variants.append({"calls": what, "tile model": name, "tokenring_extra": extra,
+                                 "fit_over_measured_all_calls": [min(fits), max(fits)],
+                                 "median_fit_d64_few_heads": kinds["few"],
+                                 "median_fit_d64_many_heads": kinds["many"],
+                                 "auto": summary["auto"]})
+    fixed = score([dict(r) for r in rows], prof)["fixed rule"]
+    lines = ["| calls fitted | tile model | TokenRing extra | fit / measured, all calls | "
+             "D ≥ 64, ≤ 2 heads | D ≥ 64, more heads | auto within 10% | mean slowdown | "
+             "worst |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in variants:
+        a, (lo, hi) = v["auto"], v["fit_over_measured_all_calls"]
+        lines.append(f"| {v['calls']} | {v['tile model']} | {v['tokenring_extra']:.2f} | "
+                     f"{lo:.2f}-{hi:.2f} | {v['median_fit_d64_few_heads']:.2f} | "
+                     f"{v['median_fit_d64_many_heads']:.2f} | {a['within_10pct']} of "
+                     f"{a['configs']} | {100 * a['mean_slowdown']:.1f}% | {a['worst']:.2f}× |")
+    lines.append(f"| (fixed rule) | | | | | | {fixed['within_10pct']} of {fixed['configs']} | "
+                 f"{100 * fixed['mean_slowdown']:.1f}% | {fixed['worst']:.2f}× |")
+    print("\n".join(lines))
+    write(out, {"machine": bench.machine(), "profile": str(auto.CPU_PROFILE.name),
+                "what": ablation.__doc__.split("\n\n")[0].replace("\n    ", " "),
+                "fixed rule": fixed, "variants": variants})
+
+
 def score(rows, prof):
     """Each policy's pick per row, its time over the fastest's, and the summary."""
     policies = {"auto": lambda r: auto.choose(
@@ -436,16 +490,17 @@ def score(rows, prof):
     return summary
 
 
-def heldout_payload(rows, repeats):
-    prof = auto.profile_for("cpu")
+def heldout_payload(rows, repeats, profile_path=None):
+    prof = auto.Profile.from_json(profile_path) if profile_path else auto.profile_for("cpu")
     summary = score(rows, prof)
     spreads = sorted(m["spread"] for r in rows for m in r["measured"].values())
     return {"machine": bench.machine(), "repeats": repeats,
             "timing": f"fwd+bwd of a loss (value_and_grad), B=1, fp32; {repeats} repeats after "
                       f"a warm-up, every repeat's process CPU time kept; a schedule's time is "
                       f"the minimum, its spread (max - min) / min",
-            "profile": "jaxpar/attention/profile_cpu.json (fitted to CALIBRATION_CALLS and "
-                       "SCHEDULE_CALIBRATION; no held-out call shape is among their calls)",
+            "profile": f"{profile_path or 'jaxpar/attention/profile_cpu.json'} (fitted to "
+                       f"CALIBRATION_CALLS and SCHEDULE_CALIBRATION; no held-out call shape "
+                       f"is among their calls)",
             "spread": {"median": spreads[len(spreads) // 2] if spreads else None,
                        "max": spreads[-1] if spreads else None},
             "summary": summary, "rows": rows}
