@@ -55,7 +55,7 @@ class TileCost:
     kernel's head-major transposes, casts, the dQ buffer). Per score: the elementwise
     softmax work (exp, max, rescale; independent of D), the matmuls (∝ D), and GQA. Per
     tile, its operands: the q, k, v slices it reads and the dq, dk, dv slices it adds to
-    grow with the tile's sides, not its area, so a 512² tile does a quarter of a 256² tile's
+    grow with the tile's sides, not its area, so a 512² tile does half of a 256² tile's
     operand work per score; at D = 64-128 that is what makes Ulysses' long few-head calls
     cheaper per score than ring pair calls over many heads (docs/attention.md, "What the
     model was missing"). A FLOP rate alone misses these, and that short calls pay the fixed
