@@ -155,8 +155,9 @@ def calibrate(args):
     for size in (1024, 8 << 20):
         x = put(mesh, spec, jnp.ones((n_dev, size // 4), jnp.float32))[0]
         link[size] = timed_min(sm, (x,), reps)
-    latency = link[1024][1] / 8
-    link_bw = n_dev * (8 << 20) / max(link[8 << 20][1] / 8 - latency, 1e-9)
+    shift_s = link[1024][1] / 8  # CPU seconds of one small shift, all devices together
+    latency = shift_s / n_dev  # per device and step: on shared cores `auto._on` adds them up
+    link_bw = n_dev * (8 << 20) / max(link[8 << 20][1] / 8 - shift_s, 1e-9)
     meas["shift"] = {str(k): {"wall_s": w, "cpu_s": c} for k, (w, c) in link.items()}
 
     # elementwise bandwidth (merges): a·b + c over 8 MiB arrays per device, 8 times
@@ -174,7 +175,7 @@ def calibrate(args):
                         latency_s=latency, mem_bw=mem_bw, overlap=False, bidirectional=False,
                         shared_cores=True, tile_cost=tile_cost,
                         source="scripts/bench_attention.py --calibrate (this file)")
-    extra, meas["schedules"] = fit_tokenring_extra(prof, reps)
+    extra, meas["schedules"] = fit_tokenring_extra(prof, max(reps, 5))
     prof = dataclasses.replace(prof, tokenring_extra=extra)
     print(f"TokenRing's bytes cost {1 + extra:.2f}x their link time", flush=True)
     # the FLOP-rate fields are what tile_cost replaces (Profile.from_json fills them back)
@@ -203,6 +204,24 @@ def ring_pairs(p):
     return pairs
 
 
+def timed_side_by_side(built, args, reps):
+    """Min process-CPU seconds of each `schedule_fn` result, their repeats interleaved
+    (a, b, a, b, ...) after a warm-up of each, so that a slow spell of the machine falls on
+    both alike."""
+    runs = []
+    for f, mesh, spec in built:
+        placed = put(mesh, spec, *args)
+        jax.block_until_ready(f(*placed))
+        runs.append((f, placed))
+    best = [float("inf")] * len(runs)
+    for _ in range(reps):
+        for i, (f, placed) in enumerate(runs):
+            c = time.process_time()
+            jax.block_until_ready(f(*placed))
+            best[i] = min(best[i], time.process_time() - c)
+    return best
+
+
 def fit_tokenring_extra(prof, reps):
     """Least squares over SCHEDULE_CALIBRATION: TokenRing's time minus ring's, less what the
     model (tokenring_extra = 0) predicts for that difference, against TokenRing's link time.
@@ -213,10 +232,8 @@ def fit_tokenring_extra(prof, reps):
         s = auto.Shape(1, n, h, kh, d, 4, causal)
         q, k, v = (randn((1, n, x, d), j) for j, x in enumerate((h, kh, kh)))
         for pair in ring_pairs(p):
-            cpu = []
-            for c in pair:
-                f, mesh, spec = schedule_fn(c, causal, jax.devices()[:p])
-                cpu.append(timed_min(f, put(mesh, spec, q, k, v), reps)[1])
+            cpu = timed_side_by_side([schedule_fn(c, causal, jax.devices()[:p])
+                                      for c in pair], (q, k, v), reps)
             ring_c, token_c = pair
             gap = cpu[1] - cpu[0] - (auto.predict(token_c, s, prof) - auto.predict(ring_c, s, prof))
             xs.append(auto.predict(token_c, s, one) - auto.predict(token_c, s, prof))

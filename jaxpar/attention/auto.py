@@ -104,7 +104,7 @@ class Profile:
       per call length {"causal"/"full": {L: FLOP/s}}, interpolated in log L; call_s: fixed
       cost of one kernel call (fwd+bwd); tile_cost: a `TileCost` (dict in JSON) that replaces
       those three where set (CPU); link_bw: bytes/s one device sends in one direction;
-      latency_s: per collective step; mem_bw: bytes/s of elementwise work (merges);
+      latency_s: per collective step and device; mem_bw: bytes/s of elementwise work (merges);
       overlap: ring transfers hide behind compute; bidirectional: both link directions at
       full rate at once; shared_cores: all devices share one machine's cores (host
       devices), so their work adds up: kernel, link and memory figures are then the whole
