@@ -189,7 +189,7 @@ def calibrate(args):
 
 # (P, N, H, K, D, causal) where ring and TokenRing (flat, and outside a Ulysses of 2) are
 # timed side by side: the part of TokenRing's time its bytes do not explain
-# (`Profile.tokenring_extra`). No kernel call shape of these is in HELDOUT (`heldout`).
+# (`Profile.tokenring_extra`). No kernel call of these is a HELDOUT one (`assert_heldout_unseen`).
 SCHEDULE_CALIBRATION = [(8, 3072, 8, 8, 64, True), (8, 6144, 8, 8, 64, True),
                         (8, 6144, 4, 4, 128, False), (4, 6144, 8, 2, 64, True)]
 
