@@ -72,23 +72,25 @@ def write(path, payload):
 
 # (Lq, Lk, heads, kv heads, D, causal) of the calls the tile model is fitted to: the lengths,
 # heads per call (MHA and GQA) and head dims that ring pair calls (L × L, L × L/2) and
-# Ulysses' whole-sequence calls take, short and long, D 16-128.
-CALIBRATION_CALLS = [
+# Ulysses' whole-sequence calls take, short and long, D 16-64 ...
+FIRST_CALLS = [
     (128, 128, 8, 8, 32, False), (256, 256, 1, 1, 32, False), (256, 256, 8, 8, 32, False),
     (256, 128, 8, 2, 16, False), (512, 512, 4, 4, 64, False), (1024, 1024, 1, 1, 32, False),
     (1024, 1024, 8, 8, 32, False), (1024, 1024, 8, 8, 16, False), (1024, 512, 2, 2, 64, False),
     (1024, 1024, 4, 4, 16, False), (1024, 1024, 8, 2, 32, False), (2048, 1024, 4, 1, 16, False),
     (2048, 2048, 1, 1, 16, False), (2048, 2048, 2, 2, 32, False), (4096, 4096, 1, 1, 32, False),
     (1024, 1024, 8, 8, 32, True), (2048, 2048, 1, 1, 16, True), (4096, 4096, 1, 1, 32, True),
-    (8192, 8192, 2, 1, 16, True),
-    # head dims 64 and 128, as real models have them, at lengths the held-out grid never
-    # uses (768-12288, not powers of two): few-head calls (512² tiles) and many-head ones
+    (8192, 8192, 2, 1, 16, True)]
+# ... and head dims 64 and 128, as real models have them, at lengths the held-out grid never
+# uses (768-12288, not powers of two): few-head calls (512² tiles) and many-head ones
+REAL_D_CALLS = [
     (3072, 3072, 1, 1, 64, False), (6144, 6144, 1, 1, 64, True), (3072, 3072, 2, 1, 64, True),
     (3072, 1536, 2, 2, 128, False), (6144, 6144, 2, 2, 128, True),
     (12288, 12288, 1, 1, 64, True), (1536, 1536, 1, 1, 128, False),
     (768, 768, 8, 8, 64, False), (1536, 768, 8, 2, 64, False), (1536, 1536, 4, 4, 128, True),
     (768, 384, 16, 2, 128, False), (3072, 3072, 4, 1, 64, True), (1536, 768, 12, 12, 64, False),
     (768, 768, 6, 6, 64, True), (3072, 1536, 3, 3, 64, False)]
+CALIBRATION_CALLS = FIRST_CALLS + REAL_D_CALLS
 TILE_COST_TERMS = ("call_s", "tile_s", "score_s", "score_d_s", "gqa_s", "spill_s", "io_s",
                    "operand_s")
 
@@ -397,10 +399,10 @@ def heldout(args):
     saved = json.loads(path.read_text()) if path and path.exists() else {}
     rows = [{k: r[k] for k in ("P", "N", "H", "K", "D", "causal", "measured")}
             for r in saved.get("rows", [])]
+    if (args.rescore or args.ablation) and not rows:
+        sys.exit(f"--rescore and --ablation need --json naming a held-out JSON with measured "
+                 f"rows; {args.json!r} has none")
     if args.rescore:  # the model changed: score the measured rows again, no timing
-        if not rows:
-            sys.exit(f"--rescore needs --json naming a held-out JSON with measured rows; "
-                     f"{args.json!r} has none")
         payload = heldout_payload(rows, saved["repeats"], args.profile)
         print(heldout_table(payload))
         return write(args.out or args.json, payload)
@@ -442,10 +444,12 @@ def ablation(rows, out):
     n_dev = raw["measurements"]["devices"]
     recs = raw["measurements"]["kernel_calls"]
     calls = [(r["Lq"], r["Lk"], r["H"], r["K"], r["D"], r["causal"]) for r in recs]
+    assert calls == CALIBRATION_CALLS, "profile_cpu.json predates CALIBRATION_CALLS: --calibrate"
     per_call = [r["cpu_s"] / n_dev for r in recs]
     without = tuple(t for t in TILE_COST_TERMS if t != "operand_s")
     variants = []
-    for n_calls, what in ((19, "the 19 calls of D 16-64"), (len(calls), f"all {len(calls)} calls")):
+    for n_calls, what in ((len(FIRST_CALLS), f"the {len(FIRST_CALLS)} calls of D 16-64"),
+                          (len(calls), f"all {len(calls)} calls")):
         for terms, name in ((without, "no operand term"), (TILE_COST_TERMS, "operand term")):
             cost = fit_tile_cost(calls[:n_calls], per_call[:n_calls], prof.tile_cost.tile,
                                  prof.tile_cost.few_heads, terms)

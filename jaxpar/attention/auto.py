@@ -283,13 +283,13 @@ def _ring_part(impl, pr, s: Shape, heads, kv_heads, prof: Profile, devices: int)
                                 kv_heads=kv_heads, head_dim=d, shards=pr,
                                 itemsize=s.itemsize, backward=True, causal=s.causal)
     total = sum(sent.values())
-    if impl == "tokenring" and prof.bidirectional:
-        # queries one way, partials (and dQ) the other: the busier direction sets the time
-        rows = (pr - 1) * b * tok * (0.75 if s.causal else 1.0)  # causal: the query drop
-        q_way = rows * heads * (d * s.itemsize * 3 + 8)
-        total = max(q_way, total - q_way)
     if impl == "tokenring":
-        total *= 1 + prof.tokenring_extra
+        if prof.bidirectional:
+            # queries one way, partials (and dQ) the other: the busier direction sets the time
+            rows = (pr - 1) * b * tok * (0.75 if s.causal else 1.0)  # causal: the query drop
+            q_way = rows * heads * (d * s.itemsize * 3 + 8)
+            total = max(q_way, total - q_way)
+        total *= 1 + prof.tokenring_extra  # its copies on CPU (Profile.tokenring_extra)
     steps = 2 * (pr - 1) + 1 if pr > 1 else 0  # forward P−1 hops, backward P
     link = total / prof.link_bw + steps * prof.latency_s
     return _on(compute, devices, prof), _on(link, devices, prof)
